@@ -1,0 +1,1 @@
+"""HF safetensors -> klotski-jax format (manifest + TensorStore); reading it back."""

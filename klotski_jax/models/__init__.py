@@ -1,0 +1,1 @@
+"""The math: pure functions over explicit weight pytrees. Never imports checkpoints/pipeline."""

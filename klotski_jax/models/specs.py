@@ -1,0 +1,105 @@
+"""Every weight array of a model, declared once.
+
+`weight_specs(cfg)` lists each array with its flat name, shape (HF (out, in) orientation) and kind.
+Conversion checks, the on-disk store schema, random init for tests and the shape tests all derive
+from this list, so a new quirk is added in exactly one place.
+
+Flat names (i = layer index):
+  embed [V, D]; final_norm [D]; lm_head [V, D] (untied only)
+  layers.i.attn_norm [D]; layers.i.mlp_norm [D]
+  layers.i.attn.{q [Hq*hd, D], k [Hkv*hd, D], v [Hkv*hd, D], o [D, Hq*hd]}
+  layers.i.attn.{q_bias, k_bias, v_bias, o_bias}          (when the family has them)
+  layers.i.attn.{q_norm, k_norm} [hd] or [Hq*hd]/[Hkv*hd] (Qwen3 per head / OLMoE full)
+  layers.i.router [E, D]                                   (MoE layers)
+  layers.i.shared.{gate, up [Is, D], down [D, Is], gate_logit [1, D]} (Qwen2-MoE shared expert)
+  layers.i.mlp.{gate, up [Id, D], down [D, Id]}            (dense layers)
+  layers.i.experts.{gate, up [E, I, D], down [E, D, I]}    (kind "expert": one chunk per expert)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from klotski_jax.config import ModelConfig, QKNorm
+
+
+class Kind(str, enum.Enum):
+    DENSE = "dense"  # small, loaded whole (attention, norms, router, embeddings, dense MLPs)
+    EXPERT = "expert"  # [E, out, in], read one expert at a time
+
+
+EXPERT_PARTS: tuple[str, ...] = ("gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySpec:
+    name: str
+    shape: tuple[int, ...]
+    kind: Kind
+    layer: int | None = None
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def expert_part_shape(cfg: ModelConfig, part: str) -> tuple[int, int]:
+    """(out, in) of one expert's projection `part` in HF orientation."""
+    d, i = cfg.hidden_size, cfg.expert_intermediate_size
+    return (d, i) if part == "down" else (i, d)
+
+
+def layer_specs(cfg: ModelConfig, i: int) -> list[ArraySpec]:
+    """The arrays of decoder layer `i`."""
+    d, p = cfg.hidden_size, f"layers.{i}."
+    specs: list[tuple[str, tuple[int, ...]]] = [
+        ("attn_norm", (d,)), ("mlp_norm", (d,)),
+        ("attn.q", (cfg.q_size, d)), ("attn.k", (cfg.kv_size, d)), ("attn.v", (cfg.kv_size, d)),
+        ("attn.o", (d, cfg.q_size)),
+    ]
+    if cfg.qkv_bias:
+        specs += [("attn.q_bias", (cfg.q_size,)), ("attn.k_bias", (cfg.kv_size,)),
+                  ("attn.v_bias", (cfg.kv_size,))]
+    if cfg.o_bias:
+        specs.append(("attn.o_bias", (d,)))
+    if cfg.qk_norm is QKNorm.HEAD:
+        specs += [("attn.q_norm", (cfg.head_dim,)), ("attn.k_norm", (cfg.head_dim,))]
+    elif cfg.qk_norm is QKNorm.FULL:
+        specs += [("attn.q_norm", (cfg.q_size,)), ("attn.k_norm", (cfg.kv_size,))]
+    out = [ArraySpec(p + n, s, Kind.DENSE, i) for n, s in specs]
+    if cfg.moe_layers[i]:
+        out.append(ArraySpec(p + "router", (cfg.num_experts, d), Kind.DENSE, i))
+        if cfg.shared_expert_intermediate_size:
+            s = cfg.shared_expert_intermediate_size
+            out += [ArraySpec(p + "shared.gate", (s, d), Kind.DENSE, i),
+                    ArraySpec(p + "shared.up", (s, d), Kind.DENSE, i),
+                    ArraySpec(p + "shared.down", (d, s), Kind.DENSE, i),
+                    ArraySpec(p + "shared.gate_logit", (1, d), Kind.DENSE, i)]
+        out += [ArraySpec(p + f"experts.{part}", (cfg.num_experts, *expert_part_shape(cfg, part)),
+                          Kind.EXPERT, i) for part in EXPERT_PARTS]
+    else:
+        m = cfg.dense_intermediate_size
+        out += [ArraySpec(p + "mlp.gate", (m, d), Kind.DENSE, i),
+                ArraySpec(p + "mlp.up", (m, d), Kind.DENSE, i),
+                ArraySpec(p + "mlp.down", (d, m), Kind.DENSE, i)]
+    return out
+
+
+def weight_specs(cfg: ModelConfig) -> list[ArraySpec]:
+    """All arrays of the model, in a stable order (embedding, layers, head)."""
+    specs = [ArraySpec("embed", (cfg.vocab_size, cfg.hidden_size), Kind.DENSE)]
+    for i in range(cfg.num_layers):
+        specs += layer_specs(cfg, i)
+    specs.append(ArraySpec("final_norm", (cfg.hidden_size,), Kind.DENSE))
+    if not cfg.tie_word_embeddings:
+        specs.append(ArraySpec("lm_head", (cfg.vocab_size, cfg.hidden_size), Kind.DENSE))
+    return specs
+
+
+def total_bytes(cfg: ModelConfig, kind: Kind | None = None) -> int:
+    """Bytes of all weights (or of one kind) at the config's dtype."""
+    return sum(s.size for s in weight_specs(cfg) if kind is None or s.kind is kind) * cfg.itemsize

@@ -1,0 +1,1 @@
+"""Tiers, budgets, expert pool, transfers, prefetcher, planner and scheduler (pipeline issue)."""

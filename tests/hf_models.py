@@ -1,0 +1,84 @@
+"""Tiny random HF MoE models built offline from configs, for parity and conversion tests.
+
+Every test that needs an HF checkpoint goes through `save_hf_model`, so the families and their
+config variations are declared once (here) and reused across test files.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import torch
+import transformers
+
+# name -> (config class, model class, kwargs). Small enough that a forward pass takes milliseconds.
+_BASE = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    # Mixtral: GQA 2:1, top-2 of 4 experts.
+    "mixtral": ("mixtral", dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)),
+    # Mixtral: MHA, odd expert count, top-3, sliding window, head_dim != hidden/heads, tied.
+    "mixtral-odd": ("mixtral", dict(intermediate_size=40, num_local_experts=5,
+                                    num_experts_per_tok=3, num_key_value_heads=4, head_dim=12,
+                                    sliding_window=5, tie_word_embeddings=True)),
+    # Qwen2-MoE: biases, shared expert, a dense layer, top-1, GQA 4:1.
+    "qwen2_moe": ("qwen2_moe", dict(intermediate_size=56, moe_intermediate_size=24,
+                                    shared_expert_intermediate_size=40, num_experts=6,
+                                    num_experts_per_tok=1, num_key_value_heads=1,
+                                    mlp_only_layers=[1], norm_topk_prob=False)),
+    # Qwen2-MoE: decoder_sparse_step=2 (every other layer dense), norm_topk_prob, top-3 of 7.
+    "qwen2_moe-sparse-step": ("qwen2_moe", dict(intermediate_size=56, moe_intermediate_size=24,
+                                                shared_expert_intermediate_size=32, num_experts=7,
+                                                num_experts_per_tok=3, decoder_sparse_step=2,
+                                                norm_topk_prob=True, num_hidden_layers=4)),
+    # Qwen3-MoE: per-head q/k norm, head_dim independent of hidden/heads, dense layer 0.
+    "qwen3_moe": ("qwen3_moe", dict(intermediate_size=64, moe_intermediate_size=24,
+                                    num_experts=8, num_experts_per_tok=2, head_dim=16,
+                                    mlp_only_layers=[0], norm_topk_prob=True)),
+    # Qwen3-MoE: no renormalisation, odd experts, top-3.
+    "qwen3_moe-odd": ("qwen3_moe", dict(intermediate_size=64, moe_intermediate_size=20,
+                                        num_experts=5, num_experts_per_tok=3, head_dim=6,
+                                        norm_topk_prob=False)),
+    # OLMoE: full q/k norm, no renormalisation, top-2 of 6.
+    "olmoe": ("olmoe", dict(intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                            norm_topk_prob=False)),
+    # OLMoE: clip_qkv, renormalised, MHA.
+    "olmoe-clip": ("olmoe", dict(intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                                 norm_topk_prob=True, clip_qkv=0.5, num_key_value_heads=4)),
+}
+
+_CLASSES = {
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+}
+
+
+def make_hf_model(name: str, *, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
+    """A random HF model of config `name` (a key of CONFIGS), float32, eval mode."""
+    family, kwargs = CONFIGS[name]
+    config_cls, model_cls = _CLASSES[family]
+    config = config_cls(**{**_BASE, **kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    # HF's init leaves norms at exactly 1 and biases at 0; perturb them so the parity tests
+    # would notice a norm or bias applied in the wrong place.
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname or pname.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_hf_model(name: str, out_dir: pathlib.Path, *, seed: int = 0,
+                  max_shard_size: str | None = None, **overrides: Any
+                  ) -> tuple[transformers.PreTrainedModel, pathlib.Path]:
+    """Build `name` and save it as an HF checkpoint (one file, or sharded with max_shard_size)."""
+    model = make_hf_model(name, seed=seed, **overrides)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, **kwargs)
+    return model, pathlib.Path(out_dir)
