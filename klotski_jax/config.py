@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 
-class Family(str, enum.Enum):
+class Family(enum.StrEnum):
     """Supported model families, valued by their HF `model_type`."""
 
     MIXTRAL = "mixtral"
@@ -28,7 +28,7 @@ class Family(str, enum.Enum):
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(f.value for f in Family)
 
 
-class QKNorm(str, enum.Enum):
+class QKNorm(enum.StrEnum):
     """Where an RMSNorm is applied to queries and keys before RoPE."""
 
     NONE = "none"

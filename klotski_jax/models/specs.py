@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from klotski_jax.config import ModelConfig, QKNorm
 
+A = TypeVar("A")
 
-class Kind(str, enum.Enum):
+
+class Kind(enum.StrEnum):
     DENSE = "dense"  # small, loaded whole (attention, norms, router, embeddings, dense MLPs)
     EXPERT = "expert"  # [E, out, in], read one expert at a time
 
@@ -103,3 +107,18 @@ def weight_specs(cfg: ModelConfig) -> list[ArraySpec]:
 def total_bytes(cfg: ModelConfig, kind: Kind | None = None) -> int:
     """Bytes of all weights (or of one kind) at the config's dtype."""
     return sum(s.size for s in weight_specs(cfg) if kind is None or s.kind is kind) * cfg.itemsize
+
+
+def layer_tree(flat: Mapping[str, A], i: int) -> dict[str, Any]:
+    """The nested weights of layer i from flat names: "layers.i.attn.q" -> tree["attn"]["q"]."""
+    prefix = f"layers.{i}."
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        if not name.startswith(prefix):
+            continue
+        *parents, leaf = name[len(prefix):].split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree

@@ -26,9 +26,16 @@ class FamilyAdapter:
 
 @dataclasses.dataclass(frozen=True)
 class TensorSource:
-    """A dense tensor stored under one HF key."""
+    """A dense tensor stored under one HF key; `alternatives` are other keys it may be found
+    under (e.g. Mixtral's router is `block_sparse_moe.gate` on disk, `mlp.gate` when written from
+    a transformers 5 state dict), tried in order after `key`."""
 
     key: str
+    alternatives: tuple[str, ...] = ()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.key, *self.alternatives)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +63,7 @@ _ATTN = {"q": "q_proj.weight", "k": "k_proj.weight", "v": "v_proj.weight", "o": 
 _MLP = {"gate": "gate_proj.weight", "up": "up_proj.weight", "down": "down_proj.weight"}
 
 
-def _dense_key(adapter: FamilyAdapter, name: str) -> str:
+def _dense_key(adapter: FamilyAdapter, name: str, moe: str) -> str:
     if name == "embed":
         return "model.embed_tokens.weight"
     if name == "final_norm":
@@ -66,7 +73,6 @@ def _dense_key(adapter: FamilyAdapter, name: str) -> str:
     _, i, rest = name.split(".", 2)
     base = f"model.layers.{i}."
     group, _, leaf = rest.partition(".")
-    moe = adapter.moe_prefixes[0]
     if rest == "attn_norm":
         return base + "input_layernorm.weight"
     if rest == "mlp_norm":
@@ -89,7 +95,9 @@ def hf_sources(cfg: ModelConfig) -> dict[str, TensorSource | ExpertSource]:
     out: dict[str, TensorSource | ExpertSource] = {}
     for spec in weight_specs(cfg):
         if spec.kind is Kind.DENSE:
-            out[spec.name] = TensorSource(_dense_key(adapter, spec.name))
+            keys = dict.fromkeys(_dense_key(adapter, spec.name, m) for m in adapter.moe_prefixes)
+            first, *rest = keys
+            out[spec.name] = TensorSource(first, tuple(rest))
             continue
         i, part = spec.layer, spec.name.rsplit(".", 1)[1]
         prefixes = [f"model.layers.{i}.{p}.experts." for p in adapter.moe_prefixes]

@@ -1,0 +1,199 @@
+"""The math of one decoder layer, as pure jitted functions over explicit weights.
+
+Weights are arguments, never closures, so the pipeline can call the same compiled step with any
+layer's (or any expert's) buffers without recompiling. All projections keep HF's (out, in)
+orientation and contract with `einsum("...d,fd->...f")`: `x @ w.T` would make XLA copy the whole
+weight when there is one token row (stack-facts.md).
+
+Einsum letters: b batch, t new tokens (queries), s cache slots (keys), d hidden, k KV heads,
+g query heads per KV head, h head_dim, f FFN width, e experts, n flattened tokens, v vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from klotski_jax.config import ModelConfig, QKNorm
+
+Weights = dict[str, Any]
+
+F32 = jnp.float32
+
+
+# ---- primitives ---------------------------------------------------------------------------
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in float32, cast back before the weight multiply (HF semantics)."""
+    xf = x.astype(F32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * xf.astype(x.dtype)
+
+
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """x [..., d] with an HF-layout weight w [f, d] (+ bias [f]) -> [..., f], no transpose."""
+    y = jnp.einsum("...d,fd->...f", x, w)
+    return y if b is None else y + b
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """SwiGLU FFN: down(silu(gate(x)) * up(x)); x [n, d] -> [n, d]."""
+    return linear(jax.nn.silu(linear(x, w_gate)) * linear(x, w_up), w_down)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding (HF `rotate_half` convention). x [b, t, heads, h], positions [b, t]."""
+    h = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=F32) / h))  # [h/2]
+    freqs = positions.astype(F32)[..., None] * inv_freq  # [b, t, h/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [b, t, 1, h]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = x[..., : h // 2], x[..., h // 2:]
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+# ---- attention ----------------------------------------------------------------------------
+
+def _qkv(w: Weights, x: jax.Array, positions: jax.Array, cfg: ModelConfig
+         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    b, t, _ = x.shape
+    q = linear(x, w["q"], w.get("q_bias"))
+    k = linear(x, w["k"], w.get("k_bias"))
+    v = linear(x, w["v"], w.get("v_bias"))
+    if cfg.qk_norm is QKNorm.FULL:
+        q, k = rms_norm(q, w["q_norm"], cfg.rms_norm_eps), rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+    if cfg.clip_qkv is not None:
+        q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
+    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm is QKNorm.HEAD:
+        q, k = rms_norm(q, w["q_norm"], cfg.rms_norm_eps), rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+    return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+
+
+def attention_mask(write_index: jax.Array, t: int, kv_valid: jax.Array,
+                   window: int | None) -> jax.Array:
+    """[b, t, s] bool: query t (cache slot write_index + t) may see slot s.
+
+    A slot is visible if it holds a real token (kv_valid, i.e. not left padding), is not in the
+    future, and lies inside the sliding window (HF: q_slot - s < window).
+    """
+    s = kv_valid.shape[1]
+    q_slot = write_index + jnp.arange(t)[:, None]  # [t, 1]
+    k_slot = jnp.arange(s)[None, :]  # [1, s]
+    ok = k_slot <= q_slot
+    if window is not None:
+        ok &= q_slot - k_slot < window
+    return ok[None] & kv_valid[:, None, :]
+
+
+def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array,
+           cfg: ModelConfig) -> jax.Array:
+    """Grouped-query attention of q [b, t, H, h] over the cache [b, s, k, h] -> [b, t, H*h]."""
+    b, t = q.shape[:2]
+    qg = q.reshape(b, t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_cache) * (cfg.head_dim ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores.astype(F32), jnp.finfo(F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_cache)
+    return out.reshape(b, t, cfg.q_size)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "window"), donate_argnames=("kv",))
+def attention_block(w: Weights, h: jax.Array, positions: jax.Array, kv: tuple[jax.Array, jax.Array],
+                    write_index: jax.Array, kv_valid: jax.Array, *, cfg: ModelConfig,
+                    window: int | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """h + Attention(RMSNorm(h)) for new tokens h [b, t, d]; writes their K/V at write_index.
+
+    w: the layer's weights (uses "attn_norm" and "attn"); kv: this layer's (K, V) caches
+    [b, s, k, h], donated and updated in place; kv_valid [b, s]: slots that hold real tokens.
+    """
+    x = rms_norm(h, w["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = _qkv(w["attn"], x, positions, cfg)
+    k_cache = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, write_index, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, write_index, 0, 0))
+    mask = attention_mask(write_index, h.shape[1], kv_valid, window)
+    out = linear(attend(q, k_cache, v_cache, mask, cfg), w["attn"]["o"], w["attn"].get("o_bias"))
+    return h + out, (k_cache, v_cache)
+
+
+# ---- MoE pieces ---------------------------------------------------------------------------
+
+def route(w_router: jax.Array, x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Softmax-then-top-k router. x [n, d] -> (weights [n, top_k] float32, experts [n, top_k])."""
+    probs = jax.nn.softmax(linear(x, w_router).astype(F32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, cfg.top_k)
+    if cfg.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def router_block(w: Weights, h: jax.Array, *, cfg: ModelConfig
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The MoE input and its routing: h [n, d] -> (x = RMSNorm(h) [n, d], weights, experts)."""
+    x = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
+    weights, experts = route(w["router"], x, cfg)
+    return x, weights, experts
+
+
+@jax.jit
+def expert_ffn(w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, x: jax.Array) -> jax.Array:
+    """One expert over the tokens routed to it: x [n, d] -> [n, d] (HF-layout weights)."""
+    return swiglu(x, w_gate, w_up, w_down)
+
+
+def shared_expert(w: Weights, x: jax.Array) -> jax.Array:
+    """Qwen2-MoE shared expert: sigmoid(gate_logit(x)) * SwiGLU(x); x [n, d]."""
+    gate = jax.nn.sigmoid(linear(x, w["gate_logit"]))  # [n, 1]
+    return gate * swiglu(x, w["gate"], w["up"], w["down"])
+
+
+def combine_dense(experts: Weights, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
+    """All experts resident: sum_k weights[n, k] * Expert_{idx[n, k]}(x[n]) -> [n, d].
+
+    Every expert runs on every token (exact, simple; the oracle, not the fast path).
+    """
+    n, e = x.shape[0], experts["gate"].shape[0]
+    combine = jnp.zeros((n, e), F32).at[jnp.arange(n)[:, None], idx].add(weights)  # [n, e]
+    hid = jax.nn.silu(jnp.einsum("nd,efd->enf", x, experts["gate"]))
+    hid = hid * jnp.einsum("nd,efd->enf", x, experts["up"])
+    y = jnp.einsum("enf,edf->end", hid, experts["down"])  # [e, n, d]
+    return jnp.einsum("end,ne->nd", y.astype(F32), combine).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def moe_block_reference(w: Weights, h: jax.Array, *, cfg: ModelConfig) -> jax.Array:
+    """h + MoE(RMSNorm(h)) with every expert resident; h [b, t, d]."""
+    b, t, d = h.shape
+    x, weights, idx = router_block(w, h.reshape(b * t, d), cfg=cfg)
+    out = combine_dense(w["experts"], x, weights, idx)
+    if "shared" in w:
+        out = out + shared_expert(w["shared"], x)
+    return h + out.reshape(b, t, d)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def dense_mlp_block(w: Weights, h: jax.Array, *, cfg: ModelConfig) -> jax.Array:
+    """h + SwiGLU(RMSNorm(h)) for the dense (non-MoE) layers of Qwen-MoE models."""
+    x = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
+    m = w["mlp"]
+    return h + swiglu(x, m["gate"], m["up"], m["down"])
+
+
+# ---- ends of the model --------------------------------------------------------------------
+
+@jax.jit
+def embed(w_embed: jax.Array, token_ids: jax.Array) -> jax.Array:
+    """token_ids [b, t] -> hidden [b, t, d]."""
+    return jnp.take(w_embed, token_ids, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def lm_head(w_norm: jax.Array, w_head: jax.Array, h: jax.Array, *, cfg: ModelConfig) -> jax.Array:
+    """Final RMSNorm and vocabulary projection: h [b, t, d] -> float32 logits [b, t, v]."""
+    return linear(rms_norm(h, w_norm, cfg.rms_norm_eps), w_head).astype(F32)
