@@ -1,0 +1,343 @@
+"""HF safetensors checkpoint -> klotski-jax checkpoint (manifest + TensorStore zarr3 store).
+
+The conversion is a declarative key map (`families.hf_sources`) checked in full before a byte is
+written, then a stream of single-tensor copies:
+
+1. config.json -> ModelConfig (unsupported families and features are rejected here).
+2. Every safetensors header is parsed and validated (`safetensors_io`), and a plan is built: for
+   each array of `weight_specs(cfg)`, the HF key(s) and byte slices it comes from. Expert arrays
+   accept, per layer and part, per-expert tensors (`experts.{e}.w1`, tried in order of the
+   family's alternatives) or the fused transformers-5 tensors (`gate_up_proj` [E, 2I, D]: first
+   half gate, second half up; `down_proj` [E, D, I]). Missing, mis-shaped, non-float and unmapped
+   tensors are reported here, each naming the key and its file.
+3. Arrays are written one tensor (one expert slice) at a time into `.{out}.tmp-*` next to the
+   output, so memory stays near the size of the largest single tensor; then everything is
+   fsynced, the manifest is written last, and the directory is renamed into place. Any failure
+   removes the temporary directory, so nothing that looks like a checkpoint is left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import shutil
+import time
+import uuid
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from klotski_jax.checkpoints import manifest as mf
+from klotski_jax.checkpoints.errors import (
+    ConversionError,
+    CorruptFileError,
+    MissingFileError,
+    MissingTensorError,
+    OutputExistsError,
+    ShapeMismatchError,
+    UnmappedTensorError,
+    UnsupportedDtypeError,
+    UnsupportedModelError,
+)
+from klotski_jax.checkpoints.safetensors_io import (
+    FLOAT_DTYPES,
+    SafetensorsCheckpoint,
+    open_checkpoint,
+    slice_range,
+)
+from klotski_jax.checkpoints.store import StoreWriter, fsync_dir, fsync_tree
+from klotski_jax.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
+from klotski_jax.models.families import ExpertSource, TensorSource, hf_sources
+from klotski_jax.models.specs import ArraySpec, Kind, expert_part_shape, weight_specs
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
+# Derived buffers some older checkpoints carry; recomputed from the config, so safe to skip.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Read:
+    """One contiguous read: `key[lead...][rows[0]:rows[1]]` (whole tensor by default)."""
+
+    key: str
+    lead: tuple[int, ...] = ()
+    rows: tuple[int, int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """An output array and its reads: one for a dense array, one per expert for an expert one."""
+
+    spec: ArraySpec
+    reads: tuple[Read, ...]
+
+
+# ---- config -----------------------------------------------------------------------------------
+
+def load_hf_config(hf_dir: pathlib.Path) -> tuple[dict[str, Any], ModelConfig]:
+    """Parse hf_dir/config.json and map it to a ModelConfig; errors name config.json."""
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise MissingFileError(f"{path} does not exist (is {hf_dir} an HF model directory?)")
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{path}: cannot parse: {e}") from None
+    if not isinstance(hf, dict):
+        raise CorruptFileError(f"{path}: not a JSON object")
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(f"{path}: unsupported model_type {model_type!r}; supported: "
+                                    f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    try:
+        cfg = ModelConfig.from_hf_config(hf)
+    except ConfigError as e:
+        raise UnsupportedModelError(f"{path}: {e}") from None
+    except KeyError as e:
+        raise CorruptFileError(f"{path}: missing required field {e}") from None
+    except (TypeError, ValueError) as e:
+        raise CorruptFileError(f"{path}: invalid value: {e}") from None
+    return hf, cfg
+
+
+def with_dtype(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
+    """The config to store: `dtype` overrides the HF config's dtype (None keeps it)."""
+    if dtype is None:
+        return cfg
+    if dtype not in DTYPES:
+        raise ConversionError(f"unsupported output dtype {dtype!r}; choose one of {DTYPES}")
+    return cfg.replace(dtype=dtype)
+
+
+# ---- plan -------------------------------------------------------------------------------------
+
+def _check_tensor(ckpt: SafetensorsCheckpoint, key: str, shape: tuple[int, ...],
+                  name: str) -> None:
+    info = ckpt.info(key)
+    if info.shape != shape:
+        raise ShapeMismatchError(f"{ckpt.file_of(key)}: tensor {key!r} has shape {info.shape}, "
+                                 f"but the config implies {shape} (for {name})")
+    if info.dtype not in FLOAT_DTYPES:
+        raise UnsupportedDtypeError(f"{ckpt.file_of(key)}: tensor {key!r} has dtype {info.dtype}"
+                                    f"; only {', '.join(FLOAT_DTYPES)} weights can be converted")
+
+
+def _plan_dense(spec: ArraySpec, src: TensorSource, ckpt: SafetensorsCheckpoint) -> Planned:
+    for key in src.keys:
+        if key in ckpt:
+            _check_tensor(ckpt, key, spec.shape, spec.name)
+            return Planned(spec, (Read(key),))
+    also = f" (or {', '.join(map(repr, src.alternatives))})" if src.alternatives else ""
+    raise MissingTensorError(f"{ckpt.where}: missing tensor {src.key!r}{also}, needed for "
+                             f"{spec.name}")
+
+
+def _plan_expert(cfg: ModelConfig, spec: ArraySpec, src: ExpertSource,
+                 ckpt: SafetensorsCheckpoint) -> Planned:
+    n, part = cfg.num_experts, spec.name.rsplit(".", 1)[1]
+    out_dim, in_dim = expert_part_shape(cfg, part)
+    for template in src.per_expert:
+        keys = [template.format(e=e) for e in range(n)]
+        present = [k in ckpt for k in keys]
+        if not any(present):
+            continue
+        if not all(present):
+            raise MissingTensorError(
+                f"{ckpt.where}: missing tensor {keys[present.index(False)]!r} (expert "
+                f"{present.index(False)} of {n}; other experts of {spec.name} are present)")
+        for k in keys:
+            _check_tensor(ckpt, k, (out_dim, in_dim), spec.name)
+        return Planned(spec, tuple(Read(k) for k in keys))
+    for key in src.fused:
+        if key not in ckpt:
+            continue
+        if src.fused_half is None:
+            _check_tensor(ckpt, key, (n, out_dim, in_dim), spec.name)
+            return Planned(spec, tuple(Read(key, lead=(e,)) for e in range(n)))
+        _check_tensor(ckpt, key, (n, 2 * out_dim, in_dim), f"{spec.name}, fused with its pair")
+        rows = (src.fused_half * out_dim, (src.fused_half + 1) * out_dim)
+        return Planned(spec, tuple(Read(key, lead=(e,), rows=rows) for e in range(n)))
+    raise MissingTensorError(f"{ckpt.where}: missing tensor {src.per_expert[0].format(e=0)!r} "
+                             f"(or the fused {src.fused[0]!r}), needed for {spec.name}")
+
+
+def _check_unmapped(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, used: set[str]) -> None:
+    unmapped = []
+    for key in ckpt:
+        if key in used:
+            continue
+        if key.endswith(IGNORED_SUFFIXES):
+            log.debug("ignoring derived buffer %s", key)
+        elif key == "lm_head.weight" and cfg.tie_word_embeddings:
+            # HF sometimes writes the tied head; it must at least have the embedding's shape.
+            _check_tensor(ckpt, key, (cfg.vocab_size, cfg.hidden_size), "lm_head (tied)")
+            log.info("ignoring lm_head.weight: tie_word_embeddings uses the embedding")
+        else:
+            unmapped.append(key)
+    if unmapped:
+        more = f" ({len(unmapped)} unmapped tensors in all: {unmapped[:5]})" if len(
+            unmapped) > 1 else ""
+        raise UnmappedTensorError(
+            f"{ckpt.file_of(unmapped[0])}: tensor {unmapped[0]!r} is not used by any weight of "
+            f"this {cfg.family.value} config{more}")
+
+
+def plan_conversion(cfg: ModelConfig, ckpt: SafetensorsCheckpoint) -> list[Planned]:
+    """Map every array of weight_specs(cfg) to its reads; checks shapes, dtypes, leftovers."""
+    sources = hf_sources(cfg)
+    plan = []
+    for spec in weight_specs(cfg):
+        src = sources[spec.name]
+        if isinstance(src, TensorSource):
+            plan.append(_plan_dense(spec, src, ckpt))
+        else:
+            plan.append(_plan_expert(cfg, spec, src, ckpt))
+    _check_unmapped(cfg, ckpt, {r.key for p in plan for r in p.reads})
+    return plan
+
+
+def _read_nbytes(ckpt: SafetensorsCheckpoint, r: Read) -> int:
+    begin, end, _ = slice_range(ckpt.info(r.key), r.lead, r.rows)
+    return end - begin
+
+
+# ---- output directory -------------------------------------------------------------------------
+
+def _is_replaceable(out: pathlib.Path) -> bool:
+    """An existing output may be replaced only if it is empty or a klotski-jax checkpoint."""
+    if not out.is_dir() or out.is_symlink():
+        return False
+    if not any(out.iterdir()):
+        return True
+    try:
+        m = json.loads((out / mf.MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("format") == mf.FORMAT_NAME
+
+
+def _check_output(hf_dir: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
+    src, dst = hf_dir.resolve(), out.resolve()
+    if dst == src or dst in src.parents:
+        raise OutputExistsError(f"{out}: refusing to write over the HF source {hf_dir}")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"{out} already exists; pass --overwrite (overwrite=True) "
+                                    "to replace it")
+        if not _is_replaceable(out):
+            raise OutputExistsError(f"{out} exists and is not a klotski-jax checkpoint; refusing "
+                                    "to replace it even with --overwrite (remove it yourself)")
+
+
+def _install(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
+    """Rename the finished `tmp` to `out`; an old `out` is removed only after the swap."""
+    if not (out.exists() or out.is_symlink()):
+        os.rename(tmp, out)
+        fsync_dir(out.parent)
+        return
+    if not overwrite:  # appeared while we were converting
+        raise OutputExistsError(f"{out} appeared during conversion; not replacing it")
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _copy_tokenizer(hf_dir: pathlib.Path, tmp: pathlib.Path) -> list[str]:
+    names = [n for n in mf.TOKENIZER_FILES if (hf_dir / n).is_file()]
+    aux = [n for n in mf.AUX_FILES if (hf_dir / n).is_file()]
+    if mf.has_tokenizer(names):
+        names += aux  # config.json lets AutoTokenizer pick the tokenizer class
+    else:
+        names = [n for n in aux if n != "config.json"]
+    if names:
+        (tmp / mf.TOKENIZER_DIR).mkdir()
+        for n in names:
+            shutil.copyfile(hf_dir / n, tmp / mf.TOKENIZER_DIR / n)
+    return names
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+def _write_arrays(plan: list[Planned], ckpt: SafetensorsCheckpoint, root: pathlib.Path,
+                  cfg: ModelConfig, bar: tqdm) -> None:
+    """Stream every planned read into its array, one tensor or expert slice at a time."""
+    dtype = cfg.np_dtype
+    writer = StoreWriter(root)
+    try:
+        for p in plan:
+            arr = writer.create(mf.tensor_path(p.spec), p.spec.shape, cfg.dtype, p.spec.kind)
+            for e, r in enumerate(p.reads):
+                x = ckpt.read(r.key, lead=r.lead, rows=r.rows)
+                nbytes = x.nbytes
+                x = x.astype(dtype, copy=False)
+                writer.write(arr[e] if p.spec.kind is Kind.EXPERT else arr, x)
+                del x
+                bar.update(nbytes)
+        writer.flush()
+    except BaseException:
+        writer.abandon()
+        raise
+
+
+def _convert_into(tmp: pathlib.Path, hf_dir: pathlib.Path, hf: dict[str, Any],
+                  cfg: ModelConfig, ckpt: SafetensorsCheckpoint, plan: list[Planned],
+                  progress: bool) -> None:
+    total = sum(_read_nbytes(ckpt, r) for p in plan for r in p.reads)
+    t0 = time.perf_counter()
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
+              disable=not progress) as bar:
+        _write_arrays(plan, ckpt, tmp, cfg, bar)
+    tokenizer_files = _copy_tokenizer(hf_dir, tmp)
+    fsync_tree(tmp)
+    manifest = mf.build_manifest(cfg, hf_config=hf, source=hf_dir,
+                                 tokenizer_files=tokenizer_files)
+    mf.write_manifest(tmp, manifest)  # last: a directory with a manifest is complete
+    fsync_dir(tmp)
+    dt = time.perf_counter() - t0
+    log.info("wrote %d arrays (%.1f MB read) in %.2f s (%.0f MB/s)", len(plan), total / 1e6, dt,
+             total / max(dt, 1e-9) / 1e6)
+
+
+def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+            dtype: str | None = None, overwrite: bool = False,
+            progress: bool = True) -> pathlib.Path:
+    """Convert the HF MoE checkpoint in `hf_dir` into a klotski-jax checkpoint at `out_dir`.
+
+    dtype: store every weight in this dtype ("float32", "bfloat16", "float16"); default: the
+    config's dtype. The manifest's config records the stored dtype. overwrite: replace an
+    existing `out_dir` (only an empty directory or a klotski-jax checkpoint), after the new one
+    is complete. Returns the absolute output path. Raises a `ConversionError` subclass naming the
+    file and tensor for any bad input; nothing is left at `out_dir` (or next to it) on failure.
+    """
+    hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(os.path.abspath(out_dir))
+    if not hf_dir.is_dir():
+        raise MissingFileError(f"{hf_dir} is not a directory")
+    hf, cfg = load_hf_config(hf_dir)
+    cfg = with_dtype(cfg, dtype)
+    _check_output(hf_dir, out, overwrite)
+    with open_checkpoint(hf_dir) as ckpt:
+        plan = plan_conversion(cfg, ckpt)
+        log.info("converting %s (%s, %d layers, %d experts) -> %s as %s", hf_dir,
+                 cfg.family.value, cfg.num_layers, cfg.num_experts, out, cfg.dtype)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Not tempfile.mkdtemp: its 0700 mode would survive the rename.
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            _convert_into(tmp, hf_dir, hf, cfg, ckpt, plan, progress)
+            _install(tmp, out, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out

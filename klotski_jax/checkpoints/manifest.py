@@ -1,0 +1,160 @@
+"""manifest.json: the self-describing, versioned index of a converted checkpoint.
+
+A checkpoint directory is valid exactly when its manifest is: the converter writes the manifest
+last, so a directory without one is never mistaken for a finished conversion. Layout:
+
+  manifest.json              this file
+  dense/<flat name>/         one zarr3 array per dense tensor (see store.py)
+  experts/<flat name>/       one zarr3 array [E, out, in] per (layer, part); chunk c/{e}/0/0
+  tokenizer/                 tokenizer files copied from the HF directory (when it had any)
+
+Manifest fields:
+  format "klotski-jax", format_version (int; readers refuse newer versions), family,
+  config (ModelConfig.to_dict(); its dtype is the stored dtype), hf_config (the original
+  config.json), source (absolute HF directory, for later benchmarks), dtype,
+  tensors {flat name: {shape, dtype, kind, path (relative to the checkpoint)}},
+  tokenizer_files [names under tokenizer/], created_by ("klotski-jax <version>").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+from klotski_jax.checkpoints.errors import ManifestError
+from klotski_jax.config import ConfigError, ModelConfig
+from klotski_jax.models.specs import ArraySpec, Kind, weight_specs
+
+FORMAT_NAME = "klotski-jax"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+# Files copied from the HF directory into tokenizer/ when present. The first group is what makes
+# a tokenizer; the others help `AutoTokenizer` and generation (config.json picks the class).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
+AUX_FILES = ("generation_config.json", "config.json")
+_TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+_REQUIRED = ("format", "format_version", "family", "config", "dtype", "tensors")
+
+
+def tensor_path(spec: ArraySpec) -> str:
+    """Where an array lives, relative to the checkpoint directory."""
+    return ("experts/" if spec.kind is Kind.EXPERT else "dense/") + spec.name
+
+
+def tensor_entry(spec: ArraySpec, dtype: str) -> dict[str, Any]:
+    return {"shape": list(spec.shape), "dtype": dtype, "kind": spec.kind.value,
+            "path": tensor_path(spec)}
+
+
+def build_manifest(cfg: ModelConfig, *, hf_config: dict[str, Any], source: pathlib.Path,
+                   tokenizer_files: list[str]) -> dict[str, Any]:
+    """The manifest of a checkpoint of `cfg` (stored in cfg.dtype), converted from `source`."""
+    from klotski_jax import __version__
+
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "family": cfg.family.value,
+        "config": cfg.to_dict(),
+        "hf_config": hf_config,
+        "source": os.path.abspath(source),
+        "dtype": cfg.dtype,
+        "tensors": {s.name: tensor_entry(s, cfg.dtype) for s in weight_specs(cfg)},
+        "tokenizer_files": sorted(tokenizer_files),
+        "created_by": f"klotski-jax {__version__}",
+    }
+
+
+def _check_header(m: Any, where: pathlib.Path) -> None:
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        found = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise ManifestError(f"{where}: not a klotski-jax manifest (format {found!r}, expected "
+                            f"{FORMAT_NAME!r})")
+    version = m.get("format_version")
+    if type(version) is not int or version < 1:
+        raise ManifestError(f"{where}: invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise ManifestError(f"{where}: format_version {version} was written by a newer "
+                            f"klotski-jax (this one reads up to {FORMAT_VERSION}); upgrade it")
+    missing = [k for k in _REQUIRED if k not in m]
+    if missing:
+        raise ManifestError(f"{where}: missing fields {missing}")
+
+
+def _check_tensors(m: dict[str, Any], cfg: ModelConfig, where: pathlib.Path) -> None:
+    tensors = m["tensors"]
+    if not isinstance(tensors, dict):
+        raise ManifestError(f"{where}: 'tensors' must be an object")
+    specs = {s.name: s for s in weight_specs(cfg)}
+    if set(tensors) != set(specs):
+        missing, extra = sorted(set(specs) - set(tensors)), sorted(set(tensors) - set(specs))
+        raise ManifestError(f"{where}: tensors do not match the config (missing {missing[:5]}, "
+                            f"unexpected {extra[:5]})")
+    for name, entry in tensors.items():
+        want = tensor_entry(specs[name], cfg.dtype)
+        if not isinstance(entry, dict) or any(entry.get(k) != want[k]
+                                              for k in ("shape", "dtype", "kind")):
+            raise ManifestError(f"{where}: tensor {name!r} is {entry!r}, but the config "
+                                f"implies {want}")
+        path = entry.get("path")
+        if (not isinstance(path, str) or pathlib.PurePosixPath(path).is_absolute()
+                or ".." in pathlib.PurePosixPath(path).parts):
+            raise ManifestError(f"{where}: tensor {name!r} has an invalid path {path!r}")
+
+
+def validate_manifest(m: Any, where: pathlib.Path) -> ModelConfig:
+    """Check a manifest dict (read from `where`) and return its config."""
+    _check_header(m, where)
+    try:
+        cfg = ModelConfig.from_dict(m["config"])
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        raise ManifestError(f"{where}: invalid config: {e}") from None
+    if m["dtype"] != cfg.dtype:
+        raise ManifestError(f"{where}: dtype {m['dtype']!r} differs from the config's "
+                            f"{cfg.dtype!r}")
+    if m["family"] != cfg.family.value:
+        raise ManifestError(f"{where}: family {m['family']!r} differs from the config's "
+                            f"{cfg.family.value!r}")
+    _check_tensors(m, cfg, where)
+    files = m.get("tokenizer_files", [])
+    if not isinstance(files, list) or not all(
+            isinstance(f, str) and pathlib.PurePath(f).name == f for f in files):
+        raise ManifestError(f"{where}: invalid tokenizer_files {files!r}")
+    return cfg
+
+
+def read_manifest(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated manifest of a converted checkpoint directory."""
+    path = pathlib.Path(ckpt_dir) / MANIFEST_FILE
+    if not path.is_file():
+        why = "does not exist" if not pathlib.Path(ckpt_dir).exists() else "has no manifest"
+        raise ManifestError(f"{path.parent} {why}: not a klotski-jax checkpoint (make one "
+                               "with `klotski convert HF_DIR OUT_DIR`)")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: cannot parse: {e}") from None
+    validate_manifest(m, path)
+    return m
+
+
+def write_manifest(ckpt_dir: pathlib.Path, manifest: dict[str, Any]) -> pathlib.Path:
+    """Write manifest.json (after validating it) and fsync it."""
+    path = pathlib.Path(ckpt_dir) / MANIFEST_FILE
+    validate_manifest(manifest, path)
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def has_tokenizer(tokenizer_files: list[str]) -> bool:
+    """Whether the copied files make a tokenizer (not just generation_config.json)."""
+    return any(f in _TOKENIZER_CORE for f in tokenizer_files)
