@@ -1,0 +1,266 @@
+"""`Engine`: batch generation on top of the pipeline's schedules, under memory budgets.
+
+    engine = klotski_jax.Engine("ckpt/", policy=klotski_jax.Policy(device_budget=2**30))
+    result = engine.generate(["def main():", "The list type"], max_new_tokens=32)
+    result.texts, result.stats.throughput_tokens_per_s
+
+Prompts are split into rounds of n groups x batch_size sequences; each round is left-padded to
+one prompt length and generated with the policy's schedule (prefill, then one decode step per new
+token). Every buffer the run keeps is reserved in the device / host ledgers first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from klotski_jax.checkpoints.loader import load_tokenizer
+from klotski_jax.checkpoints.store import CheckpointReader
+from klotski_jax.models.reference import CACHE_ROUND, KVCache, positions_from_mask
+from klotski_jax.pipeline.host import HostTier
+from klotski_jax.pipeline.hot import HotPredictor, PreviousLayerPopularity
+from klotski_jax.pipeline.ledger import MemoryLedger
+from klotski_jax.pipeline.placement import Placement, Workload, global_bytes, place
+from klotski_jax.pipeline.policy import Policy, PolicyError
+from klotski_jax.pipeline.scheduler import GroupState, Scheduler, live_device_bytes
+from klotski_jax.pipeline.trace import RunStats, Tracer
+
+log = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+
+
+@dataclasses.dataclass
+class Generation:
+    """The result of `Engine.generate`: new tokens (and text) per prompt, and the run's stats."""
+
+    prompt_token_ids: list[list[int]]
+    token_ids: list[list[int]]  # the new tokens of each prompt (cut after EOS if stop_at_eos)
+    texts: list[str] | None  # decoded new tokens, when the checkpoint has a tokenizer
+    stats: RunStats
+    placement: dict[str, Any]
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator
+           ) -> np.ndarray:
+    """Next token per row of float32 logits [b, v]: greedy at temperature 0, else nucleus."""
+    if temperature <= 0:
+        return logits.argmax(-1).astype(np.int32)
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = np.empty(len(p), np.int32)
+    for r, row in enumerate(p):
+        order = np.argsort(-row, kind="stable")
+        keep = np.cumsum(row[order]) - row[order] < top_p  # smallest set with mass >= top_p
+        probs = row[order[keep]] / row[order[keep]].sum()
+        out[r] = order[keep][rng.choice(len(probs), p=probs)]
+    return out
+
+
+class Engine:
+    """Generation with a schedule of the pipeline over a converted checkpoint."""
+
+    def __init__(self, ckpt_dir: str | os.PathLike[str], policy: Policy | None = None,
+                 *, predictor_factory: Callable[[Any], HotPredictor] | None = None) -> None:
+        self.reader = CheckpointReader(ckpt_dir)
+        self.config = self.reader.config
+        self.policy = policy or Policy()
+        self.tokenizer = load_tokenizer(self.reader.tokenizer_dir)
+        self._predictor_factory = predictor_factory or (
+            lambda cfg: PreviousLayerPopularity(cfg.moe_layer_ids, cfg.num_experts))
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """Token ids of each prompt (strings need the checkpoint's tokenizer)."""
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"prompt {i} is text but {self.reader.path} has no tokenizer; "
+                                     "pass token ids instead")
+                ids = self.tokenizer(p, add_special_tokens=True)["input_ids"]
+            else:
+                ids = [int(t) for t in p]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside the vocabulary "
+                                 f"[0, {self.config.vocab_size}): {bad[:5]}")
+            out.append(ids)
+        return out
+
+    def layout(self, n_prompts: int) -> tuple[int, int]:
+        """(groups, batch size per group) for n_prompts under the policy."""
+        pol = self.policy
+        if pol.single_group:
+            return 1, pol.batch_size or n_prompts
+        groups = min(pol.groups, n_prompts)
+        return groups, pol.batch_size or math.ceil(n_prompts / groups)
+
+    # ---- the run ------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 stop_at_eos: bool = True, trace: Tracer | None = None,
+                 progress: Callable[[int], None] | None = None) -> Generation:
+        """Generate up to max_new_tokens per prompt. Greedy at temperature 0 (the default).
+
+        progress(n) is called after every decode step with the number of tokens generated.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        ids = self.encode(prompts)
+        groups, batch = self.layout(len(ids))
+        per_round = groups * batch
+        tracer = trace or Tracer(enabled=False)
+        stats = RunStats(schedule=self.policy.schedule.value, groups=groups, batch_size=batch)
+        rng = np.random.default_rng(seed)
+        new_tokens: list[list[int]] = []
+        placement = None
+        for start in range(0, len(ids), per_round):
+            chunk = ids[start: start + per_round]
+            out, placement = self._run_round(chunk, groups, batch, max_new_tokens, temperature,
+                                             top_p, rng, tracer, stats, progress)
+            new_tokens.extend(out)
+        eos = set(self.config.eos_token_ids)
+        if stop_at_eos and eos:
+            new_tokens = [_cut_at(t, eos) for t in new_tokens]
+        texts = None
+        if self.tokenizer is not None:
+            texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
+        return Generation(ids, new_tokens, texts, stats, placement.describe() if placement else {})
+
+    def logits(self, token_ids: Any, attention_mask: Any | None = None) -> np.ndarray:
+        """Float32 logits [B, S, V] of a left-padded batch computed through the schedule
+        (one prefill step over policy.groups groups): checks the pipeline against the oracle."""
+        ids = np.asarray(token_ids, np.int32)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+        groups, batch = self.layout(len(ids))
+        parts = [(ids[g * batch:(g + 1) * batch], mask[g * batch:(g + 1) * batch])
+                 for g in range(groups) if g * batch < len(ids)]
+        with self._session(len(parts), batch, ids.shape[1], 1, Tracer(False), RunStats()) as s:
+            states = [s.group(i, m) for i, m in parts]
+            logits = s.step("prefill", states, all_positions=True, prefetch_next=False)
+        return np.concatenate([np.asarray(x) for x in logits])
+
+    def _run_round(self, chunk: list[list[int]], groups: int, batch: int, max_new: int,
+                   temperature: float, top_p: float, rng: np.random.Generator, tracer: Tracer,
+                   stats: RunStats, progress: Callable[[int], None] | None
+                   ) -> tuple[list[list[int]], Placement]:
+        s_len = max(len(p) for p in chunk)
+        pad = self.config.pad_token_id or 0
+        ids = np.full((len(chunk), s_len), pad, np.int32)
+        mask = np.zeros_like(ids)
+        for r, p in enumerate(chunk):
+            ids[r, s_len - len(p):] = p
+            mask[r, s_len - len(p):] = 1
+        n_groups = math.ceil(len(chunk) / batch)
+        out = [[] for _ in chunk]
+        with self._session(n_groups, batch, s_len, max_new, tracer, stats) as s:
+            states = [s.group(ids[g * batch:(g + 1) * batch], mask[g * batch:(g + 1) * batch])
+                      for g in range(n_groups)]
+            stats.prompt_tokens += int(mask.sum())
+            t0 = time.perf_counter()
+            logits = s.step("prefill", states, prefetch_next=max_new > 1)
+            for step in range(max_new):
+                tokens = [sample(np.asarray(x), temperature, top_p, rng) for x in logits]
+                for g, t in enumerate(tokens):
+                    for r, tok in enumerate(t):
+                        out[g * batch + r].append(int(tok))
+                now = time.perf_counter()
+                if step == 0:
+                    stats.prefill_s += now - t0
+                else:
+                    stats.decode_s += now - t0
+                t0 = now
+                stats.generated_tokens += sum(len(t) for t in tokens)
+                if progress is not None:
+                    progress(sum(len(t) for t in tokens))
+                if step + 1 == max_new:
+                    break
+                for g, t in zip(states, tokens):
+                    g.feed(t)
+                logits = s.step(f"decode {step + 1}", states, prefetch_next=step + 2 < max_new)
+            placement = s.placement
+        return out, placement
+
+    def _session(self, groups: int, batch: int, prompt_len: int, max_new: int, tracer: Tracer,
+                 stats: RunStats) -> _Session:
+        return _Session(self, groups, batch, prompt_len, max_new, tracer, stats)
+
+
+class _Session:
+    """Ledgers, tiers, transfers and scheduler of one round; frees everything on exit."""
+
+    def __init__(self, engine: Engine, groups: int, batch: int, prompt_len: int, max_new: int,
+                 tracer: Tracer, stats: RunStats) -> None:
+        self.engine = engine
+        self.cfg = cfg = engine.config
+        self.policy = pol = engine.policy
+        self.cache_len = -(-(prompt_len + max_new) // CACHE_ROUND) * CACHE_ROUND
+        self.placement = place(cfg, pol, Workload(groups, batch, prompt_len,
+                                                  self.cache_len - prompt_len))
+        self.tracer, self.stats = tracer, stats
+        self.batch = batch
+
+    def __enter__(self) -> _Session:
+        from klotski_jax.pipeline.transfers import Transfers
+
+        cfg, pol, pl = self.cfg, self.policy, self.placement
+        baseline = live_device_bytes() if pol.verify_memory else None
+        self.device = MemoryLedger("device", pol.device_budget)
+        self.host = MemoryLedger("host", pol.host_budget)
+        self.device.reserve("kv caches", pl.kv_bytes)
+        self.device.reserve("activations", pl.activation_bytes)
+        self.device.reserve("globals", global_bytes(cfg))
+        host = HostTier(self.engine.reader, self.host, pl.host_experts, pol.io_mode)
+        if pol.evict_page_cache:
+            host.evict_page_cache()
+        globals_dev = jax.device_put(host.globals)
+        self.transfers = Transfers(host, self.device, io_threads=pol.io_threads,
+                                   tracer=self.tracer, stats=self.stats)
+        self.scheduler = Scheduler(cfg, pol, pl, self.transfers,
+                                   self.engine._predictor_factory(cfg), globals_dev, self.tracer,
+                                   self.stats, self.device, live_baseline=baseline)
+        log.info("placement: %s", pl.describe())
+        return self
+
+    def group(self, ids: np.ndarray, mask: np.ndarray) -> GroupState:
+        cache = KVCache.create(self.cfg, len(ids), self.cache_len)
+        cache.valid[:, : ids.shape[1]] = mask > 0
+        state = GroupState(cache, ids, positions_from_mask(mask))
+        return state
+
+    def step(self, name: str, states: list[GroupState], **kw: Any) -> list[jax.Array]:
+        if self.policy.multi_batch:
+            return self.scheduler.run_step(name, states, **kw)
+        return [x for g in states for x in self.scheduler.run_step(name, [g], **kw)]
+
+    def __exit__(self, *exc: Any) -> None:
+        self.transfers.close()
+        self.stats.peak_device_bytes = max(self.stats.peak_device_bytes, self.device.peak)
+        self.stats.peak_host_bytes = max(self.stats.peak_host_bytes, self.host.peak)
+        self.stats.device_budget_bytes = self.policy.device_budget
+        self.stats.host_budget_bytes = self.policy.host_budget
+        self.stats.compute_s = max(0.0, self.stats.total_s - self.stats.io_wait_s)
+
+
+def _cut_at(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+__all__ = ["Engine", "Generation", "Policy", "PolicyError", "sample"]

@@ -1,0 +1,184 @@
+"""The host and disk tiers: dense weights in RAM, a read-through expert cache, raw chunk reads.
+
+One expert is three projections (gate, up, down), each a chunk file holding exactly its raw bytes
+(the converter's zarr3 layout). The fast path reads those files with `readinto` (or O_DIRECT) into
+a 4096-byte-aligned staging buffer, whose views `jax.device_put` can take without a copy; the
+reference path reads the same expert through TensorStore. A test checks both are bit-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from klotski_jax.checkpoints.store import CheckpointReader
+from klotski_jax.models.specs import EXPERT_PARTS, expert_part_shape, layer_tree
+from klotski_jax.pipeline.ledger import MemoryLedger
+from klotski_jax.pipeline.placement import ALIGN, round_up
+from klotski_jax.pipeline.policy import IO_MODES
+
+
+def aligned_empty(nbytes: int, align: int = ALIGN) -> np.ndarray:
+    """A uint8 buffer of nbytes whose data pointer is a multiple of `align`."""
+    raw = np.empty(nbytes + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset: offset + nbytes]
+
+
+
+
+class StagingBuffer:
+    """An aligned buffer holding one expert's three parts, each at an aligned offset."""
+
+    def __init__(self, part_bytes: dict[str, int]) -> None:
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for part in EXPERT_PARTS:
+            self.offsets[part] = total
+            total += round_up(part_bytes[part])
+        self.part_bytes = part_bytes
+        self.buf = aligned_empty(total)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.nbytes
+
+    def region(self, part: str, padded: bool = False) -> memoryview:
+        n = self.part_bytes[part]
+        start = self.offsets[part]
+        return memoryview(self.buf[start: start + (round_up(n) if padded else n)])
+
+
+def _read_file(path: os.PathLike[str], out: memoryview, padded: memoryview, direct: bool) -> int:
+    """Read a whole chunk file into `out` (O_DIRECT into the page-padded view when asked)."""
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:  # e.g. tmpfs does not support O_DIRECT: fall back to buffered reads
+            fd = None
+        if fd is not None:
+            try:
+                n = os.preadv(fd, [padded], 0)
+            except OSError:
+                n = -1
+            finally:
+                os.close(fd)
+            if n >= len(out):
+                return len(out)
+    with open(path, "rb", buffering=0) as f:
+        n = f.readinto(out)
+    if n != len(out):
+        raise OSError(f"short read of {path}: {n} of {len(out)} bytes")
+    return n
+
+
+class HostTier:
+    """Dense weights (always in host RAM) and experts (host cache or disk) of one checkpoint."""
+
+    def __init__(self, reader: CheckpointReader, ledger: MemoryLedger,
+                 host_experts: frozenset[tuple[int, int]] | None, io_mode: str = "buffered"):
+        if io_mode not in IO_MODES:
+            raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}")
+        self.reader = reader
+        self.cfg = cfg = reader.config
+        self.ledger = ledger
+        self.io_mode = io_mode
+        self.host_experts = host_experts
+        self.dtype = cfg.np_dtype
+        self.part_shapes = {p: expert_part_shape(cfg, p) for p in EXPERT_PARTS}
+        self.part_bytes = {p: int(np.prod(s)) * cfg.itemsize for p, s in self.part_shapes.items()}
+        dense = reader.all_dense()
+        ledger.reserve("dense", sum(a.nbytes for a in dense.values()))
+        self.globals = {k: v for k, v in dense.items() if not k.startswith("layers.")}
+        self.layers = [layer_tree(dense, i) for i in range(cfg.num_layers)]
+        self._cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self._lock = threading.Lock()
+        self._free_staging: list[StagingBuffer] = []
+
+    def dense_layer_bytes(self, layer: int) -> int:
+        return sum(a.nbytes for a in _leaves(self.layers[layer]))
+
+    # ---- staging buffers (accounted in the host ledger) ---------------------------------------
+    def take_staging(self) -> StagingBuffer:
+        with self._lock:
+            if self._free_staging:
+                return self._free_staging.pop()
+        buf = StagingBuffer(self.part_bytes)
+        self.ledger.reserve(("staging", id(buf)), buf.nbytes)
+        return buf
+
+    def give_staging(self, buf: StagingBuffer) -> None:
+        with self._lock:
+            self._free_staging.append(buf)
+
+    # ---- experts ----------------------------------------------------------------------------
+    def cached(self, layer: int, e: int) -> dict[str, np.ndarray] | None:
+        return self._cache.get((layer, e))
+
+    def read_expert(self, layer: int, e: int, take_staging: Callable[[], StagingBuffer]
+                    ) -> tuple[dict[str, np.ndarray], StagingBuffer | None, int, bool]:
+        """(parts, staging buffer used, bytes read from disk, host-cache hit) for one expert.
+
+        Host-cacheable experts are read once from disk into their own host arrays (accounted in
+        the host ledger) and served from RAM afterwards; the others are read into a staging
+        buffer from `take_staging` every time, which the caller gives back when done with it.
+        """
+        hit = self._cache.get((layer, e))
+        if hit is not None:
+            return hit, None, 0, True
+        disk = sum(self.part_bytes.values())
+        if self.host_experts is None or (layer, e) in self.host_experts:
+            buf = StagingBuffer(self.part_bytes)
+            if self.ledger.try_reserve(("expert", layer, e), buf.nbytes):
+                parts = self._read_into(layer, e, buf)
+                with self._lock:
+                    self._cache[(layer, e)] = parts
+                return parts, None, disk, False
+        staging = take_staging()
+        return self._read_into(layer, e, staging), staging, disk, False
+
+    def _read_into(self, layer: int, e: int, staging: StagingBuffer) -> dict[str, np.ndarray]:
+        out = {}
+        for part in EXPERT_PARTS:
+            region = staging.region(part)
+            if self.io_mode == "tensorstore":
+                arr = self.reader.expert(layer, part, e)
+                np.frombuffer(region, np.uint8)[:] = arr.reshape(-1).view(np.uint8)
+            else:
+                _read_file(self.reader.expert_chunk_path(layer, part, e), region,
+                           staging.region(part, padded=True), self.io_mode == "direct")
+            out[part] = np.frombuffer(region, self.dtype).reshape(self.part_shapes[part])
+        return out
+
+    def evict_page_cache(self) -> int:
+        """Drop the store's expert files from the OS page cache (a true disk tier for benchmarks).
+
+        Returns the number of files advised. No-op where posix_fadvise does not exist.
+        """
+        if not hasattr(os, "posix_fadvise"):
+            return 0
+        os.sync()
+        count = 0
+        for layer in self.cfg.moe_layer_ids:
+            for part in EXPERT_PARTS:
+                for e in range(self.cfg.num_experts):
+                    with contextlib.suppress(OSError):
+                        fd = os.open(self.reader.expert_chunk_path(layer, part, e), os.O_RDONLY)
+                        try:
+                            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                            count += 1
+                        finally:
+                            os.close(fd)
+        return count
+
+
+def _leaves(tree: dict[str, Any]) -> list[np.ndarray]:
+    out = []
+    for v in tree.values():
+        out.extend(_leaves(v) if isinstance(v, dict) else [v])
+    return out

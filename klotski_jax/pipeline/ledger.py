@@ -1,0 +1,121 @@
+"""Byte accounting of one memory tier, with FIFO reservations and a peak.
+
+Every buffer the pipeline keeps on the device (or in host RAM) is reserved here before it exists
+and released when it is dropped, so `used <= capacity` holds at every moment and `peak` is the
+true high-water mark of what the schedule held.
+
+Reservations are served strictly in the order they were asked for. The schedules issue loads in
+the order compute consumes them, so FIFO service means a later prefetch can never take the space
+an earlier load (the one compute is waiting for) needs: the pipeline cannot deadlock on memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+from collections.abc import Hashable
+
+from klotski_jax.pipeline.policy import PolicyError
+
+
+class BudgetError(PolicyError):
+    """A reservation that can never be satisfied, or accounting that went wrong."""
+
+
+class MemoryLedger:
+    """Reservations of one tier ("device" or "host") against an optional byte capacity."""
+
+    def __init__(self, tier: str, capacity: int | None, *, timeout_s: float = 120.0) -> None:
+        self.tier = tier
+        self.capacity = capacity
+        self.timeout_s = timeout_s
+        self._held: dict[Hashable, int] = {}
+        self._used = 0
+        self._peak = 0
+        self._cond = threading.Condition()
+        self._queue: collections.deque[int] = collections.deque()
+        self._tickets = itertools.count()
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def peak(self) -> int:
+        return self._peak
+
+    @property
+    def free(self) -> int | None:
+        return None if self.capacity is None else self.capacity - self._used
+
+    def holds(self, key: Hashable) -> bool:
+        return key in self._held
+
+    def held(self) -> dict[Hashable, int]:
+        with self._cond:
+            return dict(self._held)
+
+    def _fits(self, nbytes: int) -> bool:
+        return self.capacity is None or self._used + nbytes <= self.capacity
+
+    def _take(self, key: Hashable, nbytes: int) -> None:
+        self._held[key] = nbytes
+        self._used += nbytes
+        self._peak = max(self._peak, self._used)
+
+    def reserve(self, key: Hashable, nbytes: int) -> None:
+        """Reserve nbytes under key, waiting (FIFO) until earlier reservations fit and this does."""
+        self.wait(self.enqueue(key, nbytes))
+
+    def enqueue(self, key: Hashable, nbytes: int) -> tuple[int, Hashable, int]:
+        """Take a place in the FIFO now (e.g. when a load is issued); `wait` on it later."""
+        if nbytes < 0:
+            raise BudgetError(f"{self.tier}: negative reservation {nbytes} for {key}")
+        if self.capacity is not None and nbytes > self.capacity:
+            raise BudgetError(f"{self.tier}: {key} needs {nbytes} bytes, more than the whole "
+                              f"budget of {self.capacity} bytes")
+        with self._cond:
+            ticket = next(self._tickets)
+            self._queue.append(ticket)
+            return ticket, key, nbytes
+
+    def wait(self, place: tuple[int, Hashable, int]) -> None:
+        """Block until the enqueued reservation is at the head of the FIFO and fits; take it."""
+        ticket, key, nbytes = place
+        with self._cond:
+            try:
+                if key in self._held:
+                    raise BudgetError(f"{self.tier}: {key} is already reserved")
+                ok = self._cond.wait_for(
+                    lambda: self._queue[0] == ticket and self._fits(nbytes), self.timeout_s)
+                if not ok:
+                    raise BudgetError(
+                        f"{self.tier}: waited {self.timeout_s:.0f}s for {nbytes} bytes for {key}; "
+                        f"{self._used} of {self.capacity} bytes held by {len(self._held)} buffers "
+                        f"({self._held}): the schedule is stuck")
+                self._take(key, nbytes)
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+
+    def try_reserve(self, key: Hashable, nbytes: int) -> bool:
+        """Reserve without waiting; False if it does not fit now or others are queued first."""
+        with self._cond:
+            if key in self._held:
+                raise BudgetError(f"{self.tier}: {key} is already reserved")
+            if self._queue or not self._fits(nbytes):
+                return False
+            self._take(key, nbytes)
+            return True
+
+    def release(self, key: Hashable) -> int:
+        """Release key's reservation; returns its bytes."""
+        with self._cond:
+            try:
+                nbytes = self._held.pop(key)
+            except KeyError:
+                raise BudgetError(f"{self.tier}: release of {key}, which holds nothing") from None
+            self._used -= nbytes
+            self._cond.notify_all()
+            return nbytes

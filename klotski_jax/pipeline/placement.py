@@ -1,0 +1,173 @@
+"""Placement: which tier holds each weight, and the smallest budgets a schedule can run in.
+
+Plain Python over byte counts (no JAX), so the arithmetic is unit-testable and the planner can call
+it. Device tier, in priority order:
+  1. fixed: embedding, final norm, LM head, the KV caches of every group, activations;
+  2. the streaming area the schedule needs (current + next layer's dense weights, expert slots);
+  3. all layers' dense weights resident, if they fit;
+  4. resident experts (layer-major), from what is left after a generous streaming area.
+Host tier: all dense weights, staging buffers, then a read-through cache of experts (experts get
+host memory before disk); whatever does not fit is read from the TensorStore files on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from klotski_jax.config import ModelConfig
+from klotski_jax.models.specs import EXPERT_PARTS, Kind, expert_part_shape, weight_specs
+from klotski_jax.pipeline.ledger import BudgetError
+from klotski_jax.pipeline.policy import Policy, Schedule
+
+ALIGN = 4096  # staging-buffer alignment: pages for O_DIRECT, and XLA's 64-byte zero-copy rule
+
+
+def round_up(n: int, align: int = ALIGN) -> int:
+    return -(-n // align) * align
+
+
+def staged_expert_bytes(cfg: ModelConfig) -> int:
+    """Host bytes of one expert in an aligned staging buffer (each part padded to ALIGN)."""
+    return sum(round_up(a * b * cfg.itemsize)
+               for a, b in (expert_part_shape(cfg, p) for p in EXPERT_PARTS))
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """The shape of a run: groups x batch sequences of up to max_len cache slots."""
+
+    groups: int
+    batch_size: int
+    prompt_len: int
+    max_new_tokens: int
+
+    @property
+    def max_len(self) -> int:
+        return self.prompt_len + self.max_new_tokens
+
+
+def global_bytes(cfg: ModelConfig) -> int:
+    """Embedding, final norm and LM head: kept on the device for the whole run."""
+    return sum(s.size for s in weight_specs(cfg) if s.layer is None) * cfg.itemsize
+
+
+def dense_layer_bytes(cfg: ModelConfig) -> list[int]:
+    """Per layer: bytes of everything but the routed experts (attention, norms, router, shared)."""
+    out = [0] * cfg.num_layers
+    for s in weight_specs(cfg):
+        if s.layer is not None and s.kind is Kind.DENSE:
+            out[s.layer] += s.size * cfg.itemsize
+    return out
+
+
+def activation_bytes(cfg: ModelConfig, w: Workload) -> int:
+    """A generous bound on the activations the largest step (the prefill) keeps on the device."""
+    tokens = w.groups * w.batch_size * w.prompt_len
+    f32 = 4
+    hidden = tokens * cfg.hidden_size * (2 * cfg.itemsize + 3 * f32)  # h, x, combine accumulators
+    scores = 3 * w.batch_size * cfg.num_heads * w.prompt_len * w.max_len * f32
+    ffn = 3 * tokens * max(cfg.expert_intermediate_size, cfg.dense_intermediate_size,
+                           cfg.shared_expert_intermediate_size) * f32
+    logits = 2 * w.groups * w.batch_size * cfg.vocab_size * f32
+    return hidden + scores + ffn + logits
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where every weight lives during a run, and the byte counts behind the choice."""
+
+    schedule: Schedule
+    dense_resident: bool  # all layers' dense weights stay on the device
+    device_experts: frozenset[tuple[int, int]]  # (layer, expert) resident on the device
+    host_experts: frozenset[tuple[int, int]] | None  # cached in host RAM (None: all of them)
+    expert_slots: int  # device slots for streamed experts (LRU: cache capacity)
+    fixed_device_bytes: int
+    kv_bytes: int
+    activation_bytes: int
+    min_device_bytes: int
+    min_host_bytes: int
+    staging_bytes: int
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "schedule": self.schedule.value, "dense_resident": self.dense_resident,
+            "device_resident_experts": len(self.device_experts),
+            "host_cached_experts": "all" if self.host_experts is None else len(self.host_experts),
+            "expert_slots": self.expert_slots, "kv_cache_tier": "device",
+            "kv_bytes": self.kv_bytes, "activation_bytes": self.activation_bytes,
+            "min_device_bytes": self.min_device_bytes, "min_host_bytes": self.min_host_bytes,
+        }
+
+
+def streaming_need(cfg: ModelConfig, policy: Policy, dense_resident: bool) -> tuple[int, int]:
+    """(bytes of streamed dense weights, minimum expert slots) the schedule needs to progress."""
+    dense = 0 if dense_resident else max(dense_layer_bytes(cfg))
+    e = cfg.num_experts
+    if policy.schedule is Schedule.SEQUENTIAL:
+        return dense, e  # one whole layer at a time
+    if policy.schedule is Schedule.FLEXGEN:
+        return 2 * dense, 2 * e  # the current layer and the prefetched next one
+    if policy.schedule is Schedule.KLOTSKI and not policy.hot_only_prefetch:
+        return 2 * dense, e + 1  # the next whole MoE layer streams through the slots
+    return 2 * dense, 1  # klotski, lru: one expert at a time is enough to make progress
+
+
+def _target_slots(cfg: ModelConfig, policy: Policy, minimum: int) -> int:
+    """How many expert slots the schedule can use well before pinning experts pays more."""
+    k = policy.hot_experts if policy.hot_experts is not None else cfg.top_k
+    if policy.schedule is Schedule.KLOTSKI:
+        return max(minimum, cfg.num_experts + k)  # one layer in flight + next layer's hot set
+    return minimum
+
+
+def place(cfg: ModelConfig, policy: Policy, workload: Workload) -> Placement:
+    """Choose the placement for this run, or raise BudgetError stating the minimum budgets."""
+    kv = workload.groups * cfg.kv_cache_bytes(workload.batch_size, workload.max_len)
+    act = activation_bytes(cfg, workload)
+    fixed = global_bytes(cfg) + kv + act
+    all_dense = sum(dense_layer_bytes(cfg))
+    eb = cfg.expert_bytes
+    budget = policy.device_budget
+
+    stream_dense, min_slots = streaming_need(cfg, policy, dense_resident=False)
+    min_device = fixed + stream_dense + min_slots * eb
+    if budget is not None and budget < min_device:
+        raise BudgetError(
+            f"device budget {budget} bytes is below the minimum {min_device} bytes for the "
+            f"{policy.schedule.value} schedule with {workload.groups} group(s) of "
+            f"{workload.batch_size} x {workload.max_len} tokens (fixed {fixed}: globals "
+            f"{global_bytes(cfg)}, KV caches {kv}, activations {act}; streamed dense "
+            f"{stream_dense}; {min_slots} expert slot(s) of {eb})")
+    room = None if budget is None else budget - fixed
+    dense_resident = room is None or room >= all_dense + min_slots * eb
+    if dense_resident:
+        min_slots = streaming_need(cfg, policy, True)[1]
+        room = None if room is None else room - all_dense
+    else:
+        room -= stream_dense
+
+    experts = [(i, e) for i in cfg.moe_layer_ids for e in range(cfg.num_experts)]
+    if policy.schedule is Schedule.LRU:
+        slots = len(experts) if room is None else max(min_slots, room // eb)
+        resident: list[tuple[int, int]] = []
+    else:
+        target = _target_slots(cfg, policy, min_slots)
+        slots = target if room is None else max(min_slots, min(target, room // eb))
+        spare = len(experts) if room is None else max(0, room // eb - slots)
+        resident = experts[:spare]
+    staging = min(slots, len(experts)) * staged_expert_bytes(cfg)
+    host_min = all_dense + staging
+    host_experts = None
+    if policy.host_budget is not None:
+        if policy.host_budget < host_min:
+            raise BudgetError(
+                f"host budget {policy.host_budget} bytes is below the minimum {host_min} bytes "
+                f"(dense weights {all_dense} + staging buffers {staging})")
+        n_host = (policy.host_budget - host_min) // staged_expert_bytes(cfg)
+        host_experts = frozenset([x for x in experts if x not in set(resident)][:n_host])
+    return Placement(
+        schedule=policy.schedule, dense_resident=dense_resident,
+        device_experts=frozenset(resident), host_experts=host_experts, expert_slots=slots,
+        fixed_device_bytes=fixed, kv_bytes=kv, activation_bytes=act, min_device_bytes=min_device,
+        min_host_bytes=host_min, staging_bytes=staging)

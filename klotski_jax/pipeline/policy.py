@@ -1,0 +1,106 @@
+"""What a run should do: the schedule, the memory budgets, the batch groups and the ablations."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+
+IO_MODES = ("buffered", "direct", "tensorstore")
+
+
+class Schedule(enum.StrEnum):
+    """The schedules the engine runs, all over the same tiers and budgets."""
+
+    KLOTSKI = "klotski"  # expert-aware multi-batch pipeline (hot experts first, cold in load order)
+    FLEXGEN = "flexgen"  # n groups share each layer; the whole next layer is prefetched
+    LRU = "lru"  # one group, experts loaded on demand into an LRU device cache (mixtral-offloading)
+    SEQUENTIAL = "sequential"  # one group, each layer loaded whole before compute (HF Accelerate)
+
+
+class PolicyError(ValueError):
+    """A policy that cannot run: bad option values, or budgets below what the schedule needs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Options of one run. Budgets are bytes; None means unlimited.
+
+    groups / batch_size: the n batch groups of the multi-batch pipeline and the sequences per
+    group. With batch_size None the prompts are split evenly over the groups. Schedules that run a
+    single group (lru, sequential) put every prompt in it.
+
+    Ablations of the klotski schedule (the paper's ladder):
+      multi_batch: n groups share each loaded layer (off: each group runs through the model alone)
+      hot_only_prefetch: prefetch only the predicted hot experts (off: the whole MoE layer)
+      reorder: hot experts first, then cold ones in load order (off: ascending expert id, loads
+        issued in that order after all routing)
+    """
+
+    schedule: Schedule = Schedule.KLOTSKI
+    device_budget: int | None = None
+    host_budget: int | None = None
+    groups: int = 2
+    batch_size: int | None = None
+    hot_experts: int | None = None  # K; default: the model's top_k
+    multi_batch: bool = True
+    hot_only_prefetch: bool = True
+    reorder: bool = True
+    io_threads: int = 2
+    io_mode: str = "buffered"  # expert reads: "buffered" readinto, "direct" (O_DIRECT), "tensorstore"
+    evict_page_cache: bool = False  # drop the store's files from the page cache before the run
+    verify_memory: bool = False  # cross-check the ledger against live device arrays (tests)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schedule", Schedule(self.schedule))
+        if self.groups < 1:
+            raise PolicyError(f"groups must be >= 1, got {self.groups}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise PolicyError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.io_mode not in IO_MODES:
+            raise PolicyError(f"io_mode must be one of {IO_MODES}, got {self.io_mode!r}")
+        if self.io_threads < 1:
+            raise PolicyError(f"io_threads must be >= 1, got {self.io_threads}")
+        if self.hot_experts is not None and self.hot_experts < 0:
+            raise PolicyError(f"hot_experts must be >= 0, got {self.hot_experts}")
+        for name in ("device_budget", "host_budget"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise PolicyError(f"{name} must be positive, got {value}")
+
+    @property
+    def single_group(self) -> bool:
+        """Schedules that run every prompt as one group."""
+        return self.schedule in (Schedule.LRU, Schedule.SEQUENTIAL)
+
+    def replace(self, **changes) -> Policy:
+        return dataclasses.replace(self, **changes)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20,
+          "g": 2**30}
+
+
+def parse_size(text: str | int, *, total: int | None = None) -> int:
+    """Parse '512MB', '2GiB', '1.5g', '123456' or '30%' (of `total`, e.g. the weight bytes)."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().lower().replace(" ", "")
+    if s.endswith("%"):
+        if total is None:
+            raise PolicyError(f"size {text!r} is a percentage but there is nothing to take it of")
+        try:
+            pct = float(s[:-1])
+        except ValueError:
+            raise PolicyError(f"cannot parse size {text!r}") from None
+        if not 0 < pct <= 1000:
+            raise PolicyError(f"percentage {text!r} must be in (0, 1000]")
+        return int(total * pct / 100)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", s)
+    if not m or m.group(2) not in _UNITS:
+        raise PolicyError(f"cannot parse size {text!r} (use e.g. 512MB, 2GiB or 30%)")
+    value = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if value <= 0:
+        raise PolicyError(f"size {text!r} must be positive")
+    return value

@@ -1,0 +1,345 @@
+"""The schedules: one decoder step (prefill or decode) of n batch groups, layer by layer.
+
+Each schedule reads like its description, in a few verbs: `_dense` (the layer's dense weights),
+`_attention`, `_route`, `_expert` (one expert over its tokens of every group), `_finish` (combine
+with the residual and the shared expert), `_prefetch` (issue the next layer's loads) and the
+transfer calls `request` / `get` / `release`.
+
+klotski (per layer): attention for groups 1..n while this layer's hot experts load; router for
+groups 1..n, each immediately issuing loads of its new cold experts (first-seen order); then the
+next layer's dense weights and hot experts are issued; experts run by expert over all groups' tokens,
+hot first, then cold in load order, each released as soon as it is done.
+flexgen: the whole layer (dense + all experts) is on the device before compute; the whole next
+layer is prefetched meanwhile; groups run one after another.
+sequential: like flexgen with one group and no prefetch. lru: one group, experts loaded on demand
+into an LRU cache on the device.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from klotski_jax.config import ModelConfig
+from klotski_jax.models import layers
+from klotski_jax.models.reference import KVCache
+from klotski_jax.pipeline import steps
+from klotski_jax.pipeline.hot import HotPredictor
+from klotski_jax.pipeline.ledger import BudgetError, MemoryLedger
+from klotski_jax.pipeline.placement import Placement
+from klotski_jax.pipeline.policy import Policy, Schedule
+from klotski_jax.pipeline.trace import RunStats, Tracer
+from klotski_jax.pipeline.transfers import Transfers
+
+
+class GroupState:
+    """One batch group: its KV cache and the tokens it feeds at the next step."""
+
+    def __init__(self, cache: KVCache, tokens: np.ndarray, positions: np.ndarray) -> None:
+        self.cache = cache
+        self.tokens = tokens  # [b, t]
+        self.positions = positions  # [b, t]
+
+    def feed(self, tokens: np.ndarray) -> None:
+        """Next step: one new token per sequence, in the next cache slot."""
+        self.positions = self.positions[:, -1:] + 1
+        self.tokens = np.asarray(tokens, np.int32).reshape(-1, 1)
+        self.cache.valid[:, self.cache.length] = True
+
+
+class Routing:
+    """Where the tokens of all groups go in one MoE layer (host numpy, after the routers)."""
+
+    def __init__(self, experts: list[np.ndarray], weights: list[np.ndarray]) -> None:
+        self.experts = experts  # per group [b*t, top_k]
+        self.weights = weights
+        sizes = [len(e) for e in experts]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])[:-1].astype(np.int32)
+        flat = np.concatenate(experts)  # [N, top_k]
+        self.all_experts = flat
+        self.all_weights = np.concatenate(weights)
+        self.counts = np.bincount(flat.reshape(-1), minlength=0)
+
+    def rows(self, e: int, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Token rows (into the concatenated tokens) routed to e, and their routing weights."""
+        hit = self.all_experts == e  # [N, top_k]
+        rows, slot = np.nonzero(hit)
+        if group is not None:
+            lo = self.offsets[group]
+            hi = lo + len(self.experts[group])
+            keep = (rows >= lo) & (rows < hi)
+            rows, slot = rows[keep], slot[keep]
+        return rows.astype(np.int32), self.all_weights[rows, slot].astype(np.float32)
+
+    def first_seen(self, group: int) -> list[int]:
+        """Experts of one group in the order its tokens first pick them."""
+        seen = dict.fromkeys(int(e) for e in self.experts[group].reshape(-1))
+        return list(seen)
+
+    def routed(self) -> set[int]:
+        return {int(e) for e in np.unique(self.all_experts)}
+
+
+class Scheduler:
+    """Runs decoder steps of a policy's schedule over weights moved by `Transfers`."""
+
+    def __init__(self, cfg: ModelConfig, policy: Policy, placement: Placement,
+                 transfers: Transfers, predictor: HotPredictor, globals_dev: dict[str, jax.Array],
+                 tracer: Tracer, stats: RunStats, device_ledger: MemoryLedger,
+                 live_baseline: int | None = None) -> None:
+        self.cfg = cfg
+        self.policy = policy
+        self.placement = placement
+        self.transfers = transfers
+        self.predictor = predictor
+        self.tracer = tracer
+        self.stats = stats
+        self.ledger = device_ledger
+        self.embed_w = globals_dev["embed"]
+        self.norm_w = globals_dev["final_norm"]
+        self.head_w = globals_dev["embed" if cfg.tie_word_embeddings else "lm_head"]
+        self.k = policy.hot_experts if policy.hot_experts is not None else cfg.top_k
+        self._hot: dict[int, list[int]] = {}
+        self._lru: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
+        self._step = ""
+        self._resident_dense: list[Any] = []
+        if placement.dense_resident:
+            self._resident_dense = [transfers.pin(("dense", i)).arrays
+                                    for i in range(cfg.num_layers)]
+        for layer, e in sorted(placement.device_experts):
+            transfers.pin(("expert", layer, e))
+        self._live_baseline = live_baseline
+
+    # ---- the step -----------------------------------------------------------------------------
+    def run_step(self, step: str, groups: list[GroupState], *, prefetch_next: bool = True,
+                 all_positions: bool = False) -> list[jax.Array]:
+        """Feed every group its tokens through all layers; returns float32 logits per group:
+        [b, v] of the last position, or [b, t, v] of every position with all_positions."""
+        self._step = step
+        cfg = self.cfg
+        if self.policy.schedule is Schedule.KLOTSKI:
+            self._prefetch(0)  # no-op when the previous step already issued it
+        h = [layers.embed(self.embed_w, jnp.asarray(g.tokens)) for g in groups]
+        for i in range(cfg.num_layers):
+            with self.tracer.span("compute", f"layer {i}", step=step, layer=i):
+                h = self._layer(i, groups, h, prefetch_next or i + 1 < cfg.num_layers)
+            if self.policy.verify_memory:
+                self.verify_memory(h)
+        for g in groups:
+            g.cache.length += g.tokens.shape[1]
+        if all_positions:
+            return [layers.lm_head(self.norm_w, self.head_w, x, cfg=cfg) for x in h]
+        return [steps.last_token_logits(self.norm_w, self.head_w, x, cfg=cfg) for x in h]
+
+    def _layer(self, i: int, groups: list[GroupState], h: list[jax.Array], prefetch: bool
+               ) -> list[jax.Array]:
+        schedule, nxt = self.policy.schedule, (i + 1) % self.cfg.num_layers
+        if schedule is Schedule.SEQUENTIAL or schedule is Schedule.FLEXGEN:
+            self._request_whole_layer(i)  # flexgen: already issued while the last layer ran
+        if schedule is Schedule.SEQUENTIAL:
+            for key in self._layer_keys(i):
+                self.transfers.get(key, step=self._step, layer=i)
+        w = self._dense(i)
+        if prefetch and schedule is Schedule.FLEXGEN:
+            self._request_whole_layer(nxt)
+        h = [self._attention(i, g, w, x, gi) for gi, (g, x) in enumerate(zip(groups, h))]
+        if not self.cfg.moe_layers[i]:
+            h = [layers.dense_mlp_block(w, x, cfg=self.cfg) for x in h]
+            if prefetch and schedule is Schedule.KLOTSKI:
+                self._prefetch(nxt)
+        elif schedule is Schedule.KLOTSKI:
+            h = self._moe_klotski(i, w, h, prefetch)
+        else:
+            h = self._moe_by_group(i, w, h)
+        self._release_layer(i, fence=h)
+        return h
+
+    # ---- verbs --------------------------------------------------------------------------------
+    def _dense(self, i: int) -> Any:
+        if self._resident_dense:
+            return self._resident_dense[i]
+        return self.transfers.get(("dense", i), step=self._step, layer=i).arrays
+
+    def _attention(self, i: int, g: GroupState, w: Any, h: jax.Array, group: int) -> jax.Array:
+        with self.tracer.span("compute", "attention", step=self._step, layer=i, group=group):
+            h, g.cache.kv[i] = layers.attention_block(
+                w, h, jnp.asarray(g.positions), g.cache.kv[i],
+                jnp.asarray(g.cache.length, jnp.int32), jnp.asarray(g.cache.valid),
+                cfg=self.cfg, window=self.cfg.sliding_windows[i])
+            return jax.block_until_ready(h)
+
+    def _route(self, i: int, w: Any, h: list[jax.Array], on_group=None
+               ) -> tuple[list[jax.Array], Routing]:
+        """Router of each group; `on_group(g, experts)` runs right after group g's routing."""
+        xs, experts, weights = [], [], []
+        for gi, x in enumerate(h):
+            with self.tracer.span("compute", "router", step=self._step, layer=i, group=gi):
+                xg, wg, eg = steps.route_group(w, x, cfg=self.cfg)
+                xs.append(xg)
+                experts.append(np.asarray(eg))
+                weights.append(np.asarray(wg))
+            if on_group is not None:
+                on_group(gi, experts[-1])
+        routing = Routing(experts, weights)
+        self.predictor.observe(i, routing.all_experts)
+        return xs, routing
+
+    def _expert(self, i: int, e: int, x_all: jax.Array, rows: np.ndarray, wts: np.ndarray,
+                acc: jax.Array, **trace: Any) -> jax.Array:
+        key = ("expert", i, e)
+        w = self.transfers.get(key, step=self._step, layer=i, expert=e).arrays
+        r, ww = steps.pad_rows(rows, wts)
+        with self.tracer.span("compute", "expert", step=self._step, layer=i, expert=e,
+                              tokens=len(rows), **trace):
+            acc = steps.expert_apply(acc, x_all, jnp.asarray(r), jnp.asarray(ww),
+                                     w["gate"], w["up"], w["down"])
+            jax.block_until_ready(acc)
+        self.stats.expert_computes += 1
+        return acc
+
+    def _finish(self, i: int, w: Any, h: list[jax.Array], xs: list[jax.Array], acc: jax.Array,
+                routing: Routing) -> list[jax.Array]:
+        with self.tracer.span("compute", "combine", step=self._step, layer=i):
+            out = [steps.finish_moe(w, x, xg, acc, jnp.int32(routing.offsets[gi]), cfg=self.cfg)
+                   for gi, (x, xg) in enumerate(zip(h, xs))]
+            return jax.block_until_ready(out)
+
+    def _prefetch(self, i: int) -> None:
+        """klotski: issue layer i's dense weights and predicted hot experts (or the whole layer
+        without hot-only prefetch). Idempotent until layer i runs."""
+        if not self._resident_dense:
+            self.transfers.request(("dense", i), step=self._step, layer=i, prefetch=True)
+        if not self.cfg.moe_layers[i] or i in self._hot:
+            return
+        if self.policy.hot_only_prefetch:
+            hot = self.predictor.predict(i, self.k)
+        else:
+            hot = list(range(self.cfg.num_experts))
+        self._hot[i] = [e for e in hot if (i, e) not in self.placement.device_experts]
+        for e in self._hot[i]:
+            self.transfers.request(("expert", i, e), step=self._step, layer=i, expert=e, hot=True)
+
+    def _layer_keys(self, i: int) -> list[Hashable]:
+        """The weights of layer i that are not resident on the device."""
+        keys: list[Hashable] = [] if self._resident_dense else [("dense", i)]
+        if self.cfg.moe_layers[i]:
+            keys += [("expert", i, e) for e in range(self.cfg.num_experts)
+                     if (i, e) not in self.placement.device_experts]
+        return keys
+
+    def _request_whole_layer(self, i: int) -> None:
+        for key in self._layer_keys(i):
+            self.transfers.request(key, step=self._step, layer=i)
+
+    def _release_layer(self, i: int, fence: Any) -> None:
+        if not self._resident_dense:
+            self.transfers.release(("dense", i), fence=fence)
+        if self.policy.schedule is Schedule.LRU:
+            return
+        for e in range(self.cfg.num_experts):
+            if self.transfers.issued(("expert", i, e)):
+                self.transfers.release(("expert", i, e), fence=fence)
+
+    # ---- MoE phases ---------------------------------------------------------------------------
+    def _moe_klotski(self, i: int, w: Any, h: list[jax.Array], prefetch: bool
+                     ) -> list[jax.Array]:
+        hot = self._hot.pop(i, [])
+        resident = {e for e in range(self.cfg.num_experts)
+                    if (i, e) in self.placement.device_experts}
+        cold: list[int] = []
+
+        def issue(experts: list[int]) -> None:
+            for e in experts:
+                if e not in resident and e not in cold and not self.transfers.issued(
+                        ("expert", i, e)):
+                    self.transfers.request(("expert", i, e), step=self._step, layer=i, expert=e)
+                    cold.append(e)
+
+        reorder = self.policy.reorder
+        xs, routing = self._route(
+            i, w, h, on_group=(lambda gi, ex: issue(list(dict.fromkeys(ex.reshape(-1).tolist()))))
+            if reorder else None)
+        routed = routing.routed()
+        if not reorder:
+            issue(sorted(routed))
+        for e in hot:  # predicted but not routed: wasted prefetch, freed once it has arrived
+            if e not in routed:
+                self.transfers.discard(("expert", i, e))
+        self.stats.hot_hits += sum(e in routed for e in hot)
+        self.stats.hot_misses += sum(e not in routed for e in hot)
+        if prefetch:
+            self._prefetch((i + 1) % self.cfg.num_layers)
+        if reorder:
+            # Resident experts (most tokens first), then streamed ones in the order their loads
+            # were issued (hot, then cold): compute never waits on a load queued behind another
+            # load that holds the memory it needs.
+            first = sorted((e for e in routed if e in resident), key=lambda e: -routing.counts[e])
+            order = first + [e for e in hot if e in routed] + cold
+        else:
+            order = sorted(routed)
+        x_all = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
+        acc = jnp.zeros(x_all.shape, jnp.float32)
+        for e in order:
+            rows, wts = routing.rows(e)
+            acc = self._expert(i, e, x_all, rows, wts, acc)
+            if e not in resident:
+                self.transfers.release(("expert", i, e), fence=acc)
+        return self._finish(i, w, h, xs, acc, routing)
+
+    def _moe_by_group(self, i: int, w: Any, h: list[jax.Array]) -> list[jax.Array]:
+        """flexgen / sequential / lru: each group's experts in ascending id, group after group."""
+        xs, routing = self._route(i, w, h)
+        x_all = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
+        acc = jnp.zeros(x_all.shape, jnp.float32)
+        for gi in range(len(h)):
+            for e in sorted({int(v) for v in routing.experts[gi].reshape(-1)}):
+                if self.policy.schedule is Schedule.LRU:
+                    self._lru_admit(i, e)
+                rows, wts = routing.rows(e, gi)
+                acc = self._expert(i, e, x_all, rows, wts, acc, group=gi)
+        return self._finish(i, w, h, xs, acc, routing)
+
+    def _lru_admit(self, i: int, e: int) -> None:
+        """Make room for (i, e) in the LRU device cache; count a hit if it is already there."""
+        key = ("expert", i, e)
+        if (i, e) in self.placement.device_experts:
+            return
+        if key in self._lru:
+            self._lru.move_to_end(key)
+            self.stats.lru_hits += 1
+            return
+        while len(self._lru) >= self.placement.expert_slots:
+            old, _ = self._lru.popitem(last=False)
+            self.transfers.release(old)
+        self._lru[key] = None
+
+    # ---- memory check -------------------------------------------------------------------------
+    def verify_memory(self, live_refs: Any = None) -> None:
+        """Fail loudly if live device arrays exceed the budget (accounting bypassed)."""
+        budget = self.policy.device_budget
+        live = live_device_bytes()
+        if self._live_baseline is None:
+            raise BudgetError("verify_memory needs the live device bytes from before the run")
+        used = live - self._live_baseline
+        if budget is not None and used > budget:
+            raise BudgetError(
+                f"device arrays of this run hold {used} bytes, over the device budget of {budget} "
+                f"bytes (ledger: {self.ledger.used} bytes reserved): something bypassed the ledger")
+
+
+def live_device_bytes() -> int:
+    """Bytes of all live jax arrays in device memory (not pinned/unpinned host memory)."""
+    total = 0
+    for a in jax.live_arrays():
+        try:
+            kind = a.sharding.memory_kind
+        except Exception:  # noqa: BLE001  (deleted or exotic arrays)
+            continue
+        if kind in (None, "device"):
+            total += a.nbytes
+    return total

@@ -1,0 +1,77 @@
+"""Jitted compute pieces the schedules add on top of models/layers.py.
+
+The expert phase works on all tokens of all groups at once: X [N, d] is the concatenated MoE input,
+and each expert gathers its rows of X, runs its FFN, and scatter-adds its weighted output into a
+float32 accumulator [N, d]. Row counts are padded to power-of-two buckets (min 2) so that a run
+compiles a handful of shapes during warm-up and never again.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from klotski_jax.config import ModelConfig
+from klotski_jax.models import layers
+
+MIN_BUCKET = 2  # one-row bf16 matmuls are 10x slower than two-row ones on CPU (stack-facts.md)
+
+
+def bucket(n: int) -> int:
+    """The padded row count for n tokens: the next power of two, at least MIN_BUCKET."""
+    return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+
+
+def buckets_upto(n: int) -> list[int]:
+    """Every bucket a count in 1..n can map to (for warm-up)."""
+    out, b = [], MIN_BUCKET
+    while b < bucket(n):
+        out.append(b)
+        b *= 2
+    return [*out, bucket(n)]
+
+
+def pad_rows(rows: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pad token rows and their routing weights to the bucket size (padding: row 0, weight 0)."""
+    size = bucket(len(rows))
+    r = np.zeros(size, np.int32)
+    w = np.zeros(size, np.float32)
+    r[: len(rows)] = rows
+    w[: len(rows)] = weights
+    return r, w
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def expert_apply(acc: jax.Array, x: jax.Array, rows: jax.Array, weights: jax.Array,
+                 w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """acc[rows] += weights * Expert(x[rows]); acc [N, d] float32 (donated), rows [bucket]."""
+    y = layers.swiglu(x[rows], w_gate, w_up, w_down)  # [bucket, d]
+    return acc.at[rows].add(y.astype(jnp.float32) * weights[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def finish_moe(w: layers.Weights, h: jax.Array, x: jax.Array, acc: jax.Array, offset: jax.Array,
+               *, cfg: ModelConfig) -> jax.Array:
+    """h + routed output (this group's rows of acc) + shared expert; h [b, t, d], x [b*t, d]."""
+    b, t, d = h.shape
+    out = jax.lax.dynamic_slice_in_dim(acc, offset, b * t).astype(h.dtype)
+    if "shared" in w:
+        out = out + layers.shared_expert(w["shared"], x)
+    return h + out.reshape(b, t, d)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def route_group(w: layers.Weights, h: jax.Array, *, cfg: ModelConfig
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One group's MoE input and routing: h [b, t, d] -> (x [b*t, d], weights, experts)."""
+    return layers.router_block(w, h.reshape(-1, h.shape[-1]), cfg=cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def last_token_logits(w_norm: jax.Array, w_head: jax.Array, h: jax.Array, *, cfg: ModelConfig
+                      ) -> jax.Array:
+    """Float32 logits of the last position only: h [b, t, d] -> [b, v]."""
+    return layers.lm_head(w_norm, w_head, h[:, -1:], cfg=cfg)[:, 0]

@@ -1,0 +1,119 @@
+"""Run statistics and the timeline trace (Chrome trace-event JSON, opens in Perfetto).
+
+One lane for the compute thread and one per I/O thread; one complete ("X") event per
+(step, layer, group, expert) piece of work, with the bytes moved in its args. Waiting of the
+compute thread on I/O is recorded as its own event ("wait"), so bubbles are visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+
+@dataclasses.dataclass
+class RunStats:
+    """What one generation run did. Seconds are wall time; bytes are actual bytes moved."""
+
+    schedule: str = ""
+    groups: int = 0
+    batch_size: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    bytes_read_disk: int = 0
+    bytes_read_host: int = 0  # expert bytes served from the host cache
+    bytes_to_device: int = 0
+    expert_loads: int = 0
+    expert_computes: int = 0
+    hot_hits: int = 0  # predicted hot experts that were routed to
+    hot_misses: int = 0  # predicted hot experts that were not routed to (wasted prefetch)
+    lru_hits: int = 0
+    compute_s: float = 0.0  # compute thread busy (dispatch to result ready)
+    io_wait_s: float = 0.0  # compute thread blocked on a load: the bubbles
+    io_busy_s: float = 0.0  # summed over I/O threads
+    peak_device_bytes: int = 0
+    device_budget_bytes: int | None = None
+    peak_host_bytes: int = 0
+    host_budget_bytes: int | None = None
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    @property
+    def throughput_tokens_per_s(self) -> float:
+        """The paper's metric: generated tokens / (prefill + decode time)."""
+        return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["total_s"] = self.total_s
+        d["throughput_tokens_per_s"] = self.throughput_tokens_per_s
+        d["io_wait_fraction"] = self.io_wait_s / self.total_s if self.total_s > 0 else 0.0
+        return d
+
+
+class Tracer:
+    """Collects trace events from the compute thread and the I/O threads (thread-safe)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._events: list[dict[str, Any]] = []
+        self._lanes: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._t0 = time.perf_counter()
+
+    def _lane(self, name: str) -> int:
+        with self._lock:
+            return self._lanes.setdefault(name, len(self._lanes))
+
+    def add(self, lane: str, name: str, start: float, end: float, **args: Any) -> None:
+        """A complete event on `lane` from perf_counter() start to end."""
+        if not self.enabled:
+            return
+        tid = self._lane(lane)
+        event = {"name": name, "ph": "X", "pid": 0, "tid": tid,
+                 "ts": (start - self._t0) * 1e6, "dur": max(end - start, 0.0) * 1e6,
+                 "args": args}
+        with self._lock:
+            self._events.append(event)
+
+    @contextlib.contextmanager
+    def span(self, lane: str, name: str, **args: Any) -> Iterator[dict[str, Any]]:
+        """Time a block as one event; the yielded dict can add args inside the block."""
+        start = time.perf_counter()
+        extra: dict[str, Any] = {}
+        try:
+            yield extra
+        finally:
+            self.add(lane, name, start, time.perf_counter(), **args, **extra)
+
+    def events(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._events)
+
+    def to_json(self) -> dict[str, Any]:
+        meta = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": tid, "args": {"name": lane}}
+                for lane, tid in self._lanes.items()]
+        meta.append({"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "klotski-jax"}})
+        return {"traceEvents": meta + self.events(), "displayTimeUnit": "ms"}
+
+    def write(self, path: str | os.PathLike[str]) -> pathlib.Path:
+        """Write the trace atomically (temp file + rename)."""
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_json(), f)
+        os.replace(tmp, path)
+        return path
