@@ -4,6 +4,9 @@ Public API (imported lazily so `import klotski_jax` stays cheap):
   convert(hf_dir, out_dir, *, dtype=None, overwrite=False) -> pathlib.Path
   load(ckpt_dir) -> Model            (the all-experts-resident reference model)
   ModelConfig                        (frozen model description)
+  Engine(ckpt_dir, policy=Policy(...)).generate(prompts, max_new_tokens=...) -> Generation
+                                     (the pipeline: weights streamed under memory budgets)
+  Policy, Schedule, parse_size       (schedule, budgets, groups, ablations; '2GiB' / '30%' sizes)
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ _LAZY = {
     "ConversionError": ("klotski_jax.checkpoints.errors", "ConversionError"),
     "load": ("klotski_jax.checkpoints.loader", "load"),
     "Model": ("klotski_jax.models.reference", "Model"),
+    "Engine": ("klotski_jax.engine", "Engine"),
+    "Generation": ("klotski_jax.engine", "Generation"),
+    "Policy": ("klotski_jax.pipeline.policy", "Policy"),
+    "PolicyError": ("klotski_jax.pipeline.policy", "PolicyError"),
+    "Schedule": ("klotski_jax.pipeline.policy", "Schedule"),
+    "parse_size": ("klotski_jax.pipeline.policy", "parse_size"),
+    "RunStats": ("klotski_jax.pipeline.trace", "RunStats"),
+    "Tracer": ("klotski_jax.pipeline.trace", "Tracer"),
 }
 
 __all__ = ["ModelConfig", "__version__", *_LAZY]

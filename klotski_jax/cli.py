@@ -7,15 +7,48 @@ budgets, existing outputs) print one `error: ...` line to stderr and exit with s
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from klotski_jax.config import ConfigError
+from klotski_jax.pipeline.policy import IO_MODES, Policy, PolicyError, Schedule  # no JAX import
 
 EXIT_USER_ERROR = 2
 
 
+# ---- option types: argparse rejects bad values with exit status 2 -------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _non_negative_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+# ---- convert / demo ---------------------------------------------------------------------------
 def _cmd_convert(args: argparse.Namespace) -> int:
     from klotski_jax.checkpoints.convert import convert
 
@@ -30,6 +63,192 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(cache_dir=args.cache_dir, max_new_tokens=args.max_new_tokens, rebuild=args.rebuild)
     return 0
+
+
+# ---- generate ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions:
+    """The options of `klotski generate`, typed; sizes stay text until the checkpoint is known
+    (a percentage is of its weight bytes)."""
+
+    ckpt: str
+    prompts: tuple[str, ...] = ()
+    input: str | None = None
+    output: str | None = None
+    max_new_tokens: int = 32
+    schedule: str = "klotski"
+    device_budget: str | None = None
+    host_budget: str | None = None
+    groups: int = 2
+    batch_size: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    trace: str | None = None
+    stats: str | None = None
+    multi_batch: bool = True
+    hot_only_prefetch: bool = True
+    reorder: bool = True
+    io_mode: str = "buffered"
+    evict_page_cache: bool = False
+    quiet: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> GenerateOptions:
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in vars(args).items() if k in names}
+        values["prompts"] = tuple(args.prompts or ())
+        return cls(**values)
+
+
+def _policy(opts: GenerateOptions, weight_bytes: int) -> Policy:
+    from klotski_jax.generate_io import resolve_size
+
+    return Policy(
+        schedule=opts.schedule, groups=opts.groups, batch_size=opts.batch_size,
+        device_budget=resolve_size(opts.device_budget, weight_bytes=weight_bytes),
+        host_budget=resolve_size(opts.host_budget, weight_bytes=weight_bytes),
+        multi_batch=opts.multi_batch, hot_only_prefetch=opts.hot_only_prefetch,
+        reorder=opts.reorder, io_mode=opts.io_mode, evict_page_cache=opts.evict_page_cache)
+
+
+def _progress_bar(total: int, quiet: bool) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
+    """A tqdm bar over generated tokens on stderr (off with -q or when stderr is not a TTY)."""
+    if quiet or not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="generating", unit="tok", file=sys.stderr, leave=False)
+    return bar.update, bar.close
+
+
+def run_generate(opts: GenerateOptions) -> dict[str, Any]:
+    """Generate for the prompts of `opts` and write the requested files.
+
+    Returns {"results": output objects, "stats": the --stats document}. Raises InputError,
+    PolicyError (BudgetError states the minimum budget) or FileNotFoundError for user errors;
+    no output file is written unless generation succeeded.
+    """
+    from klotski_jax import generate_io as gio
+    from klotski_jax.checkpoints.manifest import read_manifest
+    from klotski_jax.config import ModelConfig
+    from klotski_jax.engine import Engine
+    from klotski_jax.models.specs import total_bytes
+    from klotski_jax.pipeline.trace import Tracer
+
+    records = gio.read_prompts(opts.input) if opts.input else gio.prompts_from_args(opts.prompts)
+    config = ModelConfig.from_dict(read_manifest(opts.ckpt)["config"])  # sizes need weight bytes
+    weight_bytes = total_bytes(config)
+    policy = _policy(opts, weight_bytes)
+    engine = Engine(opts.ckpt, policy)
+    gio.check_prompts(records, config.vocab_size, tokenizer=engine.tokenizer is not None)
+    prompt_ids = []
+    for r in records:  # tokenize here so an error names the prompt's line
+        try:
+            prompt_ids.extend(engine.encode([r.prompt]))
+        except ValueError as e:
+            raise gio.InputError(f"{r.where}: {e}") from None
+
+    tracer = Tracer() if opts.trace else None
+    update, close = _progress_bar(len(records) * opts.max_new_tokens, opts.quiet)
+    try:
+        gen = engine.generate(prompt_ids, max_new_tokens=opts.max_new_tokens,
+                              temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
+                              trace=tracer, progress=update)
+    finally:
+        close()
+    results = gio.results(records, gen.token_ids, gen.texts)
+    stats = {**gen.stats.to_dict(), "weight_bytes": weight_bytes,
+             "max_new_tokens": opts.max_new_tokens, "prompts": len(records),
+             "placement": gen.placement, "policy": dataclasses.asdict(policy),
+             "checkpoint": str(engine.reader.path)}
+    if opts.output:
+        gio.write_jsonl(opts.output, results)
+    if opts.stats:
+        gio.write_json(opts.stats, stats)
+    if tracer is not None:
+        tracer.write(opts.trace)
+    return {"results": results, "stats": stats}
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    opts = GenerateOptions.from_args(args)
+    out = run_generate(opts)
+    if not opts.output:  # one JSON value per line: continuations may contain newlines
+        for r in out["results"]:
+            print(json.dumps(r.get("text", r["token_ids"]), ensure_ascii=False))
+    s = out["stats"]
+    if not opts.quiet:
+        budget = s["device_budget_bytes"]
+        print(f"{s['generated_tokens']} tokens in {s['total_s']:.2f} s "
+              f"({s['throughput_tokens_per_s']:.1f} tok/s), {s['schedule']} schedule, "
+              f"{s['groups']} group(s) x {s['batch_size']}; device peak "
+              f"{s['peak_device_bytes']:,} B of {'unlimited' if budget is None else f'{budget:,} B'}"
+              f"; waited on I/O {s['io_wait_s']:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _check_generate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Ablations only mean something for the schedules that have them."""
+    if args.command != "generate":
+        return
+    if args.schedule != "klotski":
+        for flag, on in (("--no-hot-only-prefetch", args.hot_only_prefetch),
+                         ("--no-reorder", args.reorder)):
+            if not on:
+                parser.error(f"{flag} applies to --schedule klotski only")
+    if not args.multi_batch and args.schedule in ("lru", "sequential"):
+        parser.error("--no-multi-batch applies to klotski and flexgen (lru and sequential run "
+                     "one group)")
+
+
+def _add_generate(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate", help="generate with the pipeline under device / host memory budgets",
+        description="Generate continuations with a pipeline schedule, streaming weights from "
+                    "host RAM and disk so the device holds at most --device-budget bytes.")
+    p.add_argument("ckpt", metavar="CKPT", help="checkpoint directory written by `klotski convert`")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
+                     help="a text prompt (repeat for a batch); needs the checkpoint's tokenizer")
+    src.add_argument("--input", metavar="FILE",
+                     help='JSON Lines: {"prompt": "..."} or {"prompt_token_ids": [...]} per line')
+    p.add_argument("--output", metavar="FILE",
+                   help='JSON Lines: each input object plus "token_ids" and "text" (default: '
+                        "print one JSON string / token list per prompt to stdout)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N",
+                   help="new tokens per prompt, fewer if EOS comes first (default: 32)")
+    p.add_argument("--schedule", choices=[s.value for s in Schedule], default="klotski",
+                   help="klotski (default), or the baselines flexgen, lru (mixtral-offloading), "
+                        "sequential (HF Accelerate)")
+    p.add_argument("--device-budget", metavar="SIZE",
+                   help="device memory cap: 512MB, 2GiB, or 30%% of the weight bytes "
+                        "(default: unlimited)")
+    p.add_argument("--host-budget", metavar="SIZE", help="host RAM cap (same forms)")
+    p.add_argument("--groups", type=_positive_int, default=2, metavar="N",
+                   help="batch groups n sharing each loaded layer (klotski, flexgen; default: 2)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="sequences per group (default: prompts split evenly over the groups)")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
+                   help="0 = greedy (default)")
+    p.add_argument("--top-p", type=_probability, default=1.0, metavar="P",
+                   help="nucleus sampling mass when --temperature > 0 (default: 1)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default: 0)")
+    p.add_argument("--trace", metavar="FILE",
+                   help="write a Chrome trace-event JSON (open in ui.perfetto.dev)")
+    p.add_argument("--stats", metavar="FILE", help="write the run's statistics as JSON")
+    p.add_argument("--no-multi-batch", dest="multi_batch", action="store_false",
+                   help="ablation: each group runs through the model alone")
+    p.add_argument("--no-hot-only-prefetch", dest="hot_only_prefetch", action="store_false",
+                   help="ablation (klotski): prefetch the whole MoE layer, not just hot experts")
+    p.add_argument("--no-reorder", dest="reorder", action="store_false",
+                   help="ablation (klotski): run experts in id order, not hot first / load order")
+    p.add_argument("--io-mode", choices=IO_MODES, default="buffered",
+                   help="expert reads: buffered readinto, direct (O_DIRECT), or tensorstore")
+    p.add_argument("--evict-page-cache", action="store_true",
+                   help="drop the checkpoint's files from the page cache first (true disk reads)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, summary or info logs")
+    p.set_defaults(func=_cmd_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,22 +268,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build the embedded default model and run the main job")
     p.add_argument("--cache-dir", default=None,
                    help="where the default model is built (default: ~/.cache/klotski-jax)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached default model")
     p.set_defaults(func=_cmd_demo)
+
+    _add_generate(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `klotski` console script; returns the exit status."""
     from klotski_jax.checkpoints.errors import ConversionError
+    from klotski_jax.generate_io import InputError
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_generate_args(parser, args)
+    quiet = getattr(args, "quiet", False)
+    level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # e.g. "Unable to initialize backend 'tpu'" on every CPU/GPU start
+        logging.getLogger("jax").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except (ConversionError, ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (ConversionError, ConfigError, PolicyError, InputError, FileNotFoundError,
+            FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
 

@@ -25,6 +25,7 @@ import numpy as np
 from klotski_jax.checkpoints.loader import load_tokenizer
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.models.reference import CACHE_ROUND, KVCache, positions_from_mask
+from klotski_jax.pipeline import steps
 from klotski_jax.pipeline.host import HostTier
 from klotski_jax.pipeline.hot import HotPredictor, PreviousLayerPopularity
 from klotski_jax.pipeline.ledger import MemoryLedger
@@ -171,6 +172,7 @@ class Engine:
             states = [s.group(ids[g * batch:(g + 1) * batch], mask[g * batch:(g + 1) * batch])
                       for g in range(n_groups)]
             stats.prompt_tokens += int(mask.sum())
+            s.warm_up(states)
             t0 = time.perf_counter()
             logits = s.step("prefill", states, prefetch_next=max_new > 1)
             for step in range(max_new):
@@ -212,7 +214,7 @@ class _Session:
         self.placement = place(cfg, pol, Workload(groups, batch, prompt_len,
                                                   self.cache_len - prompt_len))
         self.tracer, self.stats = tracer, stats
-        self.batch = batch
+        self.batch, self.groups = batch, groups
 
     def __enter__(self) -> _Session:
         from klotski_jax.pipeline.transfers import Transfers
@@ -227,6 +229,9 @@ class _Session:
         host = HostTier(self.engine.reader, self.host, pl.host_experts, pol.io_mode)
         if pol.evict_page_cache:
             host.evict_page_cache()
+        if use_pinned_host(pol):
+            pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+            host.to_host_memory = lambda parts: jax.block_until_ready(jax.device_put(parts, pinned))
         globals_dev = jax.device_put(host.globals)
         self.transfers = Transfers(host, self.device, io_threads=pol.io_threads,
                                    tracer=self.tracer, stats=self.stats)
@@ -242,6 +247,15 @@ class _Session:
         state = GroupState(cache, ids, positions_from_mask(mask))
         return state
 
+    def warm_up(self, states: list[GroupState]) -> None:
+        """Compile the decode step's expert shapes up front (accounted as one expert's bytes)."""
+        sizes = [len(g.tokens) for g in states]
+        rows = {sum(sizes)} if self.policy.multi_batch else set(sizes)
+        self.device.reserve("warm-up", self.cfg.expert_bytes)
+        for n in rows:
+            steps.warm_up_experts(self.cfg, n)
+        self.device.release("warm-up")
+
     def step(self, name: str, states: list[GroupState], **kw: Any) -> list[jax.Array]:
         if self.policy.multi_batch:
             return self.scheduler.run_step(name, states, **kw)
@@ -253,7 +267,18 @@ class _Session:
         self.stats.peak_host_bytes = max(self.stats.peak_host_bytes, self.host.peak)
         self.stats.device_budget_bytes = self.policy.device_budget
         self.stats.host_budget_bytes = self.policy.host_budget
-        self.stats.compute_s = max(0.0, self.stats.total_s - self.stats.io_wait_s)
+
+
+def use_pinned_host(policy: Policy) -> bool:
+    """Whether the host expert cache lives in pinned host memory (jax's `pinned_host` kind)."""
+    device = jax.devices()[0]
+    kinds = {m.kind for m in device.addressable_memories()}
+    if policy.pinned_host is None:
+        return device.platform != "cpu" and "pinned_host" in kinds
+    if policy.pinned_host and "pinned_host" not in kinds:
+        raise PolicyError(f"{device.platform} device {device} has no pinned_host memory "
+                          f"(memory kinds: {sorted(kinds)})")
+    return policy.pinned_host
 
 
 def _cut_at(tokens: list[int], eos: set[int]) -> list[int]:

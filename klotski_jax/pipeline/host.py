@@ -19,7 +19,7 @@ import numpy as np
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.models.specs import EXPERT_PARTS, expert_part_shape, layer_tree
 from klotski_jax.pipeline.ledger import MemoryLedger
-from klotski_jax.pipeline.placement import ALIGN, round_up
+from klotski_jax.pipeline.placement import ALIGN, round_up, staged_expert_bytes
 from klotski_jax.pipeline.policy import IO_MODES
 
 
@@ -99,6 +99,9 @@ class HostTier:
         self._cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
         self._free_staging: list[StagingBuffer] = []
+        # Where cached experts live: numpy by default; the engine swaps in a move to the
+        # accelerator's pinned host memory, from which device transfers are DMA-fast.
+        self.to_host_memory: Callable[[dict[str, np.ndarray]], Any] = lambda parts: parts
 
     def dense_layer_bytes(self, layer: int) -> int:
         return sum(a.nbytes for a in _leaves(self.layers[layer]))
@@ -128,17 +131,27 @@ class HostTier:
         the host ledger) and served from RAM afterwards; the others are read into a staging
         buffer from `take_staging` every time, which the caller gives back when done with it.
         """
-        hit = self._cache.get((layer, e))
-        if hit is not None:
-            return hit, None, 0, True
+        key = ("expert", layer, e)
+        with self._lock:
+            hit = self._cache.get((layer, e))
+            if hit is not None:
+                return hit, None, 0, True
+            # Reserve before allocating, and under the lock: of two threads reading the same
+            # expert only one caches it (a second reservation of its key would raise).
+            cache_it = ((self.host_experts is None or (layer, e) in self.host_experts)
+                        and not self.ledger.holds(key)
+                        and self.ledger.try_reserve(key, staged_expert_bytes(self.cfg)))
         disk = sum(self.part_bytes.values())
-        if self.host_experts is None or (layer, e) in self.host_experts:
-            buf = StagingBuffer(self.part_bytes)
-            if self.ledger.try_reserve(("expert", layer, e), buf.nbytes):
-                parts = self._read_into(layer, e, buf)
-                with self._lock:
-                    self._cache[(layer, e)] = parts
-                return parts, None, disk, False
+        if cache_it:
+            try:
+                parts = self.to_host_memory(
+                    self._read_into(layer, e, StagingBuffer(self.part_bytes)))
+            except BaseException:
+                self.ledger.release(key)
+                raise
+            with self._lock:
+                self._cache[(layer, e)] = parts
+            return parts, None, disk, False
         staging = take_staging()
         return self._read_into(layer, e, staging), staging, disk, False
 

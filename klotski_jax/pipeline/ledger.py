@@ -91,9 +91,11 @@ class MemoryLedger:
                     lambda: self._queue[0] == ticket and self._fits(nbytes), self.timeout_s)
                 if not ok:
                     raise BudgetError(
-                        f"{self.tier}: waited {self.timeout_s:.0f}s for {nbytes} bytes for {key}; "
+                        f"{self.tier}: waited {self.timeout_s:g}s for {nbytes} bytes for {key}; "
                         f"{self._used} of {self.capacity} bytes held by {len(self._held)} buffers "
                         f"({self._held}): the schedule is stuck")
+                if key in self._held:  # taken by another place of the same key while we waited
+                    raise BudgetError(f"{self.tier}: {key} is already reserved")
                 self._take(key, nbytes)
             finally:
                 self._queue.remove(ticket)

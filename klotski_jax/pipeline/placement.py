@@ -110,6 +110,11 @@ def streaming_need(cfg: ModelConfig, policy: Policy, dense_resident: bool) -> tu
         return 2 * dense, 2 * e  # the current layer and the prefetched next one
     if policy.schedule is Schedule.KLOTSKI and not policy.hot_only_prefetch:
         return 2 * dense, e + 1  # the next whole MoE layer streams through the slots
+    if policy.schedule is Schedule.KLOTSKI and not policy.reorder:
+        # Experts run in id order, so the prefetched hot set may still hold its slots while
+        # compute waits for a lower-numbered cold expert: room for both is needed.
+        k = policy.hot_experts if policy.hot_experts is not None else cfg.top_k
+        return 2 * dense, k + 1
     return 2 * dense, 1  # klotski, lru: one expert at a time is enough to make progress
 
 
@@ -140,7 +145,13 @@ def place(cfg: ModelConfig, policy: Policy, workload: Workload) -> Placement:
             f"{global_bytes(cfg)}, KV caches {kv}, activations {act}; streamed dense "
             f"{stream_dense}; {min_slots} expert slot(s) of {eb})")
     room = None if budget is None else budget - fixed
-    dense_resident = room is None or room >= all_dense + min_slots * eb
+    # Dense weights become resident only when the schedule's full streaming area still fits
+    # beside them: trading expert slots for resident dense weights would starve the pipeline.
+    dense_min_slots = streaming_need(cfg, policy, True)[1]
+    want_slots = max(_target_slots(cfg, policy, dense_min_slots), dense_min_slots)
+    if policy.schedule is Schedule.LRU:
+        want_slots = max(want_slots, cfg.num_experts)  # a cache that holds one layer's experts
+    dense_resident = room is None or room >= all_dense + want_slots * eb
     if dense_resident:
         min_slots = streaming_need(cfg, policy, True)[1]
         room = None if room is None else room - all_dense
@@ -156,15 +167,25 @@ def place(cfg: ModelConfig, policy: Policy, workload: Workload) -> Placement:
         slots = target if room is None else max(min_slots, min(target, room // eb))
         spare = len(experts) if room is None else max(0, room // eb - slots)
         resident = experts[:spare]
-    staging = min(slots, len(experts)) * staged_expert_bytes(cfg)
-    host_min = all_dense + staging
+    # Staging buffers the transfers can hold at once: one per streamed expert the device budget
+    # admits, plus one per device-resident expert (its device array may alias the buffer, so the
+    # buffer stays with it for the whole run).
+    staged = staged_expert_bytes(cfg)
+    streamed = len(experts) - len(resident)
+    if budget is not None:
+        device_room = budget - fixed - (all_dense if dense_resident else 0) - len(resident) * eb
+        streamed = min(streamed, device_room // eb)
+    staging = (streamed + len(resident)) * staged
+    host_min = global_bytes(cfg) + all_dense + staging  # HostTier keeps every dense array
     host_experts = None
     if policy.host_budget is not None:
         if policy.host_budget < host_min:
             raise BudgetError(
                 f"host budget {policy.host_budget} bytes is below the minimum {host_min} bytes "
-                f"(dense weights {all_dense} + staging buffers {staging})")
-        n_host = (policy.host_budget - host_min) // staged_expert_bytes(cfg)
+                f"(globals {global_bytes(cfg)} + dense layers {all_dense} + staging buffers "
+                f"{staging} for {streamed} streamed and {len(resident)} device-resident "
+                f"experts of {staged})")
+        n_host = (policy.host_budget - host_min) // staged
         host_experts = frozenset([x for x in experts if x not in set(resident)][:n_host])
     return Placement(
         schedule=policy.schedule, dense_resident=dense_resident,

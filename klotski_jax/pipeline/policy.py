@@ -49,10 +49,15 @@ class Policy:
     io_threads: int = 2
     io_mode: str = "buffered"  # expert reads: "buffered" readinto, "direct" (O_DIRECT), "tensorstore"
     evict_page_cache: bool = False  # drop the store's files from the page cache before the run
+    pinned_host: bool | None = None  # host cache in pinned host memory (None: on GPU/TPU only)
     verify_memory: bool = False  # cross-check the ledger against live device arrays (tests)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "schedule", Schedule(self.schedule))
+        try:
+            object.__setattr__(self, "schedule", Schedule(self.schedule))
+        except ValueError:
+            raise PolicyError(f"schedule must be one of {[s.value for s in Schedule]}, "
+                              f"got {self.schedule!r}") from None
         if self.groups < 1:
             raise PolicyError(f"groups must be >= 1, got {self.groups}")
         if self.batch_size is not None and self.batch_size < 1:

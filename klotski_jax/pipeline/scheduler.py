@@ -18,7 +18,9 @@ into an LRU cache on the device.
 from __future__ import annotations
 
 import collections
-from collections.abc import Hashable
+import contextlib
+import time
+from collections.abc import Hashable, Iterator
 from typing import Any
 
 import jax
@@ -126,8 +128,7 @@ class Scheduler:
             self._prefetch(0)  # no-op when the previous step already issued it
         h = [layers.embed(self.embed_w, jnp.asarray(g.tokens)) for g in groups]
         for i in range(cfg.num_layers):
-            with self.tracer.span("compute", f"layer {i}", step=step, layer=i):
-                h = self._layer(i, groups, h, prefetch_next or i + 1 < cfg.num_layers)
+            h = self._layer(i, groups, h, prefetch_next or i + 1 < cfg.num_layers)
             if self.policy.verify_memory:
                 self.verify_memory(h)
         for g in groups:
@@ -149,7 +150,8 @@ class Scheduler:
             self._request_whole_layer(nxt)
         h = [self._attention(i, g, w, x, gi) for gi, (g, x) in enumerate(zip(groups, h))]
         if not self.cfg.moe_layers[i]:
-            h = [layers.dense_mlp_block(w, x, cfg=self.cfg) for x in h]
+            with self._compute("dense mlp", layer=i):
+                h = jax.block_until_ready([layers.dense_mlp_block(w, x, cfg=self.cfg) for x in h])
             if prefetch and schedule is Schedule.KLOTSKI:
                 self._prefetch(nxt)
         elif schedule is Schedule.KLOTSKI:
@@ -160,13 +162,22 @@ class Scheduler:
         return h
 
     # ---- verbs --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _compute(self, name: str, **args: Any) -> Iterator[None]:
+        """Time one piece of compute (the block must wait for its result) on the compute lane."""
+        start = time.perf_counter()
+        yield
+        end = time.perf_counter()
+        self.stats.compute_s += end - start
+        self.tracer.add("compute", name, start, end, step=self._step, **args)
+
     def _dense(self, i: int) -> Any:
         if self._resident_dense:
             return self._resident_dense[i]
         return self.transfers.get(("dense", i), step=self._step, layer=i).arrays
 
     def _attention(self, i: int, g: GroupState, w: Any, h: jax.Array, group: int) -> jax.Array:
-        with self.tracer.span("compute", "attention", step=self._step, layer=i, group=group):
+        with self._compute("attention", layer=i, group=group):
             h, g.cache.kv[i] = layers.attention_block(
                 w, h, jnp.asarray(g.positions), g.cache.kv[i],
                 jnp.asarray(g.cache.length, jnp.int32), jnp.asarray(g.cache.valid),
@@ -178,7 +189,7 @@ class Scheduler:
         """Router of each group; `on_group(g, experts)` runs right after group g's routing."""
         xs, experts, weights = [], [], []
         for gi, x in enumerate(h):
-            with self.tracer.span("compute", "router", step=self._step, layer=i, group=gi):
+            with self._compute("router", layer=i, group=gi):
                 xg, wg, eg = steps.route_group(w, x, cfg=self.cfg)
                 xs.append(xg)
                 experts.append(np.asarray(eg))
@@ -186,6 +197,7 @@ class Scheduler:
             if on_group is not None:
                 on_group(gi, experts[-1])
         routing = Routing(experts, weights)
+        self._offsets = routing.offsets
         self.predictor.observe(i, routing.all_experts)
         return xs, routing
 
@@ -194,8 +206,10 @@ class Scheduler:
         key = ("expert", i, e)
         w = self.transfers.get(key, step=self._step, layer=i, expert=e).arrays
         r, ww = steps.pad_rows(rows, wts)
-        with self.tracer.span("compute", "expert", step=self._step, layer=i, expert=e,
-                              tokens=len(rows), **trace):
+        per_group = np.diff(np.searchsorted(rows, self._offsets)).tolist() + [
+            int((rows >= self._offsets[-1]).sum())]
+        with self._compute("expert", layer=i, expert=e, tokens=len(rows),
+                           tokens_per_group=per_group, **trace):
             acc = steps.expert_apply(acc, x_all, jnp.asarray(r), jnp.asarray(ww),
                                      w["gate"], w["up"], w["down"])
             jax.block_until_ready(acc)
@@ -204,7 +218,7 @@ class Scheduler:
 
     def _finish(self, i: int, w: Any, h: list[jax.Array], xs: list[jax.Array], acc: jax.Array,
                 routing: Routing) -> list[jax.Array]:
-        with self.tracer.span("compute", "combine", step=self._step, layer=i):
+        with self._compute("combine", layer=i):
             out = [steps.finish_moe(w, x, xg, acc, jnp.int32(routing.offsets[gi]), cfg=self.cfg)
                    for gi, (x, xg) in enumerate(zip(h, xs))]
             return jax.block_until_ready(out)

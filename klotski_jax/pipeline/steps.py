@@ -52,6 +52,18 @@ def expert_apply(acc: jax.Array, x: jax.Array, rows: jax.Array, weights: jax.Arr
     return acc.at[rows].add(y.astype(jnp.float32) * weights[:, None])
 
 
+def warm_up_experts(cfg: ModelConfig, n_rows: int) -> None:
+    """Compile expert_apply for every bucket a step of n_rows tokens can produce, so routing that
+    sends a new number of tokens to an expert mid-run never triggers a compile."""
+    d, f, dt = cfg.hidden_size, cfg.expert_intermediate_size, jnp.dtype(cfg.dtype)
+    x = jnp.zeros((n_rows, d), dt)
+    w_in, w_out = jnp.zeros((f, d), dt), jnp.zeros((d, f), dt)
+    for size in buckets_upto(n_rows):
+        acc = jnp.zeros((n_rows, d), jnp.float32)
+        jax.block_until_ready(expert_apply(acc, x, jnp.zeros(size, jnp.int32),
+                                           jnp.zeros(size, jnp.float32), w_in, w_in, w_out))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def finish_moe(w: layers.Weights, h: jax.Array, x: jax.Array, acc: jax.Array, offset: jax.Array,
                *, cfg: ModelConfig) -> jax.Array:

@@ -38,7 +38,7 @@ class RunStats:
     hot_hits: int = 0  # predicted hot experts that were routed to
     hot_misses: int = 0  # predicted hot experts that were not routed to (wasted prefetch)
     lru_hits: int = 0
-    compute_s: float = 0.0  # compute thread busy (dispatch to result ready)
+    compute_s: float = 0.0  # compute thread busy in model steps (dispatch to result ready)
     io_wait_s: float = 0.0  # compute thread blocked on a load: the bubbles
     io_busy_s: float = 0.0  # summed over I/O threads
     peak_device_bytes: int = 0
@@ -113,6 +113,7 @@ class Tracer:
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a trace is an ordinary file to share
         with os.fdopen(fd, "w") as f:
             json.dump(self.to_json(), f)
         os.replace(tmp, path)

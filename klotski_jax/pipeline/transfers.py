@@ -46,6 +46,7 @@ class Transfers:
         self.tracer = tracer
         self.stats = stats
         self.device = device or jax.devices()[0]
+        self._to_device = jax.sharding.SingleDeviceSharding(self.device, memory_kind="device")
         self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, "klotski-io")
         self._loads: dict[Hashable, concurrent.futures.Future[OnDevice]] = {}
         self._pinned: set[Hashable] = set()
@@ -142,7 +143,7 @@ class Transfers:
         else:
             host_arrays, staging, disk, hit = self.host.read_expert(
                 key[1], key[2], self.host.take_staging)
-        arrays = jax.block_until_ready(jax.device_put(host_arrays, self.device))
+        arrays = jax.block_until_ready(jax.device_put(host_arrays, self._to_device))
         end = time.perf_counter()
         nbytes = self.nbytes(key)
         with self._lock:

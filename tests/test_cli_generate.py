@@ -1,0 +1,335 @@
+"""`klotski generate`: every schedule at a quarter of the weights gives the reference's greedy
+tokens; the JSON Lines schemas, the stats file, SIZE parsing and every user error (exit 2).
+
+Two checkpoints, built once per module: the default model (12 layers, a tokenizer: text prompts,
+and a 25% device budget that holds three layers' worth of weights) and a tiny 3-layer Mixtral
+without a tokenizer (token-id prompts, error paths).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+import klotski_jax
+from klotski_jax import cli
+from klotski_jax import generate_io as gio
+from klotski_jax.models.specs import total_bytes
+from klotski_jax.pipeline.policy import PolicyError, parse_size
+
+PROMPTS = ["The with statement is used to", "A class", "In Python, a list comprehension"]
+NEW = 4
+STATS_FIELDS = (
+    "schedule", "groups", "batch_size", "generated_tokens", "prefill_s", "decode_s", "total_s",
+    "throughput_tokens_per_s", "bytes_read_disk", "bytes_to_device", "expert_loads", "hot_hits",
+    "hot_misses", "compute_s", "io_wait_s", "peak_device_bytes", "device_budget_bytes",
+    "peak_host_bytes", "host_budget_bytes", "weight_bytes", "placement", "policy")
+
+
+# ---- fixtures ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def default_ckpt(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    from klotski_jax.checkpoints.default_model import default_checkpoint
+
+    return default_checkpoint(cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def default_reference(default_ckpt: pathlib.Path) -> list[list[int]]:
+    """Greedy new tokens of PROMPTS from the all-resident reference model (one padded batch)."""
+    model = klotski_jax.load(default_ckpt)
+    batch = model.tokenizer(PROMPTS, padding=True, return_tensors="np")
+    ids = batch["input_ids"].astype(np.int32)
+    out = model.generate_reference(ids, NEW, attention_mask=batch["attention_mask"])
+    return [[int(t) for t in row] for row in np.asarray(out)[:, ids.shape[1]:]]
+
+
+@pytest.fixture(scope="module")
+def default_engine(default_ckpt: pathlib.Path) -> klotski_jax.Engine:
+    """For the checkpoint's tokenizer and config (the runs themselves go through the CLI)."""
+    return klotski_jax.Engine(default_ckpt)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    from hf_models import save_hf_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    save_hf_model("mixtral", root / "hf")
+    return klotski_jax.convert(root / "hf", root / "ckpt", progress=False)
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """main(argv) -> (exit status, stdout, stderr); argparse's SystemExit becomes a status."""
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:
+        rc = int(e.code)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def write_lines(path: pathlib.Path, objs: list[object]) -> pathlib.Path:
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    return path
+
+
+def cut_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """The engine's output for the reference's tokens: up to and including the first EOS."""
+    ends = [i for i, t in enumerate(tokens) if t in eos]
+    return tokens[: ends[0] + 1] if ends else tokens
+
+
+def same_greedy(got: list[int], want: list[int], eos: set[int]) -> bool:
+    """The engine stops at EOS; the reference always generates all its tokens."""
+    return got == cut_at_eos(want, eos)
+
+
+# ---- every schedule at 25% of the weights -----------------------------------------------------
+@pytest.mark.parametrize("schedule", ["klotski", "flexgen", "lru", "sequential"])
+def test_every_schedule_matches_reference_at_quarter_budget(
+        schedule: str, default_ckpt: pathlib.Path, default_reference: list[list[int]],
+        default_engine: klotski_jax.Engine, tmp_path: pathlib.Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    src = write_lines(tmp_path / "in.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS)])
+    out, stats_file = tmp_path / "out.jsonl", tmp_path / "stats.json"
+    rc, stdout, err = run(["generate", str(default_ckpt), "--input", str(src), "--output", str(out),
+                           "--max-new-tokens", str(NEW), "--schedule", schedule,
+                           "--device-budget", "25%", "--stats", str(stats_file), "-q"], capsys)
+    assert rc == 0, err
+    assert stdout == ""  # results went to --output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    tok, eos = default_engine.tokenizer, set(default_engine.config.eos_token_ids)
+    for i, (row, want) in enumerate(zip(rows, default_reference, strict=True)):
+        assert set(row) == {"id", "prompt", "token_ids", "text"}
+        assert (row["id"], row["prompt"]) == (i, PROMPTS[i])
+        assert same_greedy(row["token_ids"], want, eos), (schedule, i, row["token_ids"], want)
+        assert row["text"] == tok.decode(row["token_ids"], skip_special_tokens=True)
+
+    stats = json.loads(stats_file.read_text())
+    assert set(STATS_FIELDS) <= set(stats)
+    assert stats["schedule"] == schedule == stats["policy"]["schedule"]
+    assert stats["device_budget_bytes"] == stats["weight_bytes"] // 4
+    assert 0 < stats["peak_device_bytes"] <= stats["device_budget_bytes"]
+    assert stats["generated_tokens"] == sum(len(r["token_ids"]) for r in rows)
+    assert stats["placement"]["schedule"] == schedule
+    assert stats["placement"]["min_device_bytes"] <= stats["device_budget_bytes"]
+    assert stats["bytes_to_device"] > 0 and stats["expert_loads"] > 0  # it really streamed
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_ablations_match_reference(default_ckpt: pathlib.Path, default_reference: list[list[int]],
+                                   default_engine: klotski_jax.Engine, tmp_path: pathlib.Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """All three klotski ablations off, at 30% of the weights, text prompts on the command line,
+    O_DIRECT reads of files just evicted from the page cache."""
+    argv = ["generate", str(default_ckpt), "--max-new-tokens", str(NEW), "--device-budget", "30%",
+            "--no-multi-batch", "--no-hot-only-prefetch", "--no-reorder",
+            "--io-mode", "direct", "--evict-page-cache",
+            "--stats", str(tmp_path / "s.json"), "-q"]
+    rc, stdout, err = run(argv + [a for p in PROMPTS for a in ("--prompt", p)], capsys)
+    assert rc == 0, err
+    tok, eos = default_engine.tokenizer, set(default_engine.config.eos_token_ids)
+    texts = [json.loads(line) for line in stdout.splitlines()]  # one JSON string per prompt
+    assert texts == [tok.decode(cut_at_eos(t, eos), skip_special_tokens=True)
+                     for t in default_reference]
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["device_budget_bytes"] == int(stats["weight_bytes"] * 0.30)
+    assert stats["policy"]["multi_batch"] is stats["policy"]["reorder"] is False
+    assert stats["policy"]["hot_only_prefetch"] is False
+    assert stats["policy"]["io_mode"] == "direct" and stats["policy"]["evict_page_cache"] is True
+
+
+# ---- token-id prompts, the output schema, stdout ----------------------------------------------
+def test_token_id_jsonl_schema(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = [[5, 17, 33, 8, 9], [40, 41], [7, 7, 7]]
+    lines = [{"prompt_token_ids": p, "meta": {"n": i}} for i, p in enumerate(prompts)]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text(json.dumps(lines[0]) + "\n\n" + "".join(json.dumps(x) + "\n" for x in lines[1:]))
+    out = tmp_path / "sub" / "out.jsonl"
+    rc, _, err = run(["generate", str(tiny_ckpt), "--input", str(src), "--output", str(out),
+                      "--max-new-tokens", "5", "--groups", "2", "--batch-size", "1", "-q"], capsys)
+    assert rc == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+
+    model = klotski_jax.load(tiny_ckpt)
+    eos = set(model.config.eos_token_ids)
+    for line, row in zip(lines, rows, strict=True):
+        assert set(row) == {"prompt_token_ids", "meta", "token_ids"}  # no tokenizer: no "text"
+        assert {k: row[k] for k in line} == line
+        ids = np.asarray([line["prompt_token_ids"]], np.int32)
+        want = np.asarray(model.generate_reference(ids, 5))[0, ids.shape[1]:].tolist()
+        assert same_greedy(row["token_ids"], want, eos)
+
+    rc, stdout, err = run(["generate", str(tiny_ckpt), "--input", str(src), "--max-new-tokens",
+                           "5", "--groups", "2", "--batch-size", "1"], capsys)
+    assert rc == 0, err
+    assert [json.loads(x) for x in stdout.splitlines()] == [r["token_ids"] for r in rows]
+    assert "tok/s" in err  # the summary line (not with -q)
+
+
+def test_progress_bar_on_a_tty(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar counts generated tokens (prompts x new tokens); -q or a non-TTY turns it off."""
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Tty()
+    monkeypatch.setattr(sys, "stderr", err)
+    src = write_lines(tmp_path / "p.jsonl", [{"prompt_token_ids": [3, 4]}] * 2)
+    assert cli.main(["generate", str(tiny_ckpt), "--input", str(src), "--max-new-tokens", "3",
+                     "--output", str(tmp_path / "o.jsonl")]) == 0
+    assert "generating" in err.getvalue() and "/6 " in err.getvalue()
+    assert cli._progress_bar(6, quiet=True)[0] is None
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert cli._progress_bar(6, quiet=False)[0] is None
+
+
+# ---- sizes -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, want", [("512MB", 512 * 10**6), ("2GiB", 2 * 2**30),
+                                        ("30%", 300), ("1.5k", 1536), ("4096", 4096),
+                                        (" 2 gib ", 2 * 2**30)])
+def test_parse_size(text: str, want: int) -> None:
+    assert parse_size(text, total=1000) == want
+    assert gio.resolve_size(text, weight_bytes=1000) == want
+
+
+@pytest.mark.parametrize("text", ["", "abc", "12XB", "-5MB", "0", "0%", "%", "30 %%", "1e9"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(PolicyError, match="size|percentage"):
+        parse_size(text, total=1000)
+
+
+def test_size_forms_on_the_command_line(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    weights = total_bytes(klotski_jax.Engine(tiny_ckpt).config)
+    base = ["generate", str(tiny_ckpt), "--prompt", "x"]
+    assert gio.resolve_size(None, weight_bytes=weights) is None
+    assert gio.resolve_size("unlimited", weight_bytes=weights) is None
+    with pytest.raises(PolicyError, match="nothing to take it of"):
+        parse_size("30%")
+    rc, _, err = run(base + ["--device-budget", "12XB"], capsys)
+    assert rc == 2 and "error: cannot parse size '12XB'" in err
+    rc, _, err = run(base + ["--host-budget", "-1GB"], capsys)
+    assert rc == 2 and "error:" in err
+    src = write_lines(tmp_path / "p.jsonl", [{"prompt_token_ids": [3, 4, 5]}])
+    rc, _, err = run(["generate", str(tiny_ckpt), "--input", str(src), "--max-new-tokens", "2",
+                      "--device-budget", "2GiB", "--host-budget", "512MB", "-q",
+                      "--stats", str(tmp_path / "s.json")], capsys)
+    assert rc == 0, err
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert (stats["device_budget_bytes"], stats["host_budget_bytes"]) == (2 * 2**30, 512 * 10**6)
+    assert stats["peak_host_bytes"] <= stats["host_budget_bytes"]
+
+
+# ---- user errors: exit 2, one error line, no output files -------------------------------------
+def test_budget_below_minimum(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    src = write_lines(tmp_path / "p.jsonl", [{"prompt_token_ids": [3, 4, 5]}])
+    out, stats, trace = tmp_path / "o.jsonl", tmp_path / "s.json", tmp_path / "t.json"
+    rc, stdout, err = run(["generate", str(tiny_ckpt), "--input", str(src), "--output", str(out),
+                           "--stats", str(stats), "--trace", str(trace), "--device-budget", "1KB",
+                           "-q"], capsys)
+    assert rc == 2
+    assert err.startswith("error: device budget 1000 bytes is below the minimum"), err
+    assert "Traceback" not in err and stdout == ""
+    assert not out.exists() and not stats.exists() and not trace.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
+
+
+@pytest.mark.parametrize("line, why", [
+    ("not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"text": "x"}', "neither"),
+    ('{"prompt": "x", "prompt_token_ids": [1]}', "both"),
+    ('{"prompt": ""}', "non-empty string"),
+    ('{"prompt": 5}', "non-empty string"),
+    ('{"prompt_token_ids": []}', "non-empty list of integers"),
+    ('{"prompt_token_ids": [1, "2"]}', "non-empty list of integers"),
+    ('{"prompt_token_ids": [1, true]}', "non-empty list of integers"),
+    ('{"prompt_token_ids": [1, 2.5]}', "non-empty list of integers"),
+])
+def test_bad_jsonl_line_is_named(line: str, why: str, tmp_path: pathlib.Path) -> None:
+    src = tmp_path / "prompts.jsonl"
+    src.write_text('{"prompt_token_ids": [1, 2]}\n' + line + "\n")
+    with pytest.raises(gio.InputError, match=f"prompts.jsonl:2: .*{why}"):
+        gio.read_prompts(src)
+
+
+def test_bad_inputs_exit_2(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o.jsonl"
+    base = ["generate", str(tiny_ckpt), "--output", str(out), "-q"]
+    cases = {
+        "bad.jsonl:3: not valid JSON": ('{"prompt_token_ids": [1]}\n\n{oops\n', []),
+        "vocab.jsonl:2: token ids outside the vocabulary [0, 96): [96, -1]":
+            ('{"prompt_token_ids": [1]}\n{"prompt_token_ids": [5, 96, -1]}\n', []),
+        "empty.jsonl: no prompts": ("\n\n", []),
+        "text.jsonl:2: a text prompt, but the checkpoint has no tokenizer":
+            ('{"prompt_token_ids": [1]}\n{"prompt": "hello"}\n', []),
+    }
+    for want, (text, extra) in cases.items():
+        src = tmp_path / want.split(":")[0]
+        src.write_text(text)
+        rc, _, err = run(base + ["--input", str(src), *extra], capsys)
+        assert rc == 2 and f"{src.name}:" in err and want.split(":", 1)[1].strip() in err, err
+    rc, _, err = run(base + ["--prompt", "hi"], capsys)
+    assert rc == 2 and "error: --prompt 1: a text prompt, but the checkpoint has no tokenizer" in err
+    rc, _, err = run(base + ["--input", str(tmp_path / "missing.jsonl")], capsys)
+    assert rc == 2 and "missing.jsonl: no such prompt file" in err
+    rc, _, err = run(["generate", str(tmp_path / "nockpt"), "--prompt", "x"], capsys)
+    assert rc == 2 and "not a klotski-jax checkpoint" in err
+    assert not out.exists()
+    assert logging.getLogger("jax").level == logging.WARNING  # no "Unable to initialize backend"
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--max-new-tokens", "0"],
+    ["generate", "C", "--prompt", "x", "--max-new-tokens", "0"],
+    ["generate", "C", "--prompt", "x", "--top-p", "0"],
+    ["generate", "C", "--prompt", "x", "--temperature", "-1"],
+    ["generate", "C", "--prompt", "x", "--groups", "0"],
+    ["generate", "C", "--prompt", "x", "--schedule", "fifo"],
+    ["generate", "C", "--prompt", "x", "--schedule", "lru", "--no-reorder"],
+    ["generate", "C", "--prompt", "x", "--schedule", "flexgen", "--no-hot-only-prefetch"],
+    ["generate", "C", "--prompt", "x", "--schedule", "sequential", "--no-multi-batch"],
+    ["generate", "C"],
+    ["generate", "C", "--prompt", "x", "--input", "p.jsonl"],
+])
+def test_bad_options_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = run(argv, capsys)
+    assert rc == 2 and "error:" in err
+
+
+def test_write_atomic_keeps_old_file_on_failure(tmp_path: pathlib.Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    path = gio.write_jsonl(tmp_path / "o.jsonl", [{"a": 1}])
+
+    def fail(*_: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gio.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        gio.write_jsonl(path, [{"a": 2}])
+    assert path.read_text() == '{"a": 1}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["o.jsonl"]  # the temp file is gone
+
+
+def test_outputs_get_ordinary_permissions(tmp_path: pathlib.Path) -> None:
+    """mkstemp makes 0600 files; outputs get what open() would give (0666 less the umask)."""
+    mask = os.umask(0o022)
+    try:
+        path = gio.write_json(tmp_path / "s.json", {"a": 1})
+        assert path.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)

@@ -1,0 +1,210 @@
+"""Every schedule of the pipeline against the reference model, under budgets, for every family.
+
+The oracle is `Model.generate_reference` / `Model.logits` (all experts resident). Each run must
+give identical greedy tokens and logits within 1e-5, and its device peak must stay within the
+budget; `verify_memory` additionally cross-checks the ledger against live device arrays.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+from hf_models import CONFIGS, save_hf_model
+
+import klotski_jax
+from klotski_jax.engine import Engine
+from klotski_jax.pipeline import transfers as transfers_mod
+from klotski_jax.pipeline.ledger import BudgetError
+from klotski_jax.pipeline.placement import Workload, place
+from klotski_jax.pipeline.policy import Policy, Schedule
+from klotski_jax.pipeline.trace import Tracer
+
+NEW = 6
+LENGTHS = (7, 11, 5, 9, 6)  # left-padded to 11; groups of different sizes
+POLICIES = [
+    *[dict(schedule="klotski", multi_batch=m, hot_only_prefetch=h, reorder=r)
+      for m, h, r in itertools.product([True, False], repeat=3)],
+    dict(schedule="flexgen"), dict(schedule="lru"), dict(schedule="sequential"),
+]
+
+
+def _policy_id(p: dict) -> str:
+    flags = "".join(k[0] if v else "-" for k, v in p.items() if k != "schedule")
+    return p["schedule"] + (f"[{flags}]" if flags else "")
+
+
+class Case:
+    """A converted tiny model, its prompts and the reference outputs."""
+
+    def __init__(self, name: str, root) -> None:
+        _, hf_dir = save_hf_model(name, root / "hf")
+        self.ckpt = klotski_jax.convert(hf_dir, root / "ckpt", progress=False)
+        model = klotski_jax.load(self.ckpt)
+        rng = np.random.default_rng(7)
+        self.prompts = [rng.integers(3, model.config.vocab_size, n).tolist() for n in LENGTHS]
+        s = max(LENGTHS)
+        self.ids = np.zeros((len(LENGTHS), s), np.int32)
+        self.mask = np.zeros_like(self.ids)
+        for r, p in enumerate(self.prompts):
+            self.ids[r, s - len(p):] = p
+            self.mask[r, s - len(p):] = 1
+        self.want_tokens = model.generate_reference(self.ids, NEW, self.mask)[:, s:]
+        self.want_logits = model.logits(self.ids, self.mask)
+        self.config = model.config
+
+    def min_budget(self, policy: Policy) -> int:
+        engine = Engine(self.ckpt, policy)
+        groups, batch = engine.layout(len(self.prompts))
+        s = max(LENGTHS)
+        cache = -(-(s + NEW) // 32) * 32
+        return place(self.config, policy, Workload(groups, batch, s, cache - s)).min_device_bytes
+
+    def check(self, policy: Policy) -> None:
+        engine = Engine(self.ckpt, policy)
+        out = engine.generate(self.prompts, max_new_tokens=NEW, stop_at_eos=False)
+        np.testing.assert_array_equal(np.array(out.token_ids), self.want_tokens,
+                                      err_msg=f"tokens differ under {policy}")
+        got = engine.logits(self.ids, self.mask)
+        valid = self.mask > 0
+        err = np.abs(got - self.want_logits)[valid].max()
+        assert err <= 1e-5, f"logits differ by {err:.2e} under {policy}"
+        st = out.stats
+        assert st.generated_tokens == len(LENGTHS) * NEW
+        if policy.device_budget is not None:
+            assert 0 < st.peak_device_bytes <= policy.device_budget, (st.peak_device_bytes, policy)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    made: dict[str, Case] = {}
+
+    def get(name: str) -> Case:
+        if name not in made:
+            made[name] = Case(name, tmp_path_factory.mktemp(name))
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_every_schedule_and_ablation_at_minimum_budget(cases, family):
+    case = cases(family)
+    for p in POLICIES:
+        policy = Policy(groups=2, verify_memory=True, **p)
+        case.check(policy.replace(device_budget=case.min_budget(policy)))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe-sparse-step"])
+@pytest.mark.parametrize("schedule", [s.value for s in Schedule])
+def test_budget_and_group_sweep(cases, family, schedule):
+    case = cases(family)
+    for groups in (1, 2, 3):
+        policy = Policy(schedule=schedule, groups=groups, verify_memory=True)
+        lo = case.min_budget(policy)
+        full = lo + 2 * case.config.expert_bytes * case.config.num_experts * case.config.num_layers
+        for budget in (lo, (lo + full) // 2, None):
+            case.check(policy.replace(device_budget=budget))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+@pytest.mark.parametrize("p", POLICIES, ids=_policy_id)
+def test_full_matrix(cases, family, p):
+    case = cases(family)
+    for groups in (1, 2, 3):
+        policy = Policy(groups=groups, verify_memory=True, **p)
+        lo = case.min_budget(policy)
+        for budget in (lo, lo + 3 * case.config.expert_bytes, None):
+            case.check(policy.replace(device_budget=budget))
+
+
+def test_budget_below_minimum_is_refused_with_the_minimum(cases):
+    case = cases("mixtral")
+    policy = Policy(groups=2)
+    lo = case.min_budget(policy)
+    with pytest.raises(BudgetError, match=f"minimum {lo} bytes"):
+        Engine(case.ckpt, policy.replace(device_budget=lo - 1)).generate(
+            case.prompts, max_new_tokens=NEW)
+
+
+def test_bypassing_the_ledger_fails_loudly(cases, monkeypatch):
+    """A leak (weights kept on the device after the ledger freed them) must raise, not pass."""
+    case = cases("mixtral")
+    policy = Policy(groups=2, verify_memory=True)
+    policy = policy.replace(device_budget=case.min_budget(policy))
+    leaked = []
+    release = transfers_mod.Transfers.release
+
+    def leaky_release(self, key, fence=None):
+        fut = self._loads.get(key)
+        if fut is not None and fut.done():
+            leaked.append(fut.result().arrays)  # keeps the device arrays alive
+        release(self, key, fence)
+
+    monkeypatch.setattr(transfers_mod.Transfers, "release", leaky_release)
+    with pytest.raises(BudgetError, match="bypassed the ledger"):
+        Engine(case.ckpt, policy).generate(case.prompts, max_new_tokens=NEW)
+    assert leaked
+
+
+def test_klotski_streams_and_predicts_under_a_tight_budget(cases):
+    """At the minimum budget the klotski schedule really streams experts and prefetches hot ones."""
+    case = cases("mixtral")
+    policy = Policy(groups=2)
+    policy = policy.replace(device_budget=case.min_budget(policy))
+    trace = Tracer()
+    out = Engine(case.ckpt, policy).generate(case.prompts, max_new_tokens=NEW, trace=trace)
+    st = out.stats
+    assert st.expert_loads > 0 and st.bytes_to_device > 0 and st.bytes_read_disk > 0
+    assert st.hot_hits > 0
+    assert st.prefill_s > 0 and st.decode_s > 0
+    names = {e["name"] for e in trace.events()}
+    assert {"attention", "router", "expert", "combine", "load expert"} <= names
+
+
+def test_loads_follow_the_klotski_order(cases):
+    """Within a layer, streamed experts are computed in the order their loads were issued."""
+    case = cases("mixtral")
+    policy = Policy(groups=2)
+    policy = policy.replace(device_budget=case.min_budget(policy))
+    trace = Tracer()
+    Engine(case.ckpt, policy).generate(case.prompts, max_new_tokens=2, trace=trace)
+    events = trace.events()
+    for layer in range(case.config.num_layers):
+        computed = [e["args"]["expert"] for e in events if e["name"] == "expert"
+                    and e["args"]["layer"] == layer and e["args"]["step"] == "decode 1"]
+        assert sorted(computed) == sorted(set(computed)), "each expert runs once per layer"
+
+
+def test_no_recompilation_after_warm_up(cases):
+    """A second run of the same shapes, with different prompts (so different routing), traces
+    no new jitted function: expert token counts are padded to pre-compiled buckets."""
+    case = cases("qwen2_moe")
+    policy = Policy(groups=2)
+    engine = Engine(case.ckpt, policy)
+    engine.generate(case.prompts, max_new_tokens=NEW)
+    traced: list[str] = []
+    listening = [True]
+
+    def on_event(event: str, duration: float, **kw) -> None:
+        if listening[0] and event == "/jax/core/compile/jaxpr_trace_duration":
+            traced.append(str(kw.get("fun_name", "?")))
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        rng = np.random.default_rng(99)
+        other = [rng.integers(3, case.config.vocab_size, n).tolist() for n in LENGTHS]
+        engine.generate(other, max_new_tokens=NEW)
+    finally:
+        listening[0] = False
+    assert traced == [], f"recompiled after warm-up: {traced}"
+
+
+def test_pinned_host_cache_on_cpu(cases):
+    """The GPU/TPU host-cache path (pinned_host memory kind) also runs, and agrees, on CPU."""
+    case = cases("olmoe")
+    policy = Policy(groups=2, pinned_host=True)
+    case.check(policy.replace(device_budget=case.min_budget(policy)))
