@@ -321,3 +321,25 @@ def test_two_places_for_one_key_never_hold_it_twice():
     t.join(5)
     assert done == [] and len(errors) == 1 and "already reserved" in str(errors[0])
     assert led.held() == {"k": 10} and led.used == 10
+
+
+def test_abort_wakes_waiters_with_an_error():
+    """Tearing down a failed run must not hang on loads that wait for memory."""
+    ledger = MemoryLedger("device", 100, timeout_s=60)
+    ledger.reserve("a", 100)
+    errors: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            ledger.reserve("b", 50)
+        except BudgetError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.05)
+    start = time.perf_counter()
+    ledger.abort()
+    t.join(5)
+    assert not t.is_alive() and time.perf_counter() - start < 5
+    assert errors and "aborted" in str(errors[0])

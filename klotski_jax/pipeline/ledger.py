@@ -36,6 +36,7 @@ class MemoryLedger:
         self._cond = threading.Condition()
         self._queue: collections.deque[int] = collections.deque()
         self._tickets = itertools.count()
+        self._aborted = False
 
     @property
     def used(self) -> int:
@@ -88,7 +89,10 @@ class MemoryLedger:
                 if key in self._held:
                     raise BudgetError(f"{self.tier}: {key} is already reserved")
                 ok = self._cond.wait_for(
-                    lambda: self._queue[0] == ticket and self._fits(nbytes), self.timeout_s)
+                    lambda: self._aborted or (self._queue[0] == ticket and self._fits(nbytes)),
+                    self.timeout_s)
+                if self._aborted:
+                    raise BudgetError(f"{self.tier}: run aborted while {key} waited for memory")
                 if not ok:
                     raise BudgetError(
                         f"{self.tier}: waited {self.timeout_s:g}s for {nbytes} bytes for {key}; "
@@ -100,6 +104,12 @@ class MemoryLedger:
             finally:
                 self._queue.remove(ticket)
                 self._cond.notify_all()
+
+    def abort(self) -> None:
+        """Wake every waiting reservation with an error (the run is being torn down)."""
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
 
     def try_reserve(self, key: Hashable, nbytes: int) -> bool:
         """Reserve without waiting; False if it does not fit now or others are queued first."""

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 
 from klotski_jax.pipeline.host import HostTier, StagingBuffer
-from klotski_jax.pipeline.ledger import BudgetError, MemoryLedger
+from klotski_jax.pipeline.ledger import MemoryLedger
 from klotski_jax.pipeline.trace import RunStats, Tracer
 
 
@@ -122,14 +122,21 @@ class Transfers:
         fut.add_done_callback(free)
 
     def close(self) -> None:
-        """Wait for in-flight loads and free everything, pinned weights included."""
+        """Stop queued loads, wait for running ones and free everything, pinned weights included.
+
+        Loads still waiting for memory are woken with an error (after a failed step nothing
+        would ever free their memory), so tearing down never hangs.
+        """
         self._pinned.clear()
-        for key in list(self._loads):
-            try:
-                self.release(key)
-            except BudgetError:
-                pass
+        for fut in self._loads.values():
+            fut.cancel()
+        self.ledger.abort()
         self._pool.shutdown(wait=True)
+        for key, fut in list(self._loads.items()):
+            if fut.cancelled() or fut.exception() is not None:
+                self._loads.pop(key)
+                continue
+            self.release(key)
 
     # ---- the I/O thread's work ----------------------------------------------------------------
     def _load(self, key: Hashable, place: Any, trace_args: dict[str, Any]) -> OnDevice:
