@@ -1,12 +1,14 @@
-"""`klotski demo`: build the embedded default model, generate from a few prompts, report speed.
+"""`klotski demo`: convert the embedded default model, generate from a few prompts, report speed.
 
 This is the "main job" a newcomer runs first (`make demo`). It needs no download and no torch:
-the default Mixtral-architecture checkpoint is built and converted into the cache directory on
-first use (see checkpoints/default_model.py). Until the pipeline engine lands, generation uses the
-all-experts-resident reference model (`Model.generate_reference`, greedy, KV cache).
+the default model, a small Mixtral trained on CPython's documentation that ships inside the
+package, is converted into the cache directory on first use (see checkpoints/default_model.py).
+Generation uses the all-experts-resident reference model (`Model.generate_reference`, greedy,
+KV cache).
 
-The model's weights are random, so the continuations are gibberish; the demo shows that the whole
-path (build -> convert -> load -> tokenize -> prefill/decode -> detokenize) works, and how fast.
+The continuations read like Python documentation (a small model: fluent-looking, often wrong);
+the demo shows that the whole path (convert -> load -> tokenize -> prefill/decode ->
+detokenize) works, and how fast.
 """
 
 from __future__ import annotations
@@ -113,8 +115,8 @@ def run_demo(cache_dir: str | os.PathLike[str] | None = None, max_new_tokens: in
     continuations = tok.batch_decode(new_ids, skip_special_tokens=True)
 
     print(f"klotski-jax demo: default {cfg.family.value} model, {cfg.num_layers} layers, "
-          f"{cfg.num_experts} experts (top-{cfg.top_k}), {cfg.dtype}, random weights "
-          f"(the text is gibberish by design)")
+          f"{cfg.num_experts} experts (top-{cfg.top_k}), {cfg.dtype}, trained on CPython's "
+          f"documentation (a small model: doc-like words, repetitive sentences)")
     print(f"checkpoint: {ckpt} (ready in {setup_s:.1f} s)")
     for prompt, cont in zip(prompts, continuations, strict=True):
         print(f"\n> {prompt}\n  ...{cont!r}")

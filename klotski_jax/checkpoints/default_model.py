@@ -1,19 +1,26 @@
-"""The embedded default model: a small Mixtral-architecture HF checkpoint built offline.
+"""The embedded default model: a small trained Mixtral shipped inside the package.
 
-`klotski demo` must work on a fresh machine with no download, so the default model is *built*
-rather than fetched: a deterministic recipe (fixed seeds, no torch, no network) writes an HF
-Mixtral checkpoint (`config.json`, `model.safetensors`, `generation_config.json`) and a byte-level
-BPE tokenizer trained on text that ships with CPython (`pydoc_data.topics`). The weights are random
-(HF-style init); a later issue replaces them with a trained model.
+`klotski demo` must work on a fresh machine with no download, so the default model ships as
+package data: `klotski_jax/data/default_model/` is an HF Mixtral checkpoint (`config.json`,
+bf16 `model.safetensors` with per-expert keys, `generation_config.json`, a byte-level BPE
+tokenizer) trained by `scripts/train_default_model.py` with our own JAX model code on text that
+ships with CPython (the language reference in `pydoc_data.topics` and standard-library
+docstrings). Its model card (README.md in that folder) records the corpus, the command, the loss
+curve and the measured routing skew.
 
-The shape is chosen to behave like Mixtral-8x7B on a 24 GB GPU where it matters for offloading:
-8 experts, top-2, experts are 87% of the bytes, and 12 layers so that a device budget of 25% of
-the weight bytes holds a few whole layers but not the model.
+The shape behaves like Mixtral-8x7B on a 24 GB GPU where it matters for offloading: 8 experts,
+top-2, experts are most of the bytes, and 16 layers, so that a device budget of 25% of the
+weight bytes holds a few whole layers (enough for every schedule's streaming minimum) but not
+the model.
 
-`default_checkpoint()` caches the HF checkpoint under `<cache>/default-hf/` and its conversion
-under `<cache>/default/` (cache: `KLOTSKI_JAX_CACHE`, else `$XDG_CACHE_HOME/klotski-jax`, else
-`~/.cache/klotski-jax`). A stamp file records the recipe's fingerprint, so changing the recipe
-rebuilds the cache instead of silently serving stale files.
+This module holds the pieces the training script and the cache share:
+- `build_tokenizer`: train the byte-level BPE on a list of texts, save it in HF format;
+- `write_hf_checkpoint`: export flat float weights (flat names of models/specs.py) as an HF
+  checkpoint, through the family's declarative key map, so the converter reads it back exactly;
+- `default_checkpoint`: copy the packaged checkpoint to `<cache>/default-hf/` and convert it to
+  `<cache>/default/` (cache: `KLOTSKI_JAX_CACHE`, else `$XDG_CACHE_HOME/klotski-jax`, else
+  `~/.cache/klotski-jax`). A stamp records the packaged files' hashes and a recipe version, so a
+  retrained model (or a changed conversion) rebuilds the cache instead of serving stale files.
 """
 
 from __future__ import annotations
@@ -21,17 +28,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.resources
 import json
 import logging
 import os
 import pathlib
 import shutil
 import uuid
-import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from klotski_jax.config import ModelConfig
@@ -40,74 +46,37 @@ from klotski_jax.models.specs import expert_part_shape, weight_specs
 
 log = logging.getLogger(__name__)
 
-# Bump when the recipe changes in a way the fingerprint below cannot see (e.g. the init code).
-RECIPE_VERSION = 1
-SEED = 20250211  # Klotski's arXiv date; any fixed value works
-INIT_STD = 0.02  # HF `initializer_range`
+# Bump when the cache's contents change in a way the packaged files' hashes cannot see
+# (e.g. the conversion). 1 was the random-weights builder.
+RECIPE_VERSION = 2
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama/Mixtral order
 UNK, BOS, EOS, PAD = SPECIAL_TOKENS
-VOCAB_SIZE = 2048
-
-# transformers-5 style Mixtral config.json (vocab_size is added from the trained tokenizer).
-HF_CONFIG: dict[str, Any] = {
-    "architectures": ["MixtralForCausalLM"],
-    "model_type": "mixtral",
-    "attention_dropout": 0.0,
-    "bos_token_id": SPECIAL_TOKENS.index(BOS),
-    "eos_token_id": SPECIAL_TOKENS.index(EOS),
-    "pad_token_id": SPECIAL_TOKENS.index(PAD),
-    "dtype": "bfloat16",
-    "head_dim": 32,
-    "hidden_act": "silu",
-    "hidden_size": 256,
-    "initializer_range": INIT_STD,
-    "intermediate_size": 320,
-    "max_position_embeddings": 4096,
-    "num_attention_heads": 8,
-    "num_experts_per_tok": 2,
-    "num_hidden_layers": 12,
-    "num_key_value_heads": 4,
-    "num_local_experts": 8,
-    "output_router_logits": False,
-    "rms_norm_eps": 1e-05,
-    "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
-    "router_aux_loss_coef": 0.001,
-    "router_jitter_noise": 0.0,
-    "sliding_window": None,
-    "tie_word_embeddings": False,
-    "use_cache": True,
-}
 
 STAMP_NAME = "klotski-default-recipe.json"
+# The packaged checkpoint's files that define the model (hashed into the cache stamp).
+HF_FILES: tuple[str, ...] = ("config.json", "generation_config.json", "model.safetensors",
+                             "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES: tuple[str, ...] = ("special_tokens_map.json", "tokenizer.json",
+                                    "tokenizer_config.json")
+
+
+def packaged_checkpoint_dir() -> pathlib.Path:
+    """The HF checkpoint shipped in the package (`klotski_jax/data/default_model/`)."""
+    return pathlib.Path(str(importlib.resources.files("klotski_jax"))) / "data" / "default_model"
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
 
-def _corpus() -> list[str]:
-    """Training text for the tokenizer: CPython's pydoc topic pages (offline, ~0.5 MB).
+def build_tokenizer(out_dir: pathlib.Path, texts: Iterable[str], vocab_size: int,
+                    model_max_length: int) -> int:
+    """Train a byte-level BPE on `texts`, save it in HF format in `out_dir`; returns its size.
 
-    The text differs between Python minor versions, so its hash is part of the recipe fingerprint.
-    """
-    from pydoc_data.topics import topics
-
-    return [topics[k] for k in sorted(topics)]
-
-
-def _corpus_sha256() -> str:
-    h = hashlib.sha256()
-    for doc in _corpus():
-        h.update(doc.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def build_tokenizer(out_dir: pathlib.Path) -> int:
-    """Train the byte-level BPE tokenizer and save it in HF format; returns its vocabulary size.
-
-    Byte-level BPE never produces <unk>, so any text round-trips. `tokenizer_config.json` makes
-    `transformers.AutoTokenizer.from_pretrained(out_dir)` load it offline, left-padding by default
-    (what batched greedy generation needs).
+    Special tokens `<unk> <s> </s> <pad>` get ids 0..3; encoding adds `<s>` in front. Byte-level
+    BPE never produces <unk>, so any text round-trips. `tokenizer_config.json` makes
+    `transformers.AutoTokenizer.from_pretrained(out_dir)` load it offline, left-padding by
+    default (what batched greedy generation needs). Deterministic for the same texts and
+    `tokenizers` version.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -118,9 +87,10 @@ def build_tokenizer(out_dir: pathlib.Path) -> int:
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
+    out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
 
     specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
@@ -130,7 +100,7 @@ def build_tokenizer(out_dir: pathlib.Path) -> int:
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": HF_CONFIG["max_position_embeddings"],
+        "model_max_length": model_max_length,
         "padding_side": "left",
     }
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
@@ -138,73 +108,82 @@ def build_tokenizer(out_dir: pathlib.Path) -> int:
     return tok.get_vocab_size()
 
 
-# ---- weights -----------------------------------------------------------------------------------
-
-def _init(key: str, shape: tuple[int, ...]) -> np.ndarray:
-    """HF-style init for one tensor, seeded by its name so the result does not depend on order."""
-    if key.endswith("norm.weight"):
-        return np.ones(shape, np.float32)
-    rng = np.random.default_rng([SEED, zlib.crc32(key.encode())])
-    return rng.normal(0.0, INIT_STD, size=shape).astype(np.float32)
-
+# ---- export ------------------------------------------------------------------------------------
 
 def hf_tensors(cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """(HF key, shape) of every tensor of an HF checkpoint of `cfg`, per-expert layout.
+    """(HF key, shape) of every tensor of an HF checkpoint of `cfg`, per-expert layout."""
+    for key, _, _, shape in _hf_layout(cfg):
+        yield key, shape
 
-    Derived from `weight_specs` and the family's `hf_sources`, so the default model always has
-    exactly the tensors the converter expects.
-    """
+
+def _hf_layout(cfg: ModelConfig) -> Iterator[tuple[str, str, int | None, tuple[int, ...]]]:
+    """(HF key, flat name, expert index or None, shape), from `weight_specs` and `hf_sources`,
+    so an exported checkpoint has exactly the tensors the converter expects."""
     sources = hf_sources(cfg)
     for spec in weight_specs(cfg):
         src = sources[spec.name]
         if isinstance(src, TensorSource):
-            yield src.key, spec.shape
+            yield src.key, spec.name, None, spec.shape
         else:
             assert isinstance(src, ExpertSource)
             part = spec.name.rsplit(".", 1)[1]
             for e in range(cfg.num_experts):
-                yield src.per_expert[0].format(e=e), expert_part_shape(cfg, part)
+                yield (src.per_expert[0].format(e=e), spec.name, e,
+                       expert_part_shape(cfg, part))
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def build_default_hf_checkpoint(out_dir: pathlib.Path) -> pathlib.Path:
-    """Write the default HF Mixtral checkpoint (weights, configs, tokenizer) to `out_dir`.
+def generation_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Greedy by default, with the config's special token ids."""
+    return {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"],
+            "pad_token_id": hf_config["pad_token_id"], "do_sample": False}
 
-    Deterministic (same bytes on every run with the same Python and library versions), offline
-    and torch-free. Written into a temporary sibling directory and renamed at the end, so an
-    interrupted build never leaves a directory that looks complete. Refuses an existing `out_dir`.
+
+def write_hf_checkpoint(out_dir: pathlib.Path, hf_config: Mapping[str, Any],
+                        params: Mapping[str, Any], tokenizer_dir: pathlib.Path) -> pathlib.Path:
+    """Export flat weights as an HF checkpoint in `out_dir` (which must not exist).
+
+    params: every flat name of `weight_specs(cfg)` (any float dtype, HF (out, in) orientation,
+    experts [E, out, in]); stored in the config's dtype with per-expert HF keys, the layout
+    transformers' `save_pretrained` writes. Copies the tokenizer files from `tokenizer_dir`.
+    Written into a temporary sibling and renamed at the end, so a failed export leaves nothing
+    that looks complete.
     """
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
     from safetensors.numpy import save_file
 
+    cfg = ModelConfig.from_hf_config(dict(hf_config))
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists")
+    missing = [s.name for s in weight_specs(cfg) if s.name not in params]
+    if missing:
+        raise ValueError(f"params are missing {len(missing)} arrays, e.g. {missing[:3]}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would survive the rename and hide a shared cache.
+    # Not tempfile.mkdtemp: its 0700 mode would survive the rename.
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        vocab = build_tokenizer(tmp)
-        hf_config = {**HF_CONFIG, "vocab_size": vocab}
-        cfg = ModelConfig.from_hf_config(hf_config)
-        _write_json(tmp / "config.json", hf_config)
-        _write_json(tmp / "generation_config.json", {
-            "bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"],
-            "pad_token_id": hf_config["pad_token_id"], "do_sample": False})
-        tensors = {key: _init(key, shape).astype(ml_dtypes.bfloat16)
-                   for key, shape in hf_tensors(cfg)}
+        _write_json(tmp / "config.json", dict(hf_config))
+        _write_json(tmp / "generation_config.json", generation_config(hf_config))
+        tensors = {}
+        for key, name, e, shape in _hf_layout(cfg):
+            value = np.asarray(params[name])
+            value = value if e is None else value[e]
+            if value.shape != shape:
+                raise ValueError(f"{name}: shape {value.shape} != expected {shape} for {key}")
+            tensors[key] = np.ascontiguousarray(value.astype(cfg.np_dtype))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        nbytes = sum(t.nbytes for t in tensors.values())
-        del tensors
+        os.chmod(tmp / "model.safetensors", 0o644)  # save_file creates it 0600
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(tokenizer_dir / name, tmp / name)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("built default HF checkpoint at %s (%d layers, %.1f MB of bf16 weights)",
-             out_dir, cfg.num_layers, nbytes / 1e6)
     return out_dir
 
 
@@ -220,17 +199,21 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
     return pathlib.Path(xdg).expanduser() / "klotski-jax"
 
 
-def recipe() -> dict[str, Any]:
-    """Everything that determines the default model's bytes; stored as the cache stamp."""
-    import tokenizers
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
+
+def recipe(source: pathlib.Path | None = None) -> dict[str, Any]:
+    """What determines the cached files: the packaged files' hashes and the recipe version."""
     from klotski_jax import __version__
 
-    return {"recipe_version": RECIPE_VERSION, "klotski_jax": __version__, "seed": SEED,
-            "tokenizers": tokenizers.__version__,
-            "hf_config": HF_CONFIG, "special_tokens": list(SPECIAL_TOKENS),
-            "vocab_size": VOCAB_SIZE, "corpus_sha256": _corpus_sha256(),
-            "numpy": np.__version__.split(".")[0]}
+    source = packaged_checkpoint_dir() if source is None else source
+    return {"recipe_version": RECIPE_VERSION, "klotski_jax": __version__,
+            "files": {name: _sha256(source / name) for name in HF_FILES}}
 
 
 def _stamp_ok(directory: pathlib.Path, want: dict[str, Any]) -> bool:
@@ -252,24 +235,40 @@ def _locked(root: pathlib.Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _copy_packaged(source: pathlib.Path, hf_dir: pathlib.Path) -> None:
+    """Copy the packaged checkpoint to hf_dir through a temporary sibling (atomic rename)."""
+    tmp = hf_dir.parent / f".{hf_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+        os.replace(tmp, hf_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def default_checkpoint(cache_dir: str | os.PathLike[str] | None = None,
                        rebuild: bool = False) -> pathlib.Path:
-    """The converted klotski-jax checkpoint of the default model, built on first use.
+    """The converted klotski-jax checkpoint of the default model, made on first use.
 
-    Returns `<cache>/default`. Builds `<cache>/default-hf` (the HF checkpoint) and converts it when
-    either is missing, was built by a different recipe, or `rebuild` is set. Takes a few seconds.
+    Returns `<cache>/default`. Copies the packaged HF checkpoint to `<cache>/default-hf` (usable
+    with transformers) and converts it when either is missing, stems from other packaged files or
+    recipe, or `rebuild` is set. Takes about a second.
     """
     from klotski_jax.checkpoints.convert import convert
 
+    source = packaged_checkpoint_dir()
+    if not (source / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the packaged default model is missing: {source} (reinstall "
+                                "klotski-jax, or run scripts/train_default_model.py)")
     root = cache_root(cache_dir)
     hf_dir, ckpt_dir = root / "default-hf", root / "default"
-    want = recipe()
+    want = recipe(source)
     with _locked(root):
         if rebuild or not _stamp_ok(hf_dir, want):
-            log.info("building the default HF checkpoint in %s", hf_dir)
+            log.info("copying the packaged default model to %s", hf_dir)
             shutil.rmtree(hf_dir, ignore_errors=True)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
-            build_default_hf_checkpoint(hf_dir)
+            _copy_packaged(source, hf_dir)
             _write_json(hf_dir / STAMP_NAME, want)
         if rebuild or not _stamp_ok(ckpt_dir, want):
             log.info("converting %s -> %s", hf_dir, ckpt_dir)

@@ -1,0 +1,230 @@
+"""Training code (klotski_jax/models/training.py) and the default model's training script.
+
+- the training forward is the reference model's forward (same weights, same logits), for every
+  family quirk it supports;
+- the load-balancing loss equals transformers' `load_balancing_loss_func`;
+- gradients reach every weight, a few steps lower the loss, and a rerun repeats the loss curve;
+- the corpus rules of scripts/train_default_model.py pick exactly the documented docstrings;
+- the script itself runs end to end on a tiny config in CI (`--tiny --steps 5`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import sys
+import textwrap
+from types import ModuleType
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from klotski_jax.config import ModelConfig
+from klotski_jax.demo import PROMPTS
+from klotski_jax.models import training as T
+from klotski_jax.models.reference import Model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(**changes: object) -> ModelConfig:
+    hf = {"model_type": "mixtral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 24,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "num_local_experts": 4, "num_experts_per_tok": 2, "dtype": "float32"}
+    return ModelConfig.from_hf_config(hf).replace(**changes)
+
+
+def hf_family_cfg(name: str) -> ModelConfig:
+    """The ModelConfig of one of tests/hf_models.py's tiny HF configs (family quirks)."""
+    pytest.importorskip("torch")
+    from hf_models import make_hf_model
+
+    return ModelConfig.from_hf_config(make_hf_model(name).config.to_dict()).replace(dtype="float32")
+
+
+def perturbed_params(cfg: ModelConfig, seed: int = 0) -> T.Params:
+    """init_params with larger weights and non-trivial norms/biases, so routing and every
+    quirk matter."""
+    params = T.init_params(cfg, seed, std=0.2)
+    key = jax.random.PRNGKey(seed + 1)
+    for i, (name, w) in enumerate(sorted(params.items())):
+        if name.endswith(("norm", "bias")):
+            params[name] = w + 0.1 * jax.random.normal(jax.random.fold_in(key, i), w.shape)
+    return params
+
+
+@pytest.mark.parametrize("name", ["mixtral", "mixtral-odd", "qwen2_moe", "qwen3_moe", "olmoe-clip"])
+def test_forward_train_equals_reference_model(name: str) -> None:
+    cfg = hf_family_cfg(name)
+    params = perturbed_params(cfg)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 11)).astype(np.int32)
+    logits, router_logits = jax.jit(T.forward_train, static_argnames="cfg")(params, ids, cfg=cfg)
+    ref = Model(cfg, {k: np.asarray(v) for k, v in params.items()}).logits(ids)
+    np.testing.assert_allclose(np.asarray(logits), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    assert len(router_logits) == sum(cfg.moe_layers)
+    assert all(r.shape == (ids.size, cfg.num_experts) for r in router_logits)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_load_balancing_loss_equals_transformers(masked: bool) -> None:
+    torch = pytest.importorskip("torch")
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    rng = np.random.default_rng(1)
+    batch, seq, experts, top_k = 3, 7, 8, 2
+    logits = [rng.normal(0, 2, (batch * seq, experts)).astype(np.float32) for _ in range(4)]
+    mask = (rng.random((batch, seq)) > 0.3).astype(np.int64) if masked else None
+    want = load_balancing_loss_func(tuple(torch.tensor(x) for x in logits), experts, top_k,
+                                    None if mask is None else torch.tensor(mask))
+    got = T.load_balancing_loss([jnp.asarray(x) for x in logits], experts, top_k,
+                                None if mask is None else jnp.asarray(mask))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    # perfectly balanced routing gives top_k
+    uniform = [jnp.tile(jnp.eye(experts) * 5, (2, 1))]  # every expert first in 2 rows
+    assert abs(float(T.load_balancing_loss(uniform, experts, 1)) - 1.0) < 1e-3
+
+
+def test_gradients_reach_every_weight() -> None:
+    cfg = tiny_cfg()
+    params = perturbed_params(cfg)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (4, 17)), jnp.int32)
+    grads, metrics = jax.grad(T.loss_fn, has_aux=True)(params, tokens, cfg, 0.02)
+    assert set(grads) == set(params)
+    for name, g in grads.items():
+        assert np.isfinite(np.asarray(g)).all(), name
+        assert float(jnp.abs(g).max()) > 0, name  # 64 tokens x top-2 reach all 4 experts
+    assert 2.0 <= float(metrics["aux"]) <= 4.0  # top-2 of 4: 2 balanced, 4 collapsed
+
+
+def test_fit_lowers_the_loss_and_repeats_its_curve() -> None:
+    cfg = tiny_cfg()
+    rng = np.random.default_rng(3)
+    pattern = rng.integers(4, cfg.vocab_size, 8)
+    windows = np.stack([np.roll(np.tile(pattern, 3), -i)[:17] for i in range(8)]).astype(np.int32)
+    tc = T.TrainConfig(steps=12, peak_lr=1e-2, warmup_steps=2)
+    _, first = T.fit(cfg, tc, windows, windows[:4], batch_size=4, seed=5, eval_every=6)
+    _, again = T.fit(cfg, tc, windows, windows[:0], batch_size=4, seed=5)
+    losses = [s["loss"] for s in first["steps"]]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5  # a periodic text is easy to learn
+    assert first["evals"][-1]["val_loss"] < first["evals"][0]["val_loss"]
+    assert [e["step"] for e in first["evals"]] == [0, 6, 12]
+    np.testing.assert_allclose(losses, [s["loss"] for s in again["steps"]], rtol=0, atol=1e-6)
+    lrs = [s["lr"] for s in first["steps"]]
+    np.testing.assert_allclose(lrs[:3], [5e-3, 7.5e-3, 1e-2], rtol=1e-5)  # warm-up from peak / 2
+    assert 1e-3 <= lrs[-1] < 2e-3  # cosine decay towards 10% of the peak at step 12
+
+
+def test_batch_order_is_a_seeded_permutation_per_epoch() -> None:
+    order = T.batch_order(10, 3, 7, seed=0)  # 3 batches per epoch (one window left out)
+    assert order.shape == (7, 3)
+    for epoch in range(2):
+        seen = order[3 * epoch: 3 * epoch + 3].ravel()
+        assert len(set(seen)) == 9
+    np.testing.assert_array_equal(order, T.batch_order(10, 3, 7, seed=0))
+    assert not np.array_equal(order, T.batch_order(10, 3, 7, seed=1))
+    with pytest.raises(ValueError, match="cannot fill"):
+        T.batch_order(2, 3, 1, seed=0)
+
+
+def test_routing_skew_counts_every_assignment() -> None:
+    cfg = tiny_cfg()
+    params = perturbed_params(cfg)
+    windows = np.random.default_rng(4).integers(0, cfg.vocab_size, (5, 9)).astype(np.int32)
+    skew = T.routing_skew(params, windows, cfg, batch_size=2)
+    assert skew["windows"] == 5 and skew["tokens"] == 5 * 8
+    for layer in range(cfg.num_layers):
+        shares = skew["expert_shares"][layer]
+        assert sum(shares) == pytest.approx(1.0, abs=1e-3)
+        assert skew["top2_share"][layer] == pytest.approx(sum(sorted(shares)[-2:]), abs=1e-3)
+        assert 0.5 <= skew["top2_share"][layer] <= 1.0  # top-2 of 4 experts
+        assert skew["top2_share_per_window"][layer] >= skew["top2_share"][layer] - 1e-3
+
+
+# ---- the script -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def script() -> ModuleType:
+    path = ROOT / "scripts" / "train_default_model.py"
+    spec = importlib.util.spec_from_file_location("train_default_model", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stdlib_corpus_rules(script: ModuleType, tmp_path: pathlib.Path) -> None:
+    files = {
+        "json/__init__.py": ('"""JSON encoder."""\ndef dumps(obj, *, indent=None):\n'
+                             '    """Serialize."""\n'),
+        "json/decoder.py": textwrap.dedent('''\
+            class JSONDecoder(object):
+                """Simple decoder."""
+                def decode(self, s):
+                    """Decode s."""
+                    def inner():
+                        """nested: skipped"""
+                def _private(self):
+                    """skipped"""
+            def _helper():
+                """skipped"""
+            '''),
+        "nodoc.py": "x = 1\n",
+        "test/test_json.py": '"""excluded"""\n',
+        "site-packages/pkg.py": '"""excluded"""\n',
+        "config-3.11-x86_64-linux-gnu/python-config.py": '"""excluded"""\n',
+        "broken.py": "def (:\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    docs = script.stdlib_documents(tmp_path)
+    assert docs == [
+        ("module:json", "Module json\n\nJSON encoder.\n\ndumps(obj, *, indent=None)\n\nSerialize."),
+        ("module:json.decoder", "Module json.decoder\n\nclass JSONDecoder(object)\n\n"
+                                "Simple decoder.\n\nJSONDecoder.decode(self, s)\n\nDecode s."),
+    ]
+
+
+def test_corpus_split_is_deterministic_and_disjoint(script: ModuleType) -> None:
+    from pydoc_data.topics import topics
+
+    train, val = script.corpus_documents(tiny=True)
+    assert sorted(d for d, _ in train + val) == [f"topic:{k}" for k in sorted(topics)]
+    assert [d for d, _ in train] == sorted(d for d, _ in train)  # in a fixed order
+    assert val and all(script.is_validation(d) for d, _ in val)
+    assert not any(script.is_validation(d) for d, _ in train)
+    assert script.corpus_documents(tiny=True) == (train, val)
+
+
+def test_script_tiny_run(script: ModuleType, tmp_path: pathlib.Path) -> None:
+    """`--tiny --steps 5`: trains, lowers the validation loss, exports an HF checkpoint with a
+    model card and the log; transformers loads it."""
+    out = tmp_path / "model"
+    assert script.main(["--tiny", "--steps", "5", "--run-dir", str(tmp_path / "run"),
+                        "--out-dir", str(out), "--sample-tokens", "2"]) == 0
+    record = json.loads((out / "training_log.json").read_text())
+    evals = record["evals"]
+    assert [e["step"] for e in evals] == [0, 5] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert len(record["steps"]) == 5 and record["steps"][-1]["tokens"] == 5 * 4 * 32
+    export = record["export"]
+    assert abs(export["val_loss"] - evals[-1]["val_loss"]) < 0.01  # bf16 export ~ float32 weights
+    assert len(export["routing"]["top2_share"]) == 2 and len(export["samples"]) == len(PROMPTS)
+    card = (out / "README.md").read_text()
+    assert f"{export['val_loss']:.3f}" in card and record["command"] in card
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "generation_config.json", "model.safetensors",
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "training_log.json"]
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    model, info = transformers.MixtralForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert len(transformers.AutoTokenizer.from_pretrained(out)) == model.config.vocab_size == 512
+
+    with pytest.raises(FileExistsError, match="--overwrite"):  # never replaces silently
+        script.main(["--tiny", "--steps", "1", "--run-dir", str(tmp_path / "run"),
+                     "--out-dir", str(out), "--sample-tokens", "1"])
