@@ -1,5 +1,5 @@
 # klotski-jax developer entry points. On a fresh machine:
-#   make demo    # venv without torch, builds the default model, runs `klotski demo`
+#   make demo    # venv without torch, builds the default model, benchmarks the schedules on it
 #   make test    # same venv plus torch (CPU) and the test extra, runs the fast tests
 #
 # One venv serves both: `make demo` installs the package only; `make test` adds torch + the
@@ -13,6 +13,8 @@ PIP    := $(PY) -m pip
 # accelerate in a venv without torch) resolves to a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 PYTEST_ARGS ?=
+# Where `make demo` writes its JSON lines, plot and trace.
+BENCH_OUT ?= bench-out
 
 # Persistent XLA compilation cache: repeated test runs skip most compiles.
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
@@ -22,7 +24,7 @@ export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
 .PHONY: help demo test test-slow lint install install-test
 
 help:
-	@echo "make demo       build the embedded default model and run 'klotski demo' (no torch)"
+	@echo "make demo       build the default model, run 'klotski bench' on it at a 25% device budget"
 	@echo "make test       fast tests (pytest -m 'not slow'); installs torch $(TORCH) + [test]"
 	@echo "make test-slow  the slow-marked tests only"
 	@echo "make lint       ruff check"
@@ -44,8 +46,15 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# Every schedule on the default model at a quarter of its weight bytes on the device and half in
+# host RAM, the checkpoint evicted from the page cache before each run; hf-accelerate runs when
+# torch is installed (`make test` installs it), else it is reported as skipped. --profile
+# measures the model on this machine once (about 35 s, then cached) so that klotski runs with the
+# planner's n, batch size and K. The CPU preset (8 prompts x 32 tokens -> 8) on any machine.
 demo: $(VENV)/.installed
-	$(VENV)/bin/klotski demo
+	$(VENV)/bin/klotski bench --schedules klotski,flexgen,lru,sequential,hf-accelerate --profile \
+	    --preset cpu --device-budget 25% --host-budget 50% --cold-disk --repeats 2 --sample 3 \
+	    --json $(BENCH_OUT)/demo.jsonl --plot $(BENCH_OUT)/demo.png --trace $(BENCH_OUT)/demo-trace.json
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)

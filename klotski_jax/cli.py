@@ -79,7 +79,7 @@ class GenerateOptions:
     schedule: str = "klotski"
     device_budget: str | None = None
     host_budget: str | None = None
-    groups: int = 2
+    groups: int | None = None  # None: the planner chooses (see Engine.layout)
     batch_size: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
@@ -160,7 +160,7 @@ def run_generate(opts: GenerateOptions) -> dict[str, Any]:
     results = gio.results(records, gen.token_ids, gen.texts)
     stats = {**gen.stats.to_dict(), "weight_bytes": weight_bytes,
              "max_new_tokens": opts.max_new_tokens, "prompts": len(records),
-             "placement": gen.placement, "policy": dataclasses.asdict(policy),
+             "placement": gen.placement, "policy": dataclasses.asdict(policy), "plan": gen.plan,
              "checkpoint": str(engine.reader.path)}
     if opts.output:
         gio.write_jsonl(opts.output, results)
@@ -178,6 +178,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         for r in out["results"]:
             print(json.dumps(r.get("text", r["token_ids"]), ensure_ascii=False))
     s = out["stats"]
+    if not opts.quiet and s.get("plan"):
+        p = s["plan"]
+        print(f"planner: {p['groups']} group(s) x {p['batch_size']}, K={p['hot_experts']}; "
+              f"predicted {p['predicted_throughput_tokens_per_s']:.1f} tok/s, binding "
+              f"{p['binding_constraint']}, n limited by {p['limited_by']}", file=sys.stderr)
     if not opts.quiet:
         budget = s["device_budget_bytes"]
         print(f"{s['generated_tokens']} tokens in {s['total_s']:.2f} s "
@@ -225,10 +230,12 @@ def _add_generate(sub: Any) -> None:
                    help="device memory cap: 512MB, 2GiB, or 30%% of the weight bytes "
                         "(default: unlimited)")
     p.add_argument("--host-budget", metavar="SIZE", help="host RAM cap (same forms)")
-    p.add_argument("--groups", type=_positive_int, default=2, metavar="N",
-                   help="batch groups n sharing each loaded layer (klotski, flexgen; default: 2)")
+    p.add_argument("--groups", type=_positive_int, default=None, metavar="N",
+                   help="batch groups n sharing each loaded layer (klotski, flexgen; default: "
+                        "the planner's choice with a cached profile, else 2)")
     p.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
-                   help="sequences per group (default: prompts split evenly over the groups)")
+                   help="sequences per group (default: the planner's choice, else prompts split "
+                        "evenly over the groups)")
     p.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
                    help="0 = greedy (default)")
     p.add_argument("--top-p", type=_probability, default=1.0, metavar="P",
@@ -249,6 +256,101 @@ def _add_generate(sub: Any) -> None:
                    help="drop the checkpoint's files from the page cache first (true disk reads)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, summary or info logs")
     p.set_defaults(func=_cmd_generate)
+
+
+# ---- bench ------------------------------------------------------------------------------------
+def _schedule_list(text: str) -> tuple[str, ...]:
+    from klotski_jax.bench import SCHEDULES
+
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in names if s not in SCHEDULES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of "
+                                         f"{', '.join(SCHEDULES)}; got {text!r}")
+    return names
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(_positive_int(s.strip()) for s in text.split(",") if s.strip()) or (
+        _positive_int(""),)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from klotski_jax.bench import BenchOptions, run_bench
+
+    if not args.verbose:  # one "placement" info line per run would bury the table
+        logging.getLogger("klotski_jax.engine").setLevel(logging.WARNING)
+    names = {f.name for f in dataclasses.fields(BenchOptions)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    values["command"] = shlex.join(["klotski", *args.argv])
+    out = run_bench(BenchOptions(**values))
+    print(out["workload"] + "\n")
+    print(out["table"])
+    sample = out["sample"]
+    if isinstance(sample, str):
+        print(sample)
+    elif sample:
+        print("sample (klotski schedule, greedy):")
+        for prompt, text in sample:
+            print(f"> {prompt}\n  ...{text!r}")
+    if out["files"]:
+        print(f"wrote {', '.join(out['files'])}")
+    return 0
+
+
+def _add_bench(sub: Any) -> None:
+    from klotski_jax.bench import PRESETS, SCHEDULES
+
+    p = sub.add_parser(
+        "bench", help="throughput of the schedules (and HF accelerate) side by side",
+        description="Run the schedules on the same prompts and budgets, alternating, with "
+                    "repeats after a warm-up; print a Markdown table, write JSON lines, a plot "
+                    "and a trace. See README 'Performance'.")
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None,
+                   help="checkpoint written by `klotski convert` (default: the embedded default "
+                        "model, built on first use)")
+    p.add_argument("--schedules", type=_schedule_list, default=SCHEDULES, metavar="LIST",
+                   help=f"comma-separated, any of {','.join(SCHEDULES)} (default: all; "
+                        "hf-accelerate is skipped without torch)")
+    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
+                   help="workload defaults: paper (512/32, 32 prompts) or cpu (32/8, 8 prompts); "
+                        "auto: cpu when JAX has no accelerator")
+    p.add_argument("--prompt-len", type=_positive_int, metavar="N", help="synthetic prompt tokens")
+    p.add_argument("--gen-len", type=_positive_int, metavar="N", help="new tokens per prompt")
+    p.add_argument("--num-prompts", type=_positive_int, metavar="N")
+    p.add_argument("--batch-size", type=_positive_int, metavar="B", help="sequences per group")
+    p.add_argument("--groups", type=_positive_int, metavar="N",
+                   help="batch groups n (default: the engine's default)")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="JSON Lines prompts like `generate --input` (default: seeded random ids)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
+    p.add_argument("--device-budget", metavar="SIZE", help="512MB, 2GiB or 25%% of the weights")
+    p.add_argument("--host-budget", metavar="SIZE", help="host RAM cap (same forms)")
+    p.add_argument("--cold-disk", action="store_true",
+                   help="evict the checkpoint from the page cache before each run")
+    p.add_argument("--io-mode", choices=IO_MODES, default="buffered",
+                   help="expert reads (direct: O_DIRECT, every read from the disk)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile the model on this device first (cached, see `klotski profile`), "
+                        "so klotski runs with the planner's n, batch size and K")
+    p.add_argument("--repeats", type=_positive_int, default=2, help="timed runs (default: 2)")
+    p.add_argument("--ablation", action="store_true",
+                   help="add the paper's ladder: simple, +multi-batch, +hot-only, +reorder")
+    p.add_argument("--sweep-groups", type=_int_list, metavar="LIST",
+                   help="e.g. 1,2,4,8: one configuration per n, each n x --batch-size prompts")
+    p.add_argument("--hf-dir", metavar="DIR",
+                   help="HF checkpoint for hf-accelerate (default: the manifest's source)")
+    p.add_argument("--json", metavar="FILE", help="one JSON line per (schedule, configuration)")
+    p.add_argument("--markdown", metavar="FILE",
+                   help="the table with the date, machine and command (a results file)")
+    p.add_argument("--plot", metavar="FILE.png", help="throughput and a decode-step timeline")
+    p.add_argument("--trace", metavar="FILE", help="Chrome trace of one klotski run")
+    p.add_argument("--sample", type=int, default=0, metavar="N",
+                   help="print N generated text samples (klotski, first budgets) at the end")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or status lines")
+    p.set_defaults(func=_cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     _add_generate(sub)
+    from klotski_jax.cli_planner import add_planner_commands
+
+    add_planner_commands(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -283,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by bench
     _check_generate_args(parser, args)
     quiet = getattr(args, "quiet", False)
     level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO

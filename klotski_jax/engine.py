@@ -26,17 +26,21 @@ from klotski_jax.checkpoints.loader import load_tokenizer
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.models.reference import CACHE_ROUND, KVCache, positions_from_mask
 from klotski_jax.pipeline import steps
+from klotski_jax.pipeline.costs import Profile
 from klotski_jax.pipeline.host import HostTier
 from klotski_jax.pipeline.hot import HotPredictor, PreviousLayerPopularity
 from klotski_jax.pipeline.ledger import MemoryLedger
-from klotski_jax.pipeline.placement import Placement, Workload, global_bytes, place
-from klotski_jax.pipeline.policy import Policy, PolicyError
+from klotski_jax.pipeline.placement import Placement, Workload, device_global_bytes, place
+from klotski_jax.pipeline.planner import Plan, Planner, PlanRequest
+from klotski_jax.pipeline.policy import Policy, PolicyError, Schedule
+from klotski_jax.pipeline.prefetcher import CorrelationPrefetcher, CorrelationTable, TableError
 from klotski_jax.pipeline.scheduler import GroupState, Scheduler, live_device_bytes
 from klotski_jax.pipeline.trace import RunStats, Tracer
 
 log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
+DEFAULT_GROUPS = 2  # n when the planner cannot choose (no profile cached, or a non-klotski run)
 
 
 @dataclasses.dataclass
@@ -48,6 +52,7 @@ class Generation:
     texts: list[str] | None  # decoded new tokens, when the checkpoint has a tokenizer
     stats: RunStats
     placement: dict[str, Any]
+    plan: dict[str, Any] | None = None  # what the planner chose and predicted (None: not used)
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator
@@ -71,13 +76,31 @@ class Engine:
     """Generation with a schedule of the pipeline over a converted checkpoint."""
 
     def __init__(self, ckpt_dir: str | os.PathLike[str], policy: Policy | None = None,
-                 *, predictor_factory: Callable[[Any], HotPredictor] | None = None) -> None:
+                 *, predictor_factory: Callable[[Any], HotPredictor] | None = None,
+                 profile: Profile | None = None) -> None:
         self.reader = CheckpointReader(ckpt_dir)
         self.config = self.reader.config
         self.policy = policy or Policy()
         self.tokenizer = load_tokenizer(self.reader.tokenizer_dir)
-        self._predictor_factory = predictor_factory or (
-            lambda cfg: PreviousLayerPopularity(cfg.moe_layer_ids, cfg.num_experts))
+        # The checkpoint's prefetch table (klotski calibrate): each round predicts with its own
+        # copy, updated online, never written back. Without one: previous-layer popularity.
+        self.prefetch_table: CorrelationTable | None = None
+        try:
+            self.prefetch_table = CorrelationTable.load(self.reader.path)
+            if self.prefetch_table is not None:
+                self.prefetch_table.check(self.config.moe_layer_ids, self.config.num_experts)
+        except TableError as e:  # a damaged table only costs prediction quality
+            log.warning("ignoring the prefetch table: %s", e)
+            self.prefetch_table = None
+        self._predictor_factory = predictor_factory or self._default_predictor
+        self._profile = profile
+        self.plan: Plan | None = None  # the planner's choice for the last layout, if it made one
+        self._plans: dict[tuple[int, int, int], Plan | None] = {}
+
+    def _default_predictor(self, cfg: Any) -> HotPredictor:
+        if self.prefetch_table is not None:
+            return CorrelationPrefetcher(self.prefetch_table.copy())
+        return PreviousLayerPopularity(cfg.moe_layer_ids, cfg.num_experts)
 
     # ---- inputs -------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
@@ -100,13 +123,56 @@ class Engine:
             out.append(ids)
         return out
 
-    def layout(self, n_prompts: int) -> tuple[int, int]:
-        """(groups, batch size per group) for n_prompts under the policy."""
+    def layout(self, n_prompts: int, prompt_len: int | None = None,
+               max_new_tokens: int | None = None) -> tuple[int, int]:
+        """(groups, batch size per group) for n_prompts under the policy.
+
+        Groups or batch size that the policy leaves open (None) are chosen by the planner when
+        the prompt length and new tokens are given, the schedule is the multi-batch klotski one
+        and a profile of this model on this device exists (`klotski profile`); otherwise
+        DEFAULT_GROUPS groups with the prompts split evenly. The plan is kept in `self.plan`.
+        """
         pol = self.policy
+        self.plan = None
         if pol.single_group:
             return 1, pol.batch_size or n_prompts
-        groups = min(pol.groups, n_prompts)
+        if (pol.groups is None or pol.batch_size is None) and prompt_len and max_new_tokens:
+            self.plan = self._plan(n_prompts, prompt_len, max_new_tokens)
+        if self.plan is not None:
+            return self.plan.groups, self.plan.batch_size
+        groups = min(pol.groups or DEFAULT_GROUPS, n_prompts)
         return groups, pol.batch_size or math.ceil(n_prompts / groups)
+
+    def _plan(self, n_prompts: int, prompt_len: int, max_new: int) -> Plan | None:
+        """The planner's choice (memoised per workload); None without a profile."""
+        pol = self.policy
+        if pol.schedule is not Schedule.KLOTSKI or not pol.multi_batch:
+            return None
+        key = (n_prompts, prompt_len, max_new)
+        if key not in self._plans:
+            from klotski_jax.pipeline.profiler import load_cached
+
+            profile = self._profile or load_cached(self.config)
+            if profile is None:
+                log.info("no profile of this model on this device (run `klotski profile %s`): "
+                         "%d groups, prompts split evenly", self.reader.path, DEFAULT_GROUPS)
+                self._plans[key] = None
+                return None
+            routing = self.prefetch_table.routing_probs() if self.prefetch_table else None
+            req = PlanRequest(prompt_len=prompt_len, gen_len=max_new, num_prompts=n_prompts,
+                              batch_size=pol.batch_size, groups=pol.groups,
+                              hot_experts=pol.hot_experts, device_budget=pol.device_budget,
+                              host_budget=pol.host_budget, disk_tier=disk_tier(pol))
+            plan = Planner(self.config, profile, routing, base=pol).plan(req)
+            log.info("planner: %d group(s) x %d, K=%d; predicted %.1f tok/s, binding %s",
+                     plan.groups, plan.batch_size, plan.hot_experts,
+                     plan.predicted_throughput_tokens_per_s, plan.binding_constraint)
+            self._plans[key] = plan
+        return self._plans[key]
+
+    def run_policy(self) -> Policy:
+        """The policy a round runs with: the planner's K when it chose one."""
+        return self.policy if self.plan is None else self.plan.policy(self.policy)
 
     # ---- the run ------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 32,
@@ -122,7 +188,7 @@ class Engine:
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         ids = self.encode(prompts)
-        groups, batch = self.layout(len(ids))
+        groups, batch = self.layout(len(ids), max(len(p) for p in ids), max_new_tokens)
         per_round = groups * batch
         tracer = trace or Tracer(enabled=False)
         stats = RunStats(schedule=self.policy.schedule.value, groups=groups, batch_size=batch)
@@ -140,7 +206,8 @@ class Engine:
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
-        return Generation(ids, new_tokens, texts, stats, placement.describe() if placement else {})
+        return Generation(ids, new_tokens, texts, stats, placement.describe() if placement else {},
+                          self.plan.to_dict() if self.plan is not None else None)
 
     def logits(self, token_ids: Any, attention_mask: Any | None = None) -> np.ndarray:
         """Float32 logits [B, S, V] of a left-padded batch computed through the schedule
@@ -209,7 +276,7 @@ class _Session:
                  tracer: Tracer, stats: RunStats) -> None:
         self.engine = engine
         self.cfg = cfg = engine.config
-        self.policy = pol = engine.policy
+        self.policy = pol = engine.run_policy()
         self.cache_len = -(-(prompt_len + max_new) // CACHE_ROUND) * CACHE_ROUND
         self.placement = place(cfg, pol, Workload(groups, batch, prompt_len,
                                                   self.cache_len - prompt_len))
@@ -223,28 +290,40 @@ class _Session:
         baseline = live_device_bytes() if pol.verify_memory else None
         self.device = MemoryLedger("device", pol.device_budget)
         self.host = MemoryLedger("host", pol.host_budget)
-        self.device.reserve("kv caches", pl.kv_bytes)
+        # KV caches: on the device for the whole run, or in host RAM (loaded per layer, in the
+        # device ledger as ("kv", layer, group) transfers) when the budget cannot hold them.
+        (self.device if pl.kv_on_device else self.host).reserve("kv caches", pl.kv_bytes)
         self.device.reserve("activations", pl.activation_bytes)
-        self.device.reserve("globals", global_bytes(cfg))
+        self.device.reserve("globals", device_global_bytes(cfg))
         host = HostTier(self.engine.reader, self.host, pl.host_experts, pol.io_mode)
         if pol.evict_page_cache:
             host.evict_page_cache()
         if use_pinned_host(pol):
             pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
             host.to_host_memory = lambda parts: jax.block_until_ready(jax.device_put(parts, pinned))
-        globals_dev = jax.device_put(host.globals)
+        on_device = ("final_norm", "embed" if cfg.tie_word_embeddings else "lm_head")
+        globals_dev = jax.device_put({k: host.globals[k] for k in on_device})
+        embed_host = None if cfg.tie_word_embeddings else host.globals["embed"]
         self.transfers = Transfers(host, self.device, io_threads=pol.io_threads,
                                    tracer=self.tracer, stats=self.stats)
+        if not pl.kv_on_device:
+            window = pl.fixed_device_bytes - pl.activation_bytes - device_global_bytes(cfg)
+            self.device.reserve("kv window", window)
+            self.transfers.kv_ledger = MemoryLedger("device kv window", window)
         self.scheduler = Scheduler(cfg, pol, pl, self.transfers,
-                                   self.engine._predictor_factory(cfg), globals_dev, self.tracer,
+                                   self.engine._predictor_factory(cfg), globals_dev, embed_host,
+                                   self.tracer,
                                    self.stats, self.device, live_baseline=baseline)
         log.info("placement: %s", pl.describe())
         return self
 
     def group(self, ids: np.ndarray, mask: np.ndarray) -> GroupState:
-        cache = KVCache.create(self.cfg, len(ids), self.cache_len)
+        on_device = self.placement.kv_on_device
+        cache = KVCache.create(self.cfg, len(ids), self.cache_len, host=not on_device)
         cache.valid[:, : ids.shape[1]] = mask > 0
-        state = GroupState(cache, ids, positions_from_mask(mask))
+        state = GroupState(cache, ids, positions_from_mask(mask),
+                           index=len(self.transfers.kv_caches))
+        self.transfers.kv_caches[state.index] = cache
         return state
 
     def warm_up(self, states: list[GroupState]) -> None:
@@ -279,6 +358,13 @@ def use_pinned_host(policy: Policy) -> bool:
         raise PolicyError(f"{device.platform} device {device} has no pinned_host memory "
                           f"(memory kinds: {sorted(kinds)})")
     return policy.pinned_host
+
+
+def disk_tier(policy: Policy) -> str:
+    """What a round's first read of an expert costs, for the planner: "disk" when the run
+    evicts the page cache or reads with O_DIRECT, else "page_cache" (the files were read before
+    and stay in RAM while it has room; the profile measures both)."""
+    return "disk" if policy.evict_page_cache or policy.io_mode == "direct" else "page_cache"
 
 
 def _cut_at(tokens: list[int], eos: set[int]) -> list[int]:

@@ -8,14 +8,22 @@ suite on an accelerator.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 _TESTS = pathlib.Path(__file__).resolve().parent
 _ROOT = _TESTS.parent
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Profiles (which make the engine's planner choose n) come from a folder of this session only,
+# never from the user's cache: runs without --groups stay deterministic.
+if "KLOTSKI_JAX_PROFILES" not in os.environ:
+    os.environ["KLOTSKI_JAX_PROFILES"] = tempfile.mkdtemp(prefix="klotski-profiles-")
+    atexit.register(shutil.rmtree, os.environ["KLOTSKI_JAX_PROFILES"], ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_ROOT / ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

@@ -208,3 +208,20 @@ def test_pinned_host_cache_on_cpu(cases):
     case = cases("olmoe")
     policy = Policy(groups=2, pinned_host=True)
     case.check(policy.replace(device_budget=case.min_budget(policy)))
+
+
+def test_kv_caches_live_on_the_host_when_the_budget_is_tight(cases):
+    """At the minimum budget the KV caches are host-resident and visit the device per layer; a
+    generous budget keeps them on the device. Both agree with the reference."""
+    case = cases("qwen3_moe")
+    for schedule in ("klotski", "flexgen"):
+        policy = Policy(schedule=schedule, groups=2, verify_memory=True)
+        lo = case.min_budget(policy)
+        tight = Engine(case.ckpt, policy.replace(device_budget=lo)).generate(
+            case.prompts, max_new_tokens=NEW, stop_at_eos=False)
+        roomy = Engine(case.ckpt, policy).generate(case.prompts, max_new_tokens=NEW,
+                                                   stop_at_eos=False)
+        assert tight.placement["kv_cache_tier"] == "host"
+        assert roomy.placement["kv_cache_tier"] == "device"
+        for out in (tight, roomy):
+            np.testing.assert_array_equal(np.array(out.token_ids), case.want_tokens)

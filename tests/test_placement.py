@@ -20,6 +20,7 @@ from klotski_jax.pipeline.placement import (
     Workload,
     activation_bytes,
     dense_layer_bytes,
+    device_global_bytes,
     global_bytes,
     place,
     round_up,
@@ -125,8 +126,20 @@ def _min_slots(cfg: ModelConfig, pol: Policy) -> int:
     return 1
 
 
-def _fixed(cfg: ModelConfig, w: Workload) -> int:
-    return _globals(cfg) + _kv(cfg, w) + activation_bytes(cfg, w)
+def _device_globals(cfg: ModelConfig) -> int:
+    """On the device: the LM head (the embedding when tied) and the final norm; an untied
+    embedding is looked up on the host."""
+    return (cfg.vocab_size * cfg.hidden_size + cfg.hidden_size) * cfg.itemsize
+
+
+def _kv_window(cfg: ModelConfig, w: Workload) -> int:
+    """Host-resident KV caches in flight on the device: two (layer, group) caches."""
+    return 2 * 2 * w.batch_size * w.max_len * cfg.kv_size * cfg.itemsize
+
+
+def _fixed(cfg: ModelConfig, w: Workload, kv_on_device: bool = False) -> int:
+    kv = _kv(cfg, w) if kv_on_device else min(_kv(cfg, w), _kv_window(cfg, w))
+    return _device_globals(cfg) + kv + activation_bytes(cfg, w)
 
 
 def _min_device(cfg: ModelConfig, pol: Policy, w: Workload) -> int:
@@ -151,7 +164,7 @@ def _budgets(lo: int, hi: int, n: int) -> list[int]:
 
 
 def _everything(cfg: ModelConfig, w: Workload) -> int:
-    return _fixed(cfg, w) + total_bytes(cfg) + 3 * cfg.num_experts * cfg.expert_bytes
+    return _fixed(cfg, w, True) + total_bytes(cfg) + 3 * cfg.num_experts * cfg.expert_bytes
 
 
 # ---- sizes ----------------------------------------------------------------------------------
@@ -172,6 +185,7 @@ def test_byte_helpers_agree_with_the_weight_specs(name):
     cfg = CONFIGS[name]()
     specs = weight_specs(cfg)
     assert global_bytes(cfg) == _globals(cfg)
+    assert device_global_bytes(cfg) == _device_globals(cfg)
     assert sum(s.size for s in specs if s.layer is None) * cfg.itemsize == global_bytes(cfg)
     assert global_bytes(cfg) + sum(dense_layer_bytes(cfg)) == total_bytes(cfg, Kind.DENSE)
     assert len(_experts(cfg)) * cfg.expert_bytes == total_bytes(cfg, Kind.EXPERT)
@@ -238,7 +252,9 @@ def test_placement_never_exceeds_the_device_budget(name, variant):
         pl = place(cfg, pol.replace(device_budget=budget), w)
         total = device_total(cfg, pl, pol)
         assert total <= budget, (budget, total, pl.describe())
-        assert pl.fixed_device_bytes == _fixed(cfg, w)
+        assert pl.fixed_device_bytes == (_fixed(cfg, w, True) if pl.kv_on_device
+                                         else _device_globals(cfg) + _kv_window(cfg, w)
+                                         + activation_bytes(cfg, w))
         assert pl.kv_bytes == _kv(cfg, w)
         assert pl.activation_bytes == activation_bytes(cfg, w)
         assert pl.expert_slots >= _min_slots(cfg, pol)
@@ -268,16 +284,19 @@ def test_more_device_budget_never_holds_less(name, variant):
     w = _workload(name, pol)
     minimum = _min_device(cfg, pol, w)
     # The switch to dense residency, where resident experts are traded for dense weights.
-    switch = _fixed(cfg, w) + sum(dense_layer_bytes(cfg)) + _min_slots(cfg, pol) * (
+    switch = _fixed(cfg, w, True) + sum(dense_layer_bytes(cfg)) + _min_slots(cfg, pol) * (
         cfg.expert_bytes)
     prev = None
     for budget in sorted(set(_budgets(minimum, _everything(cfg, w), n=150))
                          | {switch - 1, switch, switch + 1}):
         pl = place(cfg, pol.replace(device_budget=budget), w)
         if prev is not None:
-            assert resident_bytes(cfg, pl) >= resident_bytes(cfg, prev), budget
+            # KV caches moving onto the device may displace resident experts: count them too.
+            assert resident_bytes(cfg, pl) + pl.kv_on_device * pl.kv_bytes >= resident_bytes(
+                cfg, prev) + prev.kv_on_device * prev.kv_bytes, budget
             assert pl.dense_resident >= prev.dense_resident, budget
-            if pl.dense_resident == prev.dense_resident:
+            assert pl.kv_on_device >= prev.kv_on_device, budget
+            if (pl.dense_resident, pl.kv_on_device) == (prev.dense_resident, prev.kv_on_device):
                 assert len(pl.device_experts) >= len(prev.device_experts), budget
                 assert pl.device_experts >= prev.device_experts, budget
                 assert pl.expert_slots >= prev.expert_slots, budget
@@ -347,8 +366,10 @@ def test_host_budget(name, variant, device):
     # may have on the device at once: every pinned one and at least the streaming slots.
     assert host_min >= global_bytes(cfg) + sum(dense_layer_bytes(cfg)) + staged * (
         len(base.device_experts) + min(base.expert_slots, len(experts) - len(base.device_experts)))
-    assert host_min <= total_bytes(cfg, Kind.DENSE) + staged * len(experts)
-    assert host_min == global_bytes(cfg) + sum(dense_layer_bytes(cfg)) + base.staging_bytes
+    host_kv = 0 if base.kv_on_device else base.kv_bytes  # offloaded KV caches live on the host
+    assert host_min <= total_bytes(cfg, Kind.DENSE) + staged * len(experts) + host_kv
+    assert host_min == (global_bytes(cfg) + sum(dense_layer_bytes(cfg)) + base.staging_bytes
+                        + host_kv)
 
     for below in (host_min - 1, host_min // 3):
         with pytest.raises(BudgetError) as err:
@@ -440,7 +461,7 @@ def test_policy_validation(kwargs, match):
 def test_policy_defaults_and_coercion():
     pol = Policy()
     assert pol.schedule is Schedule.KLOTSKI and pol.device_budget is None
-    assert pol.io_mode in IO_MODES and pol.groups >= 1
+    assert pol.io_mode in IO_MODES and pol.groups is None  # None: the planner chooses n
     assert Policy(schedule="lru").schedule is Schedule.LRU
     assert Policy(schedule="lru").single_group and Policy(schedule="sequential").single_group
     assert not Policy(schedule="flexgen").single_group and not pol.single_group
@@ -453,7 +474,7 @@ def test_policy_is_frozen_and_replace_validates():
     pol = Policy(device_budget=100)
     with pytest.raises(AttributeError):
         pol.groups = 3  # type: ignore[misc]
-    assert pol.replace(groups=3).groups == 3 and pol.groups == 2
+    assert pol.replace(groups=3).groups == 3 and pol.groups is None
     assert pol.replace(schedule="flexgen").schedule is Schedule.FLEXGEN
     with pytest.raises(PolicyError):
         pol.replace(groups=0)

@@ -37,6 +37,7 @@ def cli_run(ckpt: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
     """(trace, stats) of `klotski generate --trace --stats` with the klotski schedule at 25%."""
     out = tmp_path_factory.mktemp("run")
     argv = ["generate", str(ckpt), "--max-new-tokens", "2", "--device-budget", "25%", "-q",
+            "--groups", "2",
             "--trace", str(out / "trace.json"), "--stats", str(out / "stats.json")]
     assert cli.main(argv + [a for p in PROMPTS for a in ("--prompt", p)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["stats.json", "trace.json"]  # no temp files

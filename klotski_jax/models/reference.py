@@ -47,15 +47,17 @@ def prepare_batch(token_ids: Any, attention_mask: Any | None) -> tuple[np.ndarra
 class KVCache:
     """Per-layer (K, V) device arrays [B, S_max, kv_heads, head_dim] plus slot validity [B, S_max]."""
 
-    kv: list[tuple[jax.Array, jax.Array]]
+    kv: list[tuple[Any, Any]]  # jax arrays, or numpy arrays for a host-resident cache
     valid: np.ndarray  # which slots hold real tokens (left padding is not)
     length: int = 0  # slots written so far
 
     @classmethod
-    def create(cls, cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
+    def create(cls, cfg: ModelConfig, batch: int, max_len: int, *, host: bool = False) -> KVCache:
+        """Zeroed caches on the device, or in host memory (numpy) with host=True."""
         shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        dtype = jnp.dtype(cfg.dtype)
-        kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+        zeros = (lambda: np.zeros(shape, cfg.np_dtype)) if host else (
+            lambda: jnp.zeros(shape, jnp.dtype(cfg.dtype)))
+        kv = [(zeros(), zeros()) for _ in range(cfg.num_layers)]
         return cls(kv=kv, valid=np.zeros((batch, max_len), bool))
 
 

@@ -8,6 +8,7 @@ correlation-aware prefetcher plugs in behind the same interface.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -44,3 +45,17 @@ class PreviousLayerPopularity:
 
     def observe(self, layer: int, experts: np.ndarray) -> None:
         self._counts[layer] = np.bincount(experts.reshape(-1), minlength=self.num_experts)
+
+
+def score_hot_set(predicted: Sequence[int], counts: np.ndarray, k: int) -> tuple[int, bool]:
+    """(how many predicted experts were routed to, whether the prediction is a true top-k).
+
+    counts[e]: tokens routed to expert e. A true top-k has exactly min(k, E) experts and no
+    unpredicted expert got more tokens than a predicted one (ties at the boundary allowed).
+    """
+    predicted = list(predicted)
+    routed = sum(int(counts[e] > 0) for e in predicted)
+    others = [int(counts[e]) for e in range(len(counts)) if e not in predicted]
+    exact = (len(predicted) == min(k, len(counts)) and
+             (not predicted or not others or min(int(counts[e]) for e in predicted) >= max(others)))
+    return routed, exact

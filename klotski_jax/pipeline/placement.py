@@ -2,7 +2,8 @@
 
 Plain Python over byte counts (no JAX), so the arithmetic is unit-testable and the planner can call
 it. Device tier, in priority order:
-  1. fixed: embedding, final norm, LM head, the KV caches of every group, activations;
+  1. fixed: final norm, LM head, the KV caches of every group, activations (an untied embedding
+     is looked up on the host);
   2. the streaming area the schedule needs (current + next layer's dense weights, expert slots);
   3. all layers' dense weights resident, if they fit;
   4. resident experts (layer-major), from what is left after a generous streaming area.
@@ -48,8 +49,17 @@ class Workload:
 
 
 def global_bytes(cfg: ModelConfig) -> int:
-    """Embedding, final norm and LM head: kept on the device for the whole run."""
+    """Embedding, final norm and LM head (all kept in host RAM)."""
     return sum(s.size for s in weight_specs(cfg) if s.layer is None) * cfg.itemsize
+
+
+def device_global_bytes(cfg: ModelConfig) -> int:
+    """What of the globals stays on the device: the final norm and the LM head. An untied
+    embedding stays on the host: looking up a few rows there and moving the hidden states is
+    cheaper than keeping a vocabulary-sized table on the device (the head of a tied model is
+    its embedding, so that one is on the device anyway)."""
+    names = ("final_norm", "embed" if cfg.tie_word_embeddings else "lm_head")
+    return sum(s.size for s in weight_specs(cfg) if s.name in names) * cfg.itemsize
 
 
 def dense_layer_bytes(cfg: ModelConfig) -> list[int]:
@@ -73,6 +83,12 @@ def activation_bytes(cfg: ModelConfig, w: Workload) -> int:
     return hidden + scores + ffn + logits
 
 
+def kv_window_bytes(cfg: ModelConfig, w: Workload) -> int:
+    """Device bytes of host-resident KV caches in flight: two (layer, group) caches (the group
+    whose attention runs and the next one, loading meanwhile)."""
+    return 2 * cfg.kv_cache_bytes(w.batch_size, w.max_len) // cfg.num_layers
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """Where every weight lives during a run, and the byte counts behind the choice."""
@@ -88,13 +104,15 @@ class Placement:
     min_device_bytes: int
     min_host_bytes: int
     staging_bytes: int
+    kv_on_device: bool = True  # else each (layer, group) KV cache is loaded around its attention
 
     def describe(self) -> dict[str, Any]:
         return {
             "schedule": self.schedule.value, "dense_resident": self.dense_resident,
             "device_resident_experts": len(self.device_experts),
             "host_cached_experts": "all" if self.host_experts is None else len(self.host_experts),
-            "expert_slots": self.expert_slots, "kv_cache_tier": "device",
+            "expert_slots": self.expert_slots,
+            "kv_cache_tier": "device" if self.kv_on_device else "host",
             "kv_bytes": self.kv_bytes, "activation_bytes": self.activation_bytes,
             "min_device_bytes": self.min_device_bytes, "min_host_bytes": self.min_host_bytes,
         }
@@ -129,28 +147,35 @@ def _target_slots(cfg: ModelConfig, policy: Policy, minimum: int) -> int:
 def place(cfg: ModelConfig, policy: Policy, workload: Workload) -> Placement:
     """Choose the placement for this run, or raise BudgetError stating the minimum budgets."""
     kv = workload.groups * cfg.kv_cache_bytes(workload.batch_size, workload.max_len)
+    kv_window = kv_window_bytes(cfg, workload)
     act = activation_bytes(cfg, workload)
-    fixed = global_bytes(cfg) + kv + act
     all_dense = sum(dense_layer_bytes(cfg))
     eb = cfg.expert_bytes
     budget = policy.device_budget
 
     stream_dense, min_slots = streaming_need(cfg, policy, dense_resident=False)
-    min_device = fixed + stream_dense + min_slots * eb
-    if budget is not None and budget < min_device:
-        raise BudgetError(
-            f"device budget {budget} bytes is below the minimum {min_device} bytes for the "
-            f"{policy.schedule.value} schedule with {workload.groups} group(s) of "
-            f"{workload.batch_size} x {workload.max_len} tokens (fixed {fixed}: globals "
-            f"{global_bytes(cfg)}, KV caches {kv}, activations {act}; streamed dense "
-            f"{stream_dense}; {min_slots} expert slot(s) of {eb})")
-    room = None if budget is None else budget - fixed
-    # Dense weights become resident only when the schedule's full streaming area still fits
-    # beside them: trading expert slots for resident dense weights would starve the pipeline.
+    base = device_global_bytes(cfg) + act
+    # KV caches stay on the device when they fit beside the resident dense weights and the
+    # schedule's full streaming area; otherwise they live in host memory and each (layer, group)
+    # cache visits the device around its attention (FlexGen and Klotski both move KV caches).
     dense_min_slots = streaming_need(cfg, policy, True)[1]
     want_slots = max(_target_slots(cfg, policy, dense_min_slots), dense_min_slots)
     if policy.schedule is Schedule.LRU:
         want_slots = max(want_slots, cfg.num_experts)  # a cache that holds one layer's experts
+    kv_on_device = budget is None or budget >= base + kv + all_dense + want_slots * eb
+    fixed = base + (kv if kv_on_device else kv_window)
+    min_device = base + min(kv, kv_window) + stream_dense + min_slots * eb
+    if budget is not None and budget < min_device:
+        raise BudgetError(
+            f"device budget {budget} bytes is below the minimum {min_device} bytes for the "
+            f"{policy.schedule.value} schedule with {workload.groups} group(s) of "
+            f"{workload.batch_size} x {workload.max_len} tokens (globals "
+            f"{device_global_bytes(cfg)}, activations {act}, KV caches {min(kv, kv_window)} "
+            f"in flight of {kv}; streamed dense {stream_dense}; {min_slots} expert slot(s) "
+            f"of {eb})")
+    room = None if budget is None else budget - fixed
+    # Dense weights become resident only when the schedule's full streaming area still fits
+    # beside them: trading expert slots for resident dense weights would starve the pipeline.
     dense_resident = room is None or room >= all_dense + want_slots * eb
     if dense_resident:
         min_slots = streaming_need(cfg, policy, True)[1]
@@ -177,6 +202,8 @@ def place(cfg: ModelConfig, policy: Policy, workload: Workload) -> Placement:
         streamed = min(streamed, device_room // eb)
     staging = (streamed + len(resident)) * staged
     host_min = global_bytes(cfg) + all_dense + staging  # HostTier keeps every dense array
+    if not kv_on_device:
+        host_min += kv
     host_experts = None
     if policy.host_budget is not None:
         if policy.host_budget < host_min:
@@ -184,11 +211,11 @@ def place(cfg: ModelConfig, policy: Policy, workload: Workload) -> Placement:
                 f"host budget {policy.host_budget} bytes is below the minimum {host_min} bytes "
                 f"(globals {global_bytes(cfg)} + dense layers {all_dense} + staging buffers "
                 f"{staging} for {streamed} streamed and {len(resident)} device-resident "
-                f"experts of {staged})")
+                f"experts of {staged}" + ("" if kv_on_device else f" + KV caches {kv}") + ")")
         n_host = (policy.host_budget - host_min) // staged
         host_experts = frozenset([x for x in experts if x not in set(resident)][:n_host])
     return Placement(
         schedule=policy.schedule, dense_resident=dense_resident,
         device_experts=frozenset(resident), host_experts=host_experts, expert_slots=slots,
         fixed_device_bytes=fixed, kv_bytes=kv, activation_bytes=act, min_device_bytes=min_device,
-        min_host_bytes=host_min, staging_bytes=staging)
+        min_host_bytes=host_min, staging_bytes=staging, kv_on_device=kv_on_device)

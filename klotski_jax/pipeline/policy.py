@@ -27,8 +27,9 @@ class Policy:
     """Options of one run. Budgets are bytes; None means unlimited.
 
     groups / batch_size: the n batch groups of the multi-batch pipeline and the sequences per
-    group. With batch_size None the prompts are split evenly over the groups. Schedules that run a
-    single group (lru, sequential) put every prompt in it.
+    group. None lets the planner choose (Engine: klotski with a profile of the device, see
+    pipeline/planner.py); without a plan, 2 groups with the prompts split evenly over them.
+    Schedules that run a single group (lru, sequential) put every prompt in it.
 
     Ablations of the klotski schedule (the paper's ladder):
       multi_batch: n groups share each loaded layer (off: each group runs through the model alone)
@@ -40,9 +41,9 @@ class Policy:
     schedule: Schedule = Schedule.KLOTSKI
     device_budget: int | None = None
     host_budget: int | None = None
-    groups: int = 2
+    groups: int | None = None
     batch_size: int | None = None
-    hot_experts: int | None = None  # K; default: the model's top_k
+    hot_experts: int | None = None  # K; default: the planner's choice, else the model's top_k
     multi_batch: bool = True
     hot_only_prefetch: bool = True
     reorder: bool = True
@@ -58,7 +59,7 @@ class Policy:
         except ValueError:
             raise PolicyError(f"schedule must be one of {[s.value for s in Schedule]}, "
                               f"got {self.schedule!r}") from None
-        if self.groups < 1:
+        if self.groups is not None and self.groups < 1:
             raise PolicyError(f"groups must be >= 1, got {self.groups}")
         if self.batch_size is not None and self.batch_size < 1:
             raise PolicyError(f"batch_size must be >= 1, got {self.batch_size}")

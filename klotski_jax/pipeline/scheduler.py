@@ -31,7 +31,7 @@ from klotski_jax.config import ModelConfig
 from klotski_jax.models import layers
 from klotski_jax.models.reference import KVCache
 from klotski_jax.pipeline import steps
-from klotski_jax.pipeline.hot import HotPredictor
+from klotski_jax.pipeline.hot import HotPredictor, score_hot_set
 from klotski_jax.pipeline.ledger import BudgetError, MemoryLedger
 from klotski_jax.pipeline.placement import Placement
 from klotski_jax.pipeline.policy import Policy, Schedule
@@ -42,7 +42,9 @@ from klotski_jax.pipeline.transfers import Transfers
 class GroupState:
     """One batch group: its KV cache and the tokens it feeds at the next step."""
 
-    def __init__(self, cache: KVCache, tokens: np.ndarray, positions: np.ndarray) -> None:
+    def __init__(self, cache: KVCache, tokens: np.ndarray, positions: np.ndarray,
+                 index: int = 0) -> None:
+        self.index = index  # unique within a run: names the group's KV cache transfers
         self.cache = cache
         self.tokens = tokens  # [b, t]
         self.positions = positions  # [b, t]
@@ -92,6 +94,7 @@ class Scheduler:
 
     def __init__(self, cfg: ModelConfig, policy: Policy, placement: Placement,
                  transfers: Transfers, predictor: HotPredictor, globals_dev: dict[str, jax.Array],
+                 embed_host: np.ndarray | None,
                  tracer: Tracer, stats: RunStats, device_ledger: MemoryLedger,
                  live_baseline: int | None = None) -> None:
         self.cfg = cfg
@@ -102,11 +105,12 @@ class Scheduler:
         self.tracer = tracer
         self.stats = stats
         self.ledger = device_ledger
-        self.embed_w = globals_dev["embed"]
+        self.embed_host = embed_host  # untied embedding: rows looked up on the host
         self.norm_w = globals_dev["final_norm"]
         self.head_w = globals_dev["embed" if cfg.tie_word_embeddings else "lm_head"]
         self.k = policy.hot_experts if policy.hot_experts is not None else cfg.top_k
         self._hot: dict[int, list[int]] = {}
+        self._predicted: dict[int, list[int]] = {}  # the predictor's full hot set per layer
         self._lru: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
         self._step = ""
         self._resident_dense: list[Any] = []
@@ -123,10 +127,11 @@ class Scheduler:
         """Feed every group its tokens through all layers; returns float32 logits per group:
         [b, v] of the last position, or [b, t, v] of every position with all_positions."""
         self._step = step
+        self._groups = groups
         cfg = self.cfg
         if self.policy.schedule is Schedule.KLOTSKI:
             self._prefetch(0)  # no-op when the previous step already issued it
-        h = [layers.embed(self.embed_w, jnp.asarray(g.tokens)) for g in groups]
+        h = [self._embed(g.tokens) for g in groups]
         for i in range(cfg.num_layers):
             h = self._layer(i, groups, h, prefetch_next or i + 1 < cfg.num_layers)
             if self.policy.verify_memory:
@@ -171,18 +176,38 @@ class Scheduler:
         self.stats.compute_s += end - start
         self.tracer.add("compute", name, start, end, step=self._step, **args)
 
+    def _embed(self, tokens: np.ndarray) -> jax.Array:
+        if self.embed_host is None:
+            return layers.embed(self.head_w, jnp.asarray(tokens))  # tied: the head is the table
+        return jax.device_put(np.take(self.embed_host, tokens, axis=0))
+
     def _dense(self, i: int) -> Any:
         if self._resident_dense:
             return self._resident_dense[i]
         return self.transfers.get(("dense", i), step=self._step, layer=i).arrays
 
     def _attention(self, i: int, g: GroupState, w: Any, h: jax.Array, group: int) -> jax.Array:
+        kv, key = g.cache.kv[i], None
+        if isinstance(kv[0], np.ndarray):  # host-resident cache: load it, then the next group's
+            key = ("kv", i, g.index)
+            self.transfers.request(key, step=self._step, layer=i, group=group)
+            if group + 1 < len(self._groups):
+                self.transfers.request(("kv", i, self._groups[group + 1].index), layer=i)
+            kv = self.transfers.get(key, step=self._step, layer=i, group=group).arrays
         with self._compute("attention", layer=i, group=group):
-            h, g.cache.kv[i] = layers.attention_block(
-                w, h, jnp.asarray(g.positions), g.cache.kv[i],
+            h, new_kv = layers.attention_block(
+                w, h, jnp.asarray(g.positions), kv,
                 jnp.asarray(g.cache.length, jnp.int32), jnp.asarray(g.cache.valid),
                 cfg=self.cfg, window=self.cfg.sliding_windows[i])
-            return jax.block_until_ready(h)
+            h = jax.block_until_ready(h)
+        if key is None:
+            g.cache.kv[i] = new_kv
+            return h
+        start, t = g.cache.length, g.tokens.shape[1]
+        for host, dev in zip(g.cache.kv[i], new_kv):  # store back only the slots just written
+            host[:, start:start + t] = np.asarray(dev)[:, start:start + t]
+        self.transfers.release(key)
+        return h
 
     def _route(self, i: int, w: Any, h: list[jax.Array], on_group=None
                ) -> tuple[list[jax.Array], Routing]:
@@ -228,15 +253,24 @@ class Scheduler:
         without hot-only prefetch). Idempotent until layer i runs."""
         if not self._resident_dense:
             self.transfers.request(("dense", i), step=self._step, layer=i, prefetch=True)
+        self._prefetch_kv(i)
         if not self.cfg.moe_layers[i] or i in self._hot:
             return
         if self.policy.hot_only_prefetch:
             hot = self.predictor.predict(i, self.k)
+            self._predicted[i] = list(hot)
         else:
             hot = list(range(self.cfg.num_experts))
         self._hot[i] = [e for e in hot if (i, e) not in self.placement.device_experts]
         for e in self._hot[i]:
             self.transfers.request(("expert", i, e), step=self._step, layer=i, expert=e, hot=True)
+
+    def _prefetch_kv(self, i: int) -> None:
+        """Issue the first group's host-resident KV cache of layer i (only within a step: the
+        next step may start with another group)."""
+        first = self._groups[0]
+        if i > 0 and isinstance(first.cache.kv[i][0], np.ndarray):
+            self.transfers.request(("kv", i, first.index), step=self._step, layer=i, prefetch=True)
 
     def _layer_keys(self, i: int) -> list[Hashable]:
         """The weights of layer i that are not resident on the device."""
@@ -284,8 +318,7 @@ class Scheduler:
         for e in hot:  # predicted but not routed: wasted prefetch, freed once it has arrived
             if e not in routed:
                 self.transfers.discard(("expert", i, e))
-        self.stats.hot_hits += sum(e in routed for e in hot)
-        self.stats.hot_misses += sum(e not in routed for e in hot)
+        self._score_prediction(i, routing, hot)
         if prefetch:
             self._prefetch((i + 1) % self.cfg.num_layers)
         if reorder:
@@ -304,6 +337,27 @@ class Scheduler:
             if e not in resident:
                 self.transfers.release(("expert", i, e), fence=acc)
         return self._finish(i, w, h, xs, acc, routing)
+
+    def _score_prediction(self, i: int, routing: Routing, hot: list[int]) -> None:
+        """Prefetcher statistics of layer i: hot loads used / wasted (and their bytes), the
+        precision of the predicted set and whether it was a true top-K by routed tokens (ties
+        allowed: no unpredicted expert got more tokens than a predicted one)."""
+        st, eb = self.stats, self.cfg.expert_bytes
+        routed = routing.routed()
+        used = sum(int(e in routed) for e in hot)
+        st.hot_hits += used
+        st.hot_misses += len(hot) - used
+        st.hot_bytes_used += used * eb
+        st.hot_bytes_wasted += (len(hot) - used) * eb
+        predicted = self._predicted.pop(i, None)
+        if predicted is None or self.k <= 0:
+            return
+        counts = np.bincount(routing.all_experts.reshape(-1), minlength=self.cfg.num_experts)
+        hits, exact = score_hot_set(predicted, counts, self.k)
+        st.hot_predicted += len(predicted)
+        st.hot_predicted_routed += hits
+        st.hot_sets += 1
+        st.hot_sets_exact += int(exact)
 
     def _moe_by_group(self, i: int, w: Any, h: list[jax.Array]) -> list[jax.Array]:
         """flexgen / sequential / lru: each group's experts in ascending id, group after group."""

@@ -35,8 +35,14 @@ class RunStats:
     bytes_to_device: int = 0
     expert_loads: int = 0
     expert_computes: int = 0
-    hot_hits: int = 0  # predicted hot experts that were routed to
-    hot_misses: int = 0  # predicted hot experts that were not routed to (wasted prefetch)
+    hot_hits: int = 0  # hot experts loaded (not resident) that were routed to
+    hot_misses: int = 0  # hot experts loaded that were not routed to (wasted prefetch)
+    hot_predicted: int = 0  # experts predicted hot (resident ones included), over all layers
+    hot_predicted_routed: int = 0  # of those, experts that were then routed to
+    hot_sets: int = 0  # MoE layers with a hot-set prediction (K > 0, hot-only prefetch)
+    hot_sets_exact: int = 0  # of those, predictions that were a true top-K by routed tokens
+    hot_bytes_used: int = 0  # bytes of hot loads that were used: the prediction saved them
+    hot_bytes_wasted: int = 0  # bytes of hot loads never used
     lru_hits: int = 0
     compute_s: float = 0.0  # compute thread busy in model steps (dispatch to result ready)
     io_wait_s: float = 0.0  # compute thread blocked on a load: the bubbles
@@ -60,7 +66,19 @@ class RunStats:
         d["total_s"] = self.total_s
         d["throughput_tokens_per_s"] = self.throughput_tokens_per_s
         d["io_wait_fraction"] = self.io_wait_s / self.total_s if self.total_s > 0 else 0.0
+        d["hot_precision"] = self.hot_precision
+        d["hot_set_accuracy"] = self.hot_set_accuracy
         return d
+
+    @property
+    def hot_precision(self) -> float | None:
+        """Share of the predicted hot experts that were routed to (None: no prediction)."""
+        return self.hot_predicted_routed / self.hot_predicted if self.hot_predicted else None
+
+    @property
+    def hot_set_accuracy(self) -> float | None:
+        """Share of the layers whose predicted hot set was a true top-K by routed tokens."""
+        return self.hot_sets_exact / self.hot_sets if self.hot_sets else None
 
 
 class Tracer:

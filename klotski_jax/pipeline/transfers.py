@@ -1,7 +1,8 @@
 """Weight transfers to the device on background I/O threads, under the device ledger.
 
 Keys name what moves: ("dense", layer) is a layer's attention/norm/router/shared weights,
-("expert", layer, e) one routed expert. `request` issues a load and takes its place in the
+("expert", layer, e) one routed expert, ("kv", layer, group) a host-resident KV cache.
+`request` issues a load and takes its place in the
 device ledger's FIFO at once, so loads get memory in the order the schedule issued them; an I/O
 thread then reads the weights (host cache or disk), `jax.device_put`s them and waits until they
 are on the device. `get` blocks the compute thread until a load is done and books the wait as a
@@ -48,8 +49,15 @@ class Transfers:
         self.device = device or jax.devices()[0]
         self._to_device = jax.sharding.SingleDeviceSharding(self.device, memory_kind="device")
         self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, "klotski-io")
+        # Host-resident KV caches move on their own thread and within their own window of the
+        # device budget: a KV load must never queue behind (or wait for the memory of) expert
+        # prefetches that compute can only consume after the attention that needs the KV.
+        self._kv_pool = concurrent.futures.ThreadPoolExecutor(1, "klotski-kv")
+        self.kv_ledger: MemoryLedger | None = None
         self._loads: dict[Hashable, concurrent.futures.Future[OnDevice]] = {}
         self._pinned: set[Hashable] = set()
+        # Host-resident KV caches by group index: ("kv", layer, group) keys load from here.
+        self.kv_caches: dict[int, Any] = {}
         self._lock = threading.Lock()
         self._ctx = threading.local()  # the (step, layer) the compute thread is in, for traces
 
@@ -57,6 +65,8 @@ class Transfers:
     def nbytes(self, key: Hashable) -> int:
         if key[0] == "dense":
             return self.host.dense_layer_bytes(key[1])
+        if key[0] == "kv":
+            return sum(a.nbytes for a in self.kv_caches[key[2]].kv[key[1]])
         return self.host.cfg.expert_bytes
 
     # ---- issuing and waiting ------------------------------------------------------------------
@@ -64,13 +74,21 @@ class Transfers:
         """Whether key is loaded, loading or queued."""
         return key in self._loads
 
+    def _lanes(self, key: Hashable) -> tuple[MemoryLedger, concurrent.futures.Executor]:
+        if key[0] == "kv":
+            if self.kv_ledger is None:
+                raise RuntimeError("KV cache transfers need Transfers.kv_ledger (a KV window)")
+            return self.kv_ledger, self._kv_pool
+        return self.ledger, self._pool
+
     def request(self, key: Hashable, **trace_args: Any) -> concurrent.futures.Future[OnDevice]:
         """Issue a load of key (no-op if already issued); its ledger place is taken now."""
         with self._lock:
             fut = self._loads.get(key)
             if fut is None:
-                place = self.ledger.enqueue(key, self.nbytes(key))
-                fut = self._pool.submit(self._load, key, place, trace_args)
+                ledger, pool = self._lanes(key)
+                place = ledger.enqueue(key, self.nbytes(key))
+                fut = pool.submit(self._load, key, place, trace_args)
                 self._loads[key] = fut
             return fut
 
@@ -88,7 +106,8 @@ class Transfers:
     def pin(self, key: Hashable) -> OnDevice:
         """Load key and keep it for the whole run (resident placement)."""
         self._pinned.add(key)
-        return self.get(key, resident=True)
+        # Setup before the timed steps, not a bubble: waiting here is not booked as io_wait_s.
+        return self.request(key, resident=True).result()
 
     def release(self, key: Hashable, fence: Any = None) -> None:
         """Drop key from the device once `fence` (the last output that read it) is computed."""
@@ -102,7 +121,7 @@ class Transfers:
         if loaded.staging is not None:
             self.host.give_staging(loaded.staging)
         loaded.arrays = None
-        self.ledger.release(key)
+        self._lanes(key)[0].release(key)
 
     def discard(self, key: Hashable) -> None:
         """Release key without waiting for it: freed by the I/O thread once its load is done."""
@@ -117,7 +136,7 @@ class Transfers:
                 if loaded.staging is not None:
                     self.host.give_staging(loaded.staging)
                 loaded.arrays = None
-                self.ledger.release(key)
+                self._lanes(key)[0].release(key)
 
         fut.add_done_callback(free)
 
@@ -131,7 +150,10 @@ class Transfers:
         for fut in self._loads.values():
             fut.cancel()
         self.ledger.abort()
+        if self.kv_ledger is not None:
+            self.kv_ledger.abort()
         self._pool.shutdown(wait=True)
+        self._kv_pool.shutdown(wait=True)
         for key, fut in list(self._loads.items()):
             if fut.cancelled() or fut.exception() is not None:
                 self._loads.pop(key)
@@ -140,13 +162,16 @@ class Transfers:
 
     # ---- the I/O thread's work ----------------------------------------------------------------
     def _load(self, key: Hashable, place: Any, trace_args: dict[str, Any]) -> OnDevice:
-        lane = f"io-{threading.current_thread().name.rsplit('_', 1)[-1]}"
+        # "klotski-io_0" -> lane "io-0"; the KV thread "klotski-kv_0" -> lane "kv-0"
+        lane = threading.current_thread().name.removeprefix("klotski-").replace("_", "-")
         start = time.perf_counter()
-        self.ledger.wait(place)  # FIFO: memory in issue order
+        self._lanes(key)[0].wait(place)  # FIFO: memory in issue order
         got_memory = time.perf_counter()
         staging, disk, hit = None, 0, False
         if key[0] == "dense":
             host_arrays = self.host.layers[key[1]]
+        elif key[0] == "kv":  # a host-resident (layer, group) KV cache
+            host_arrays = self.kv_caches[key[2]].kv[key[1]]
         else:
             host_arrays, staging, disk, hit = self.host.read_expert(
                 key[1], key[2], self.host.take_staging)

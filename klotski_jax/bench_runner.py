@@ -1,0 +1,437 @@
+"""The runner of `klotski bench`: bandwidths, the runs in their order, and the rows.
+
+`Bench` holds one invocation: the checkpoint, its configurations and prompts, an `Engine` per
+(configuration, variant) and the HF peer (bench_hf.py), and every timed run's statistics. Its
+`run()` measures the disk and device bandwidths (the profiler's cached profile when there is
+one), runs `bench.run_order` under a progress bar, and turns the runs into one row per
+(configuration, variant) with the lower bound and efficiency of bench.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import os
+import pathlib
+import platform
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from klotski_jax.bench import (
+    ENGINE_SCHEDULES,
+    FIELDS,
+    HF_SCHEDULE,
+    RESIDENT,
+    BenchConfig,
+    BenchOptions,
+    BoundInputs,
+    Variant,
+    aggregate,
+    configurations,
+    lower_bound,
+    resolve_preset,
+    rounds,
+    run_metrics,
+    run_order,
+    status,
+    synthetic_prompts,
+    variants,
+)
+from klotski_jax.pipeline.policy import PolicyError
+
+
+# ---- machine ----------------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    """nproc, CPU model, load, the accelerator and library versions."""
+    import jax
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    versions = {}
+    for dist in ("torch", "transformers", "accelerate"):  # without importing them
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {"nproc": os.cpu_count(), "cpu": cpu, "loadavg": [round(x, 2) for x in load],
+            "python": platform.python_version(), "jax": jax.__version__,
+            "device": str(jax.devices()[0]), "platform": jax.default_backend(), **versions}
+
+
+def storage_read_bytes() -> int | None:
+    """Bytes this process has read from storage (page-cache hits excluded), where Linux says."""
+    try:
+        for line in pathlib.Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# ---- bandwidths -------------------------------------------------------------------------------
+def measure_bandwidths(reader: Any, io_mode: str, max_bytes: int = 64 << 20) -> dict[str, Any]:
+    """Disk -> host (chunk files, page cache evicted; then again, warm) and host -> device
+    (`jax.device_put` of an aligned buffer) bandwidths in bytes/s.
+
+    From the profiler's cached profile of this model on this device when there is one
+    (`klotski profile`), else measured here and now on up to max_bytes of expert chunk files.
+    """
+    profiled = profiled_bandwidths(reader.config)
+    if profiled is not None:
+        return profiled
+    paths = _chunk_files(reader, max_bytes)
+    _evict(paths)
+    cold = _read_bps(paths, io_mode == "direct")
+    _read_bps(paths, False)  # into the page cache (after O_DIRECT reads, it is still empty)
+    warm = _read_bps(paths, False)
+    return {"disk_cold_bps": cold, "disk_warm_bps": warm, "h2d_bps": _h2d_bps(max_bytes),
+            "measured_bytes": sum(p.stat().st_size for p in paths), "source": "bench"}
+
+
+def profiled_bandwidths(cfg: Any) -> dict[str, Any] | None:
+    """Bandwidths of the profiler's cached profile (None without one): disk with the page
+    cache evicted, a page-cache read (a host copy), host -> device."""
+    try:
+        from klotski_jax.pipeline import profiler
+    except ImportError:
+        return None
+    try:
+        profile = profiler.load_cached(cfg)
+        if profile is None:
+            return None
+        bw = profile.bandwidth
+        return {"disk_cold_bps": float(bw["disk_to_host_Bps"]),
+                "disk_warm_bps": float(bw["host_copy_Bps"]),
+                "h2d_bps": float(bw["host_to_device_Bps"]),
+                "source": f"profile {profiler.cache_path(cfg)}"}
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # another profile format
+        status(f"not using the cached profile's bandwidths ({e}); measuring them", False)
+        return None
+
+
+def _chunk_files(reader: Any, max_bytes: int) -> list[pathlib.Path]:
+    """Expert chunk files spread over the layers, up to max_bytes (at least one expert)."""
+    from klotski_jax.models.specs import EXPERT_PARTS
+
+    cfg = reader.config
+    pairs = [(i, e) for e in range(cfg.num_experts) for i in cfg.moe_layer_ids]  # layer-interleaved
+    out: list[pathlib.Path] = []
+    total = 0
+    for layer, e in pairs:
+        if out and total + cfg.expert_bytes > max_bytes:
+            break
+        out += [reader.expert_chunk_path(layer, part, e) for part in EXPERT_PARTS]
+        total += cfg.expert_bytes
+    return out
+
+
+def _evict(paths: Sequence[pathlib.Path]) -> None:
+    if not hasattr(os, "posix_fadvise"):
+        return
+    os.sync()
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _read_bps(paths: Sequence[pathlib.Path], direct: bool) -> float:
+    """Read every file whole into an aligned buffer, as the host tier does; bytes/s."""
+    import time
+
+    from klotski_jax.pipeline.host import _read_file, aligned_empty
+    from klotski_jax.pipeline.placement import round_up
+
+    sizes = [p.stat().st_size for p in paths]
+    buf = aligned_empty(round_up(max(sizes)))
+    start = time.perf_counter()
+    for p, n in zip(paths, sizes):
+        _read_file(p, memoryview(buf[:n]), memoryview(buf[:round_up(n)]), direct)
+    return sum(sizes) / max(time.perf_counter() - start, 1e-9)
+
+
+def _h2d_bps(nbytes: int, repeats: int = 3) -> float:
+    """Best of a few device_puts of an aligned host buffer (aliased, not copied, on CPU)."""
+    import time
+
+    import jax
+
+    from klotski_jax.pipeline.host import aligned_empty
+
+    host = aligned_empty(nbytes)
+    host[:] = 1
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(jax.device_put(host))
+        best = min(best, time.perf_counter() - start)
+    return nbytes / max(best, 1e-9)
+
+
+# ---- the runner -------------------------------------------------------------------------------
+class Bench:
+    """One `klotski bench` invocation: checkpoint, configurations, rows, runs and their rows."""
+
+    def __init__(self, opts: BenchOptions, ckpt: pathlib.Path) -> None:
+        from klotski_jax.engine import Engine
+        from klotski_jax.generate_io import resolve_size
+        from klotski_jax.models.specs import total_bytes
+
+        self.opts, self.ckpt = opts, ckpt
+        self.base = Engine(ckpt)
+        self.cfg = self.base.config
+        self.weight_bytes = total_bytes(self.cfg)
+        self.preset = resolve_preset(opts.preset)
+        self.configs = configurations(
+            opts, self.preset, resolve_size(opts.device_budget, weight_bytes=self.weight_bytes),
+            resolve_size(opts.host_budget, weight_bytes=self.weight_bytes))
+        self.prompts = [self._prompts(c) for c in self.configs]
+        if opts.prompts:  # the file decides the prompt length (and count, unless given)
+            self.configs = [dataclasses.replace(c, prompt_len=max(map(len, p)), num_prompts=len(p))
+                            for c, p in zip(self.configs, self.prompts)]
+        self.variants = variants(opts.schedules, opts.ablation)
+        self.by_label = {v.label: v for v in self.variants}
+        self.runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
+        self.tokens: dict[tuple[int, str], list[list[int]]] = {}
+        self.placements: dict[tuple[int, str], dict[str, Any]] = {}
+        self.plans: dict[tuple[int, str], dict[str, Any] | None] = {}
+        self.skipped: dict[tuple[int, str], str] = {}
+        self.tracer: Any = None
+        self.bandwidths: dict[str, Any] = {}
+        self._engines: dict[tuple[int, str], Any] = {}
+        self._hf: dict[tuple[int | None, int | None], Any] = {}
+        self._hf_info: dict[tuple[int, str], dict[str, Any]] = {}
+        self._tmp: Any = None
+
+    # ---- prompts ------------------------------------------------------------------------------
+    def _prompts(self, c: BenchConfig) -> list[list[int]]:
+        if not self.opts.prompts:
+            special = {self.cfg.bos_token_id, self.cfg.pad_token_id, *self.cfg.eos_token_ids}
+            return synthetic_prompts(c.num_prompts, c.prompt_len, self.cfg.vocab_size,
+                                     sorted(t for t in special if t is not None), self.opts.seed)
+        from klotski_jax import generate_io as gio
+
+        records = gio.read_prompts(self.opts.prompts)
+        gio.check_prompts(records, self.cfg.vocab_size, tokenizer=self.base.tokenizer is not None)
+        ids = [self.base.encode([r.prompt])[0] for r in records]
+        n = self.opts.num_prompts if not self.opts.sweep_groups else c.num_prompts
+        return [ids[i % len(ids)] for i in range(n or len(ids))]
+
+    # ---- running ------------------------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        """Measure the bandwidths, run every (configuration, variant, repeat), build the rows."""
+        import tempfile
+
+        if self.opts.profile:
+            self._ensure_profile()
+        self.bandwidths = measure_bandwidths(self.base.reader, self.opts.io_mode)
+        order = run_order(len(self.configs), [v.label for v in self.variants], self.opts.repeats)
+        with tempfile.TemporaryDirectory(prefix="klotski-bench-") as tmp, \
+                _progress(len(order), self.opts.quiet) as bar:
+            self._tmp = pathlib.Path(tmp)
+            for c, label, r in order:
+                bar.set_description(f"{label} (config {c + 1}/{len(self.configs)}, "
+                                    f"{'warm-up' if r < 0 else f'repeat {r + 1}'})")
+                if (c, label) not in self.skipped:
+                    self._run_one(c, self.by_label[label], r)
+                bar.update()
+            self._hf.clear()
+        return [self.row(c, v) for c in range(len(self.configs)) for v in self.variants]
+
+    def _ensure_profile(self) -> None:
+        """The profiler's profile of this model on this device (measured once, then cached), so
+        that klotski runs with the planner's n, batch size and K."""
+        import time
+
+        try:
+            from klotski_jax.pipeline.profiler import get_profile
+        except ImportError:
+            raise PolicyError("--profile needs klotski_jax.pipeline.profiler") from None
+        start = time.perf_counter()
+        _, path, measured = get_profile(self.ckpt)
+        status(f"profile: {'measured' if measured else 'cached'} {path} "
+               f"({time.perf_counter() - start:.0f} s)", self.opts.quiet)
+
+    def _run_one(self, c: int, v: Variant, r: int) -> None:
+        from klotski_jax.bench_hf import HFUnavailable
+
+        try:
+            out = self._run_hf(c, v) if v.schedule == HF_SCHEDULE else self._run_engine(c, v, r)
+        except PolicyError as e:  # a budget below the schedule's minimum: report, go on
+            self.skipped[(c, v.label)] = str(e)
+            status(f"{v.label}: skipped: {e}", self.opts.quiet)
+            return
+        except HFUnavailable as e:
+            self.skipped[(c, v.label)] = str(e)
+            status(f"{v.label}: skipped: {e}", self.opts.quiet)
+            return
+        except Exception as e:  # noqa: BLE001  (the peer's stack failing must not end the bench)
+            if v.schedule != HF_SCHEDULE:
+                raise
+            self.skipped[(c, v.label)] = f"failed: {type(e).__name__}: {e}"
+            status(f"{v.label}: failed, skipped: {type(e).__name__}: {e}", self.opts.quiet)
+            return
+        self.tokens[(c, v.label)] = out.pop("token_ids")
+        if r >= 0:
+            self.runs.setdefault((c, v.label), []).append(out)
+
+    def _run_engine(self, c: int, v: Variant, r: int) -> dict[str, Any]:
+        from klotski_jax.engine import Engine
+        from klotski_jax.pipeline.trace import Tracer
+
+        key = (c, v.label)
+        if key not in self._engines:
+            self._engines[key] = Engine(self.ckpt, v.policy(self.configs[c]))
+        tracer = None
+        if self.tracer is None and r == 0 and c == 0 and v.label == self._traced_label():
+            tracer = self.tracer = Tracer()
+        io0 = storage_read_bytes()
+        gen = self._engines[key].generate(self.prompts[c], max_new_tokens=self.configs[c].gen_len,
+                                          stop_at_eos=False, trace=tracer)
+        io1 = storage_read_bytes()
+        self.placements[key] = gen.placement
+        self.plans[key] = getattr(gen, "plan", None)
+        stats = gen.stats.to_dict()
+        return {**stats, **run_metrics(stats, len(self.prompts[c])), "token_ids": gen.token_ids,
+                "storage_read_bytes": None if io0 is None or io1 is None else io1 - io0}
+
+    def _traced_label(self) -> str:
+        engine = [v.label for v in self.variants if v.schedule in ENGINE_SCHEDULES]
+        return "klotski" if "klotski" in engine else engine[0]
+
+    def _run_hf(self, c: int, v: Variant) -> dict[str, Any]:
+        from klotski_jax.bench_hf import HFPeer, HFUnavailable, require_hf
+
+        require_hf()
+        cfg = self.configs[c]
+        budgets = (cfg.device_budget, cfg.host_budget)
+        if budgets not in self._hf:
+            self._hf.clear()  # one model in memory at a time
+            hf_dir = self.opts.hf_dir or self.base.reader.manifest.get("source")
+            if not hf_dir:
+                raise HFUnavailable(f"{self.ckpt} records no HF source directory (pass --hf-dir)")
+            self._hf[budgets] = HFPeer(hf_dir, self.cfg.dtype, *budgets,
+                                       offload_dir=self._tmp / f"offload-{len(self._hf_info)}")
+        peer = self._hf[budgets]
+        self._hf_info[(c, v.label)] = peer.describe()
+        io0 = storage_read_bytes()
+        stats = peer.run(self.prompts[c], cfg.gen_len, cfg.batch_size or len(self.prompts[c]),
+                         self.cfg.pad_token_id or 0, cfg.cold_disk)
+        io1 = storage_read_bytes()
+        return {**stats, **run_metrics(stats, len(self.prompts[c])),
+                "storage_read_bytes": None if io0 is None or io1 is None else io1 - io0}
+
+    # ---- rows ---------------------------------------------------------------------------------
+    def config_fields(self, c: int) -> dict[str, Any]:
+        """The JSON fields that describe configuration c (the same in each of its rows)."""
+        cfg, m = self.configs[c], self.cfg
+        return {
+            "model": f"{m.family.value} {m.num_layers} layers, {m.num_experts} experts "
+                     f"(top-{m.top_k}), hidden {m.hidden_size}, {m.dtype}",
+            "checkpoint": str(self.ckpt), "weight_bytes": self.weight_bytes,
+            "preset": cfg.preset, "prompt_len": cfg.prompt_len, "gen_len": cfg.gen_len,
+            "num_prompts": cfg.num_prompts, "groups_option": cfg.groups,
+            "batch_size_option": cfg.batch_size, "device_budget_bytes": cfg.device_budget,
+            "host_budget_bytes": cfg.host_budget, "cold_disk": cfg.cold_disk,
+            "io_mode": cfg.io_mode, "repeats": self.opts.repeats, "seed": self.opts.seed,
+            "prompts_file": self.opts.prompts}
+
+    def row(self, c: int, v: Variant) -> dict[str, Any]:
+        """The JSON line of one (configuration, variant)."""
+        head = {"schedule": v.label, "engine_schedule": v.schedule, "ablation": v.ablation,
+                "policy_overrides": dict(v.overrides) or None, **self.config_fields(c)}
+        runs = self.runs.get((c, v.label))
+        if not runs:
+            reason = self.skipped.get((c, v.label), "not run")
+            return {**head, **{f: None for f in FIELDS[1:]}, "skipped": reason}
+        row = {**head, **aggregate(runs), "skipped": None}
+        for f in FIELDS[1:]:
+            row.setdefault(f, None)  # e.g. hf-accelerate's host peak on a CPU-only machine
+        row["schedule"] = v.label
+        bound = self.bound(c)
+        row["efficiency"] = (bound["lower_bound_s"] / row["total_s"]
+                             if bound and row["total_s"] > 0 else None)
+        row["lower_bound"] = bound
+        row["bandwidths"] = self.bandwidths
+        row["placement"] = self.placements.get((c, v.label)) or self._hf_info.get((c, v.label))
+        row["plan"] = plan = self.plans.get((c, v.label))  # the planner's choice, prediction
+        row["planned_throughput_tokens_per_s"] = (plan or {}).get(
+            "predicted_throughput_tokens_per_s")
+        row["same_tokens_as_resident"] = self._agreement(c, v.label)
+        return row
+
+    def _agreement(self, c: int, label: str) -> float | None:
+        """Share of generated tokens equal to the resident run's (greedy; bf16 may split)."""
+        ref, got = self.tokens.get((c, RESIDENT)), self.tokens.get((c, label))
+        if ref is None or got is None:
+            return None
+        pairs = [(a, b) for r, g in zip(ref, got) for a, b in zip(r, g)]
+        return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+
+    def bound(self, c: int) -> dict[str, float] | None:
+        """The lower bound of configuration c, from its resident run (None without one)."""
+        from klotski_jax.pipeline import placement as pm
+
+        runs, pl = self.runs.get((c, RESIDENT)), self.placements.get((c, RESIDENT))
+        if not runs or not pl or not self.bandwidths:
+            return None
+        cfg, m = self.configs[c], self.cfg
+        res = aggregate(runs)
+        res["total_s"] = min(r["total_s"] for r in runs)  # the fastest: a bound, not a typical run
+        groups, batch = res["groups"], res["batch_size"]
+        steps = rounds(cfg.num_prompts, groups * batch) * cfg.gen_len
+        experts = len(m.moe_layer_ids) * m.num_experts
+        # What stays on the device besides layer weights (an untied embedding may live on the
+        # host: placement.device_global_bytes where the placement has it).
+        device_globals = getattr(pm, "device_global_bytes", pm.global_bytes)(m)
+        fixed = device_globals + pl["kv_bytes"] + pl["activation_bytes"]
+        dense = sum(pm.dense_layer_bytes(m))
+        bw = self.bandwidths
+        return lower_bound(BoundInputs(
+            steps=steps, dense_bytes=dense, expert_bytes=experts * m.expert_bytes,
+            activated_fraction=min(1.0, res["expert_computes"] / max(steps * experts, 1)),
+            device_room=None if cfg.device_budget is None else cfg.device_budget - fixed,
+            host_room=None if cfg.host_budget is None else
+            cfg.host_budget - pm.global_bytes(m) - dense,
+            cold_disk=cfg.cold_disk, direct_io=cfg.io_mode == "direct",
+            disk_cold_bps=bw["disk_cold_bps"], disk_warm_bps=bw["disk_warm_bps"],
+            h2d_bps=bw["h2d_bps"], compute_s=res["total_s"]))
+
+
+class _NoBar:
+    def set_description(self, _: str) -> None:
+        pass
+
+    def update(self, _: int = 1) -> None:
+        pass
+
+
+class _progress:  # noqa: N801  (a context manager used like a function)
+    """A tqdm bar over the runs on stderr (none with -q or when stderr is not a terminal)."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total, self.quiet = total, quiet
+
+    def __enter__(self) -> Any:
+        if self.quiet or not sys.stderr.isatty():
+            self.bar = None
+            return _NoBar()
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, unit="run", file=sys.stderr, leave=False)
+        return self.bar
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()

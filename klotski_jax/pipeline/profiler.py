@@ -1,0 +1,455 @@
+"""The profiler: measure a model's costs on the actual default JAX device (`klotski profile`).
+
+Every compute piece runs the jitted step the scheduler runs (models/layers.py, pipeline/steps.py)
+with the model's real weights and shapes, plus the host-side work the scheduler does around it
+(array conversions, routing bookkeeping, row gathering and padding), so the times are what the
+pipeline pays. Each shape is warmed up (compiled) first; a time is the median of `repeats` runs.
+Transfers go through the pipeline's own `HostTier` and `Transfers`: an expert from disk with the
+page cache evicted, the same from the page cache, from the host cache, and each layer's dense
+weights; plus the raw bandwidth of disk -> host, host -> device and a host copy.
+
+Profiles are cached as JSON under `<cache>/profiles/` (cache: KLOTSKI_JAX_CACHE, else the XDG
+cache, else ~/.cache/klotski-jax; KLOTSKI_JAX_PROFILES names the folder itself), one file per
+device kind and model shape (`costs.model_key`), and reused unless refreshed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import pathlib
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from klotski_jax.checkpoints.store import CheckpointReader
+from klotski_jax.config import ModelConfig
+from klotski_jax.models import layers
+from klotski_jax.models.specs import layer_tree
+from klotski_jax.pipeline import steps
+from klotski_jax.pipeline.costs import Profile, expected_distinct, fit_nonnegative, model_key
+from klotski_jax.pipeline.host import HostTier, StagingBuffer, _read_file
+from klotski_jax.pipeline.hot import PreviousLayerPopularity
+from klotski_jax.pipeline.ledger import MemoryLedger
+from klotski_jax.pipeline.planner import Planner, PlanRequest
+from klotski_jax.pipeline.scheduler import Routing
+from klotski_jax.pipeline.trace import RunStats, Tracer
+from klotski_jax.pipeline.transfers import Transfers
+
+log = logging.getLogger(__name__)
+
+# probe(groups, batch, device_budget, prompt_len, new_tokens) -> (prefill s, decode step s):
+# whole steps of the real engine, warm-up excluded (klotski_jax.profiling.engine_probe).
+Probe = Callable[[int, int, int | None, int, int], tuple[float, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileOptions:
+    """How much to measure. `quick` shrinks every grid (tests, first runs of the engine)."""
+
+    repeats: int = 5
+    warmup: int = 2
+    max_rows: int = 4096  # largest expert bucket / router and combine token count
+    transfer_samples: int = 6  # experts read per transfer kind
+    quick: bool = False
+    device_budget: int | None = None  # skip shapes whose working set exceeds a quarter of it
+
+
+# ---- cache --------------------------------------------------------------------------------------
+def device_info() -> dict[str, str]:
+    """What a profile is keyed by: the default device's platform and kind."""
+    d = jax.devices()[0]
+    return {"platform": d.platform, "device_kind": str(d.device_kind)}
+
+
+def cache_dir() -> pathlib.Path:
+    """$KLOTSKI_JAX_PROFILES, else `<cache>/profiles` (the default model's cache root)."""
+    if env := os.environ.get("KLOTSKI_JAX_PROFILES"):
+        return pathlib.Path(env).expanduser()
+    from klotski_jax.checkpoints.default_model import cache_root
+
+    return cache_root() / "profiles"
+
+
+def cache_path(cfg: ModelConfig) -> pathlib.Path:
+    """The cache file of this model shape on this device."""
+    info = device_info()
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{info['platform']}-{info['device_kind']}".lower())
+    return cache_dir() / f"{slug.strip('-')}-{model_key(cfg)}.json"
+
+
+def load_cached(cfg: ModelConfig) -> Profile | None:
+    """The cached profile of this model shape on this device, or None."""
+    path = cache_path(cfg)
+    try:
+        return Profile.from_json(path.read_text())
+    except (OSError, ValueError, TypeError) as e:
+        if path.exists():
+            log.warning("ignoring unreadable profile %s: %s", path, e)
+        return None
+
+
+def write_profile(profile: Profile, path: str | os.PathLike[str]) -> pathlib.Path:
+    """Write a profile atomically (temp file + rename)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(profile.to_json())
+    os.replace(tmp, path)
+    return path
+
+
+def get_profile(ckpt_dir: str | os.PathLike[str], *, refresh: bool = False,
+                options: ProfileOptions | None = None, probe: Probe | None = None
+                ) -> tuple[Profile, pathlib.Path, bool]:
+    """(profile, its cache file, whether it was measured now): the cached one unless refresh.
+    With a `probe` (timed engine steps) the overheads are calibrated too (`calibrate`)."""
+    reader = CheckpointReader(ckpt_dir)
+    path = cache_path(reader.config)
+    cached = None if refresh else load_cached(reader.config)
+    if cached is not None:
+        return cached, path, False
+    t0 = time.perf_counter()
+    profile = measure(reader, options or ProfileOptions())
+    if probe is not None:
+        profile = calibrate(profile, reader.config, probe)
+        profile.meta["elapsed_s"] = round(time.perf_counter() - t0, 2)
+    write_profile(profile, path)
+    return profile, path, True
+
+
+# ---- timing -------------------------------------------------------------------------------------
+def _median(fn: Callable[[], Any], opts: ProfileOptions) -> float:
+    for _ in range(opts.warmup):
+        fn()
+    times = []
+    for _ in range(opts.repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _round32(n: int) -> int:
+    return -(-n // 32) * 32
+
+
+# ---- the measurement ----------------------------------------------------------------------------
+def measure(reader: CheckpointReader, opts: ProfileOptions) -> Profile:
+    """Measure every cost of reader's model on jax.devices()[0]."""
+    cfg = reader.config
+    t0 = time.perf_counter()
+    moe = cfg.moe_layer_ids[0]
+    w = jax.device_put(layer_tree({n: reader.dense(n) for n in _dense_names(reader, moe)}, moe))
+    grids = _grids(cfg, opts)
+    out: dict[str, Any] = {}
+    out["attention_prefill"] = [(b, t, s, _attention(cfg, w, moe, b, t, s, opts))
+                                for b, t, s in grids["prefill"]]
+    out["attention_decode"] = [(b, 1, s, _attention(cfg, w, moe, b, 1, s, opts))
+                               for b, s in grids["decode"]]
+    out["router"] = [(m, _router(cfg, w, m, opts)) for m in grids["tokens"]]
+    out["routing"] = [(n, _routing(cfg, n, opts)) for n in grids["tokens"] if n >= 2]
+    out["combine"] = [(m, _combine(cfg, w, m, opts)) for m in grids["tokens"]]
+    out["head"] = [(b, _head(cfg, reader, b, opts)) for b in grids["heads"]]
+    dense = [i for i in range(cfg.num_layers) if not cfg.moe_layers[i]]
+    if dense:
+        wd = jax.device_put(layer_tree({n: reader.dense(n)
+                                        for n in _dense_names(reader, dense[0])}, dense[0]))
+        out["dense_mlp"] = [(m, _dense_mlp(cfg, wd, m, opts)) for m in grids["tokens"]]
+    transfers, bandwidth = _transfers(reader, opts)
+    expert_w = _expert_weights(reader, moe)
+    max_rows = min(opts.max_rows, 128) if opts.quick else opts.max_rows
+    out["expert"] = [(r, _expert(cfg, expert_w, r, opts)) for r in steps.buckets_upto(max_rows)]
+    meta = {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "checkpoint": str(reader.path), "repeats": opts.repeats, "quick": opts.quick,
+            "elapsed_s": round(time.perf_counter() - t0, 2), "jax": jax.__version__,
+            "expert_bytes": cfg.expert_bytes}
+    return Profile(device=device_info(), model_key=model_key(cfg), **out, **transfers,
+                   bandwidth=bandwidth, meta=meta)
+
+
+def _grids(cfg: ModelConfig, opts: ProfileOptions) -> dict[str, list[Any]]:
+    """The shapes measured: small grids, fitted by costs.CostModel."""
+    if opts.quick:
+        prefill = [(1, 16, 32), (4, 16, 32), (2, 32, 64)]
+        decode = [(1, 32), (8, 32), (8, 64)]
+        tokens, heads = [1, 16, 128], [1, 8]
+    else:
+        prefill = [(b, t, _round32(t + 32)) for b, t in ((1, 32), (1, 128), (8, 32), (8, 128),
+                                                         (32, 32))]
+        decode = [(b, s) for b in (1, 8, 64) for s in (64, 256)]
+        tokens, heads = [1, 8, 64, 512, 4096], [1, 8, 64]
+    tokens = [m for m in tokens if m <= max(opts.max_rows, 2)]
+    if opts.device_budget is not None:  # a working set of scores + KV under a quarter of it
+        fits = lambda b, t, s: (3 * b * cfg.num_heads * t * s * 4
+                                + 2 * b * s * cfg.kv_size * cfg.itemsize) <= opts.device_budget / 4
+        prefill = [x for x in prefill if fits(*x)] or prefill[:1]
+        decode = [x for x in decode if fits(x[0], 1, x[1])] or decode[:1]
+    return {"prefill": prefill, "decode": decode, "tokens": tokens, "heads": heads}
+
+
+def _dense_names(reader: CheckpointReader, layer: int) -> list[str]:
+    prefix = f"layers.{layer}."
+    return [n for n, e in reader.manifest["tensors"].items()
+            if n.startswith(prefix) and e["kind"] == "dense"]
+
+
+def _attention(cfg: ModelConfig, w: Any, layer: int, b: int, t: int, s: int,
+               opts: ProfileOptions) -> float:
+    """One group's attention step as Scheduler._attention runs it."""
+    dt = jnp.dtype(cfg.dtype)
+    h = jnp.zeros((b, t, cfg.hidden_size), dt)
+    shape = (b, s, cfg.num_kv_heads, cfg.head_dim)
+    kv = [(jnp.zeros(shape, dt), jnp.zeros(shape, dt))]
+    positions = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+    valid = np.ones((b, s), bool)
+
+    def run() -> None:
+        out, kv[0] = layers.attention_block(
+            w, h, jnp.asarray(positions), kv[0], jnp.asarray(0, jnp.int32), jnp.asarray(valid),
+            cfg=cfg, window=cfg.sliding_windows[layer])
+        jax.block_until_ready(out)
+
+    return _median(run, opts)
+
+
+def _router(cfg: ModelConfig, w: Any, m: int, opts: ProfileOptions) -> float:
+    """One group's router with the routing copied to the host (Scheduler._route)."""
+    h = jax.random.normal(jax.random.key(0), (m, 1, cfg.hidden_size)).astype(cfg.dtype)
+
+    def run() -> None:
+        _, wg, eg = steps.route_group(w, h, cfg=cfg)
+        np.asarray(eg)
+        np.asarray(wg)
+
+    return _median(run, opts)
+
+
+def _random_routing(cfg: ModelConfig, n: int, groups: int = 2, seed: int = 0) -> Routing:
+    rng = np.random.default_rng(seed)
+    experts = np.argsort(rng.random((n, cfg.num_experts)), axis=1)[:, : cfg.top_k]
+    weights = np.full((n, cfg.top_k), 1.0 / cfg.top_k, np.float32)
+    cut = np.array_split(np.arange(n), min(groups, n))
+    return Routing([experts[c].astype(np.int32) for c in cut], [weights[c] for c in cut])
+
+
+def _routing(cfg: ModelConfig, n: int, opts: ProfileOptions) -> float:
+    """Per MoE layer: routing bookkeeping, prediction, the concatenated input and accumulator."""
+    rng = np.random.default_rng(0)
+    experts = [rng.integers(0, cfg.num_experts, (n // 2, cfg.top_k)).astype(np.int32),
+               rng.integers(0, cfg.num_experts, (n - n // 2, cfg.top_k)).astype(np.int32)]
+    weights = [np.ones(e.shape, np.float32) for e in experts]
+    xs = [jnp.zeros((len(e), cfg.hidden_size), cfg.dtype) for e in experts]
+    pred = PreviousLayerPopularity(cfg.moe_layer_ids, cfg.num_experts)
+    layer = cfg.moe_layer_ids[0]
+
+    def run() -> None:
+        routing = Routing(experts, weights)
+        pred.observe(layer, routing.all_experts)
+        pred.predict(layer, cfg.top_k)
+        x_all = jnp.concatenate(xs)
+        jax.block_until_ready(jnp.zeros(x_all.shape, jnp.float32))
+
+    return _median(run, opts)
+
+
+def _expert_weights(reader: CheckpointReader, layer: int) -> dict[str, jax.Array]:
+    return {p: jax.device_put(reader.expert(layer, p, 0)) for p in ("gate", "up", "down")}
+
+
+def _expert(cfg: ModelConfig, w: dict[str, jax.Array], rows: int, opts: ProfileOptions
+            ) -> float:
+    """One expert over a full bucket of `rows` tokens, as Scheduler._expert runs it: gather its
+    rows from the routing, pad, convert, run, wait."""
+    n = max(rows, rows * cfg.num_experts // cfg.top_k)
+    routing = _random_routing(cfg, n)
+    flat = routing.all_experts  # expert 0 gets exactly `rows` tokens
+    flat[:] = np.maximum(flat, 1)
+    flat[:rows, 0] = 0
+    x = jnp.zeros((n, cfg.hidden_size), cfg.dtype)
+    acc = [jnp.zeros((n, cfg.hidden_size), jnp.float32)]
+    offsets = routing.offsets
+
+    def run() -> None:
+        r, wts = routing.rows(0)
+        pr, pw = steps.pad_rows(r, wts)
+        np.diff(np.searchsorted(r, offsets)).tolist()
+        acc[0] = steps.expert_apply(acc[0], x, jnp.asarray(pr), jnp.asarray(pw),
+                                    w["gate"], w["up"], w["down"])
+        jax.block_until_ready(acc[0])
+
+    return _median(run, opts)
+
+
+def _combine(cfg: ModelConfig, w: Any, m: int, opts: ProfileOptions) -> float:
+    """One group's combine (routed output + shared expert + residual)."""
+    h = jnp.zeros((m, 1, cfg.hidden_size), cfg.dtype)
+    x = jnp.zeros((m, cfg.hidden_size), cfg.dtype)
+    acc = jnp.zeros((m, cfg.hidden_size), jnp.float32)
+    return _median(lambda: jax.block_until_ready(
+        steps.finish_moe(w, h, x, acc, jnp.int32(0), cfg=cfg)), opts)
+
+
+def _dense_mlp(cfg: ModelConfig, w: Any, m: int, opts: ProfileOptions) -> float:
+    h = jnp.zeros((m, 1, cfg.hidden_size), cfg.dtype)
+    return _median(lambda: jax.block_until_ready(layers.dense_mlp_block(w, h, cfg=cfg)), opts)
+
+
+def _head(cfg: ModelConfig, reader: CheckpointReader, b: int, opts: ProfileOptions) -> float:
+    """Per group and step: embedding (an untied one is looked up on the host, as
+    Scheduler._embed does), last-token logits to the host, greedy sampling."""
+    embed = reader.dense("embed")
+    norm = jax.device_put(reader.dense("final_norm"))
+    head = jax.device_put(embed if cfg.tie_word_embeddings else reader.dense("lm_head"))
+    tokens = np.zeros((b, 1), np.int32)
+
+    def run() -> None:
+        if cfg.tie_word_embeddings:
+            h = layers.embed(head, jnp.asarray(tokens))
+        else:
+            h = jax.device_put(np.take(embed, tokens, axis=0))
+        logits = steps.last_token_logits(norm, head, h, cfg=cfg)
+        np.asarray(logits).argmax(-1)
+
+    return _median(run, opts)
+
+
+# ---- transfers ----------------------------------------------------------------------------------
+def _sample_experts(cfg: ModelConfig, count: int) -> list[tuple[int, int]]:
+    """Experts spread over the MoE layers (distinct files, so no read hits another's pages)."""
+    all_ = [(i, e) for i in cfg.moe_layer_ids for e in range(cfg.num_experts)]
+    step = max(1, len(all_) // max(1, count))
+    return all_[::step][:count]
+
+
+def _pinned_host(tier: HostTier) -> None:
+    """Keep the host cache where the engine keeps it: pinned host memory on GPU/TPU."""
+    device = jax.devices()[0]
+    if device.platform != "cpu" and "pinned_host" in {m.kind for m in
+                                                      device.addressable_memories()}:
+        pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+        tier.to_host_memory = lambda parts: jax.block_until_ready(jax.device_put(parts, pinned))
+
+
+def _load_times(transfers: Transfers, keys: list[Any]) -> tuple[list[float], list[float]]:
+    """(I/O time from request to done, compute-side get + release time) of each key, serially."""
+    io, side = [], []
+    for key in keys:
+        t0 = time.perf_counter()
+        transfers.request(key).result()
+        t1 = time.perf_counter()
+        transfers.get(key)
+        transfers.release(key)
+        io.append(t1 - t0)
+        side.append(time.perf_counter() - t1)
+    return io, side
+
+
+def _transfers(reader: CheckpointReader, opts: ProfileOptions
+               ) -> tuple[dict[str, Any], dict[str, float]]:
+    """Expert loads from disk (page cache evicted), page cache and host cache, dense layers."""
+    cfg = reader.config
+    keys = [("expert", i, e) for i, e in _sample_experts(cfg, opts.transfer_samples)]
+    cached = HostTier(reader, MemoryLedger("host", None), None)  # caches every expert
+    _pinned_host(cached)
+    uncached = HostTier(reader, MemoryLedger("host", None), frozenset())  # reads every time
+    out: dict[str, Any] = {}
+    for name, tier in (("cold", cached), ("host", cached), ("warm", uncached)):
+        if name == "cold":
+            cached.evict_page_cache()
+        tr = Transfers(tier, MemoryLedger("device", None), io_threads=1, tracer=Tracer(False),
+                       stats=RunStats())
+        try:
+            if name == "warm":  # the pipeline's first use of a staging buffer allocates it
+                _load_times(tr, keys[:1])
+            io, side = _load_times(tr, keys)
+            out[name] = statistics.median(io)
+            out.setdefault("side", []).extend(side)
+            if name == "host":
+                dense = [("dense", i) for i in range(min(cfg.num_layers, 4))]
+                _load_times(tr, dense[:1])
+                dense_io, _ = _load_times(tr, dense)
+                out["dense"] = [(tr.nbytes(k), t) for k, t in zip(dense, dense_io)]
+        finally:
+            tr.close()
+    transfers = {"expert_disk_cold_s": out["cold"], "expert_host_s": out["host"],
+                 "expert_disk_warm_s": out["warm"], "expert_release_s": statistics.median(
+                     out["side"]), "dense_load": out["dense"]}
+    return transfers, _bandwidth(reader, cached, keys, opts)
+
+
+def _bandwidth(reader: CheckpointReader, tier: HostTier, keys: list[Any],
+               opts: ProfileOptions) -> dict[str, float]:
+    """Raw bytes/s of disk -> host (page cache evicted), host -> device and a host copy."""
+    staging = StagingBuffer(tier.part_bytes)
+    nbytes = sum(tier.part_bytes.values())
+    tier.evict_page_cache()
+    t0 = time.perf_counter()
+    for _, layer, e in keys:
+        for part in ("gate", "up", "down"):
+            _read_file(reader.expert_chunk_path(layer, part, e), staging.region(part),
+                       staging.region(part, padded=True), direct=False)
+    disk = nbytes * len(keys) / (time.perf_counter() - t0)
+    parts = {p: np.frombuffer(staging.region(p), tier.dtype).reshape(tier.part_shapes[p])
+             for p in ("gate", "up", "down")}
+    device = jax.devices()[0]
+    h2d = nbytes / _median(lambda: jax.block_until_ready(jax.device_put(parts, device)), opts)
+    size = max(nbytes, 64 << 20)  # larger than the CPU caches
+    src, dst = np.ones(size, np.uint8), np.empty(size, np.uint8)
+    copy = size / _median(lambda: np.copyto(dst, src), opts)
+    return {"disk_to_host_Bps": disk, "host_to_device_Bps": h2d, "host_copy_Bps": copy}
+
+
+# ---- whole-step calibration ---------------------------------------------------------------------
+def calibrate(profile: Profile, cfg: ModelConfig, probe: Probe) -> Profile:
+    """Fit the overheads the pieces miss to timed steps of the real engine.
+
+    Per layer and per computed expert: least squares over the prefill and decode residuals
+    (measured - predicted) of two all-resident shapes. I/O interference: where a streaming run
+    (all experts streamed from the host cache) lands between the predictions with none (0) and
+    full (1) interference.
+    """
+    zero = dataclasses.replace(profile, overhead_layer_s=0.0, overhead_expert_s=0.0,
+                               io_interference=0.0)
+    k, prompt, new = cfg.top_k, 16, 4
+    uniform = [cfg.top_k / cfg.num_experts] * cfg.num_experts
+    n_moe = len(cfg.moe_layer_ids)
+    rows, measured = [], {}
+    for n, b in ((1, 1), (2, 4)):
+        req = PlanRequest(prompt_len=prompt, gen_len=new, groups=n, batch_size=b, hot_experts=k,
+                          disk_tier="page_cache")
+        pred = Planner(cfg, zero).evaluate(req, n, b, k)
+        prefill, decode = measured[(n, b)] = probe(n, b, None, prompt, new)
+        for tokens, got, want in ((n * b, decode, pred.predicted_decode_step_s),
+                                  (n * b * prompt, prefill, pred.predicted_prefill_s)):
+            rows.append((cfg.num_layers, n_moe * expected_distinct(tokens, uniform), got - want))
+    layer_s, expert_s = fit_nonnegative(tuple(rows), lambda r: [r[0], r[1]])
+    fitted = dataclasses.replace(zero, overhead_layer_s=float(layer_s),
+                                 overhead_expert_s=float(expert_s))
+    n, b = 2, 4
+    lo = Planner(cfg, fitted).placement(PlanRequest(prompt_len=prompt, gen_len=new), n, b, k)
+    # Near the minimum (every expert streams), with room for the hot set and one cold expert.
+    budget = None if lo is None else lo.min_device_bytes + (k + 1) * cfg.expert_bytes
+    req = PlanRequest(prompt_len=prompt, gen_len=new, groups=n, batch_size=b, hot_experts=k,
+                      device_budget=budget, disk_tier="page_cache")
+    _, streamed = probe(n, b, budget, prompt, new)
+    at = {a: Planner(cfg, dataclasses.replace(fitted, io_interference=a)).evaluate(req, n, b, k)
+          for a in (0.0, 1.0)}
+    span = at[1.0].predicted_decode_step_s - at[0.0].predicted_decode_step_s
+    alpha = (streamed - at[0.0].predicted_decode_step_s) / span if span > 0 else 0.0
+    meta = {**profile.meta, "calibration": {
+        "shapes": {f"{n_}x{b_}": v for (n_, b_), v in measured.items()},
+        "streamed_decode_step_s": streamed, "streamed_device_budget": budget}}
+    return dataclasses.replace(fitted, io_interference=float(min(1.0, max(0.0, alpha))),
+                               meta=meta)

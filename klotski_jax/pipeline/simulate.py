@@ -1,0 +1,254 @@
+"""An expected-value timeline of the klotski schedule: one compute lane, one serial I/O lane.
+
+Plain Python (no JAX): the planner's performance model. It replays what `Scheduler` does per
+layer with expected quantities instead of a real routing:
+
+  dense weights of layer i (streamed unless resident) and its K hot experts were issued during
+  layer i-1; attention of the n groups; router of group g, then the loads of the cold experts
+  first seen in group g; routing bookkeeping; the prefetch of layer i+1 (dense + hot); experts
+  (resident, hot, cold in issue order), each waiting for its load and releasing its memory when
+  done; combine.
+
+Each expert is one item whose load takes P(routed) x its tier's load time and whose compute is
+E[cost of its bucket; routed] (see CostModel.expert_expectation); hot experts always load. The
+I/O lane serves loads in issue order (the ledger's FIFO) and a load of expert weight w may only
+start when the expert slots held by earlier loads leave room for w (the device budget). The
+compute lane's waits on loads are the bubbles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+from klotski_jax.config import ModelConfig
+from klotski_jax.pipeline.costs import CostModel
+
+
+class Stuck(RuntimeError):
+    """The schedule cannot progress: a load waits (FIFO) for memory that only frees later."""
+
+
+@dataclasses.dataclass
+class Load:
+    """One transfer on the I/O lane. `release` is set when the compute lane is done with it."""
+
+    issue: float
+    duration: float
+    weight: float  # slots of its pool it occupies (expected, for experts)
+    pool: str = "expert"  # "expert" (device budget), "dense" or "kv" (two in flight)
+    start: float | None = None
+    done: float | None = None
+    release: float | None = None
+
+
+class Timeline:
+    """Times of the compute lane (`t`) and the I/O lane, with memory slots for experts."""
+
+    def __init__(self, expert_slots: float | None, interference: float = 0.0) -> None:
+        self.interference = interference
+        self.t = 0.0
+        self.wait = 0.0
+        self.slots: dict[str, float | None] = {"expert": expert_slots, "dense": 2, "kv": 2}
+        self._queue: list[Load] = []
+        self._next = 0  # index of the first load not yet started
+        self._io_free = 0.0
+        self._held: list[Load] = []
+
+    def issue(self, duration: float, weight: float = 1.0, pool: str = "expert") -> Load:
+        """Queue a load; the compute lane pays its share of the load's CPU time."""
+        load = Load(self.t, duration, weight, pool)
+        self._queue.append(load)
+        self.t += self.interference * duration
+        return load
+
+    def need(self, load: Load) -> None:
+        """The compute lane waits for `load` (its wait is a bubble)."""
+        while load.done is None:
+            self._start_next()
+        if load.done > self.t:
+            self.wait += load.done - self.t
+            self.t = load.done
+
+    def _start_next(self) -> None:
+        load = self._queue[self._next]
+        self._next += 1
+        start = max(self._io_free, load.issue)
+        start = self._room(load, start)
+        load.start, load.done = start, start + load.duration
+        self._io_free = load.done
+        self._held.append(load)
+
+    def _room(self, load: Load, start: float) -> float:
+        """The earliest time >= start at which the earlier loads leave room for `load`."""
+        cap = self.slots[load.pool]
+        if cap is None:
+            return start
+        pending = sorted(((x.release if x.release is not None else float("inf"), x)
+                          for x in self._held if x.pool == load.pool
+                          and (x.release is None or x.release > start)), key=lambda rx: rx[0])
+        held = sum(x.weight for _, x in pending)
+        for r, x in pending:
+            if held + load.weight <= cap + 1e-9:
+                break
+            held -= x.weight
+            start = max(start, r)
+        if start == float("inf"):
+            raise Stuck(f"no memory for a {load.pool} load: every slot is held by loads that are "
+                        "released only after it")
+        self._held = [x for x in self._held if x.release is None or x.release > start]
+        return start
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """What one layer streams: its dense weights' load time (0: resident) and, for MoE layers,
+    per expert its routing probability per token and its load time (0: resident)."""
+
+    dense_load_s: float
+    probs: tuple[float, ...] = ()
+    load_s: tuple[float, ...] = ()  # per expert; 0.0 for device-resident experts
+    kv_load_s: float = 0.0  # one group's KV cache of this layer from host RAM (0: on device)
+
+    @property
+    def moe(self) -> bool:
+        return bool(self.probs)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """n groups of b sequences feeding t new tokens each over s cache slots."""
+
+    groups: int
+    batch: int
+    tokens: int
+    slots: int
+
+
+class StepSimulator:
+    """Expected time of klotski steps for one model, placement and hot-set size K."""
+
+    def __init__(self, cfg: ModelConfig, costs: CostModel, hot_experts: int,
+                 expert_slots: float | None) -> None:
+        self.cfg = cfg
+        self.costs = costs
+        self.k = hot_experts
+        self.expert_slots = expert_slots
+
+    def run(self, layers: Sequence[LayerPlan], shapes: Sequence[StepShape]
+            ) -> list[tuple[float, float]]:
+        """(seconds, bubble seconds) of each step, run back to back (the next step's first
+        layer is prefetched during the last layer of the previous one)."""
+        tl = Timeline(self.expert_slots, interference=self.costs.profile.io_interference)
+        dense_prev: Load | None = None
+        pending = self._prefetch(tl, layers[0], shapes[0])
+        out = []
+        for si, shape in enumerate(shapes):
+            t0, w0 = tl.t, tl.wait
+            for i, layer in enumerate(layers):
+                nxt = (layers[i + 1], shape) if i + 1 < len(layers) else (
+                    (layers[0], shapes[si + 1]) if si + 1 < len(shapes) else None)
+                dense_prev, pending = self._layer(tl, layer, shape, pending, nxt, dense_prev)
+            tl.t += shape.groups * self.costs.head(shape.batch)
+            out.append((tl.t - t0, tl.wait - w0))
+        return out
+
+    def _prefetch(self, tl: Timeline, layer: LayerPlan, shape: StepShape
+                  ) -> tuple[Load | None, dict[int, Load], Load | None]:
+        """Issue a layer's dense weights, its hot experts (those not resident) and the first
+        group's KV cache when the caches live in host RAM."""
+        dense = tl.issue(layer.dense_load_s, 1.0, "dense") if layer.dense_load_s else None
+        kv = tl.issue(layer.kv_load_s, 1.0, "kv") if layer.kv_load_s else None
+        hot: dict[int, Load] = {}
+        for e in self._hot(layer):
+            if layer.load_s[e] > 0:
+                hot[e] = tl.issue(layer.load_s[e], 1.0)
+        return dense, hot, kv
+
+    def _hot(self, layer: LayerPlan) -> list[int]:
+        order = sorted(range(len(layer.probs)), key=lambda e: (-layer.probs[e], e))
+        return order[: self.k]
+
+    def _layer(self, tl: Timeline, layer: LayerPlan, shape: StepShape,
+               pending: tuple[Load | None, dict[int, Load], Load | None],
+               nxt: tuple[LayerPlan, StepShape] | None, dense_prev: Load | None
+               ) -> tuple[Load | None, tuple[Load | None, dict[int, Load], Load | None]]:
+        c, n, m = self.costs, shape.groups, shape.batch * shape.tokens
+        dense, hot, kv = pending
+        tl.t += c.profile.overhead_layer_s
+        if dense is not None:
+            tl.need(dense)
+        if dense_prev is not None:
+            dense_prev.release = tl.t  # the ledger frees layer i-1's dense weights by now
+        self._attention(tl, layer, shape, kv)
+        if not layer.moe:
+            tl.t += n * c.dense_mlp(m)
+            issued = self._prefetch(tl, *nxt) if nxt else (None, {}, None)
+            return dense, issued
+        cold = self._route(tl, layer, shape, hot)
+        issued = self._prefetch(tl, *nxt) if nxt else (None, {}, None)
+        self._experts(tl, layer, n * m, hot, cold)
+        tl.t += n * c.combine(m)
+        return dense, issued
+
+    def _attention(self, tl: Timeline, layer: LayerPlan, shape: StepShape,
+                   kv: Load | None) -> None:
+        """n groups' attention; host-resident KV caches load one group ahead."""
+        step = self.costs.attention(shape.batch, shape.tokens, shape.slots)
+        if not layer.kv_load_s:
+            tl.t += shape.groups * step
+            return
+        kv = kv or tl.issue(layer.kv_load_s, 1.0, "kv")
+        for g in range(shape.groups):
+            nxt = tl.issue(layer.kv_load_s, 1.0, "kv") if g + 1 < shape.groups else None
+            tl.need(kv)
+            tl.t += step
+            kv.release = tl.t
+            kv = nxt
+
+    def _route(self, tl: Timeline, layer: LayerPlan, shape: StepShape, hot: dict[int, Load]
+               ) -> list[tuple[int, Load]]:
+        """Routers of the n groups; after group g, the loads of the cold experts first seen in
+        g (the median group of an expert's first use, given that it is used)."""
+        c, n, m = self.costs, shape.groups, shape.batch * shape.tokens
+        groups: dict[int, list[int]] = {}
+        for e in sorted(range(len(layer.probs)), key=lambda e: (-layer.probs[e], e)):
+            if e not in hot and layer.load_s[e] > 0:
+                groups.setdefault(first_group(layer.probs[e], m, n), []).append(e)
+        cold: list[tuple[int, Load]] = []
+        router, done = c.router(m), 0
+        for g in sorted(groups):
+            tl.t += (g + 1 - done) * router
+            done = g + 1
+            for e in groups[g]:
+                routed, _ = c.expert_expectation(n * m, layer.probs[e])
+                cold.append((e, tl.issue(routed * layer.load_s[e], routed)))
+        tl.t += (n - done) * router + c.routing(n * m)
+        return cold
+
+    def _experts(self, tl: Timeline, layer: LayerPlan, tokens: int, hot: dict[int, Load],
+                 cold: list[tuple[int, Load]]) -> None:
+        c = self.costs
+        release, extra = c.profile.expert_release_s, c.profile.overhead_expert_s
+        for e, load_s in enumerate(layer.load_s):
+            if load_s == 0:  # resident: no load, computed first
+                routed, compute = c.expert_expectation(tokens, layer.probs[e])
+                tl.t += compute + extra * routed
+        for e, load in [*hot.items(), *cold]:
+            routed, compute = c.expert_expectation(tokens, layer.probs[e])
+            tl.need(load)
+            tl.t += compute + extra * routed + release * (1.0 if e in hot else routed)
+            load.release = tl.t
+
+
+def first_group(p: float, m: int, n: int) -> int:
+    """The median group (0-based) in which an expert each of m tokens per group picks with
+    probability p is first used, given that one of the n groups uses it."""
+    if p <= 0 or p >= 1 or n == 1:
+        return 0
+    log_q = math.log1p(-p)
+    routed = -math.expm1(n * m * log_q)
+    # smallest g with 1 - q^((g + 1) m) >= routed / 2
+    g = math.ceil(math.log1p(-routed / 2) / (m * log_q) - 1e-9) - 1
+    return min(max(g, 0), n - 1)
