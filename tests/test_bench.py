@@ -15,8 +15,9 @@ import sys
 import time
 
 import pytest
+from cli_helpers import run_cli
 
-from klotski_jax import bench, bench_hf, cli
+from klotski_jax import bench, bench_hf
 from klotski_jax.bench_runner import machine_info
 from klotski_jax.pipeline.policy import PolicyError
 from klotski_jax.pipeline.trace import Tracer
@@ -40,13 +41,6 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return klotski_jax.convert(root / "hf", root / "ckpt", progress=False)
 
 
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:
-        rc = int(e.code)
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def read_rows(path: pathlib.Path) -> list[dict]:
@@ -232,7 +226,7 @@ def test_plot_file(tmp_path: pathlib.Path) -> None:
 def test_cli_bench_end_to_end(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
                               capsys: pytest.CaptureFixture[str]) -> None:
     files = {k: tmp_path / f"out.{k}" for k in ("jsonl", "png", "trace", "md")}
-    rc, out, err = run(["bench", str(tiny_ckpt), "--schedules", "klotski,flexgen,hf-accelerate",
+    rc, out, err = run_cli(["bench", str(tiny_ckpt), "--schedules", "klotski,flexgen,hf-accelerate",
                         "--cold-disk", "--json", str(files["jsonl"]), "--plot", str(files["png"]),
                         "--trace", str(files["trace"]), "--markdown", str(files["md"]),
                         *TINY_ARGS], capsys)
@@ -264,7 +258,7 @@ def test_cli_bench_without_torch_and_small_budget(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)
     path = tmp_path / "rows.jsonl"
-    rc, out, err = run(["bench", str(tiny_ckpt), "--schedules", "sequential,hf-accelerate",
+    rc, out, err = run_cli(["bench", str(tiny_ckpt), "--schedules", "sequential,hf-accelerate",
                         "--json", str(path), *TINY_ARGS[:-3], "--device-budget", "50%", "-q"],
                        capsys)
     assert rc == 0, err
@@ -282,7 +276,7 @@ def test_cli_bench_prompts_file(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt_token_ids": [5, 6, 7]}\n\n{"prompt_token_ids": [8, 9]}\n')
     path = tmp_path / "rows.jsonl"
-    rc, _, err = run(["bench", str(tiny_ckpt), "--schedules", "lru", "--prompts", str(prompts),
+    rc, _, err = run_cli(["bench", str(tiny_ckpt), "--schedules", "lru", "--prompts", str(prompts),
                       "--gen-len", "2", "--repeats", "1", "--json", str(path), "-q"], capsys)
     assert rc == 0, err
     rows = read_rows(path)
@@ -290,7 +284,7 @@ def test_cli_bench_prompts_file(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
         (2, 3, str(prompts))] * 2
     assert rows[0]["prompt_tokens"] == 5 and rows[0]["generated_tokens"] == 4
     prompts.write_text('{"prompt_token_ids": [5, 999]}\n')  # outside the vocabulary of 96
-    rc, _, err = run(["bench", str(tiny_ckpt), "--prompts", str(prompts), "-q"], capsys)
+    rc, _, err = run_cli(["bench", str(tiny_ckpt), "--prompts", str(prompts), "-q"], capsys)
     assert rc == 2 and "prompts.jsonl:1" in err
 
 
@@ -301,7 +295,7 @@ def test_cli_bench_profile_first(tiny_ckpt: pathlib.Path, capsys: pytest.Capture
     calls = []
     monkeypatch.setattr(profiler, "get_profile",
                         lambda ckpt: calls.append(ckpt) or (None, pathlib.Path("p.json"), True))
-    rc, _, err = run(["bench", str(tiny_ckpt), "--profile", "--schedules", "lru", "--repeats",
+    rc, _, err = run_cli(["bench", str(tiny_ckpt), "--profile", "--schedules", "lru", "--repeats",
                       "1", "--gen-len", "2", "--num-prompts", "2", "--prompt-len", "4"], capsys)
     assert rc == 0, err
     assert calls == [tiny_ckpt] and "profile: measured p.json" in err
@@ -309,11 +303,11 @@ def test_cli_bench_profile_first(tiny_ckpt: pathlib.Path, capsys: pytest.Capture
 
 def test_cli_bench_user_errors(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
-    rc, _, err = run(["bench", str(tiny_ckpt), "--schedules", "klotski,deepspeed"], capsys)
+    rc, _, err = run_cli(["bench", str(tiny_ckpt), "--schedules", "klotski,deepspeed"], capsys)
     assert rc == 2 and "--schedules" in err
-    rc, _, err = run(["bench", str(tmp_path / "nope"), "-q"], capsys)
+    rc, _, err = run_cli(["bench", str(tmp_path / "nope"), "-q"], capsys)
     assert rc == 2 and err.startswith("error:")
-    rc, _, err = run(["bench", str(tiny_ckpt), "--device-budget", "12 parsecs", "-q"], capsys)
+    rc, _, err = run_cli(["bench", str(tiny_ckpt), "--device-budget", "12 parsecs", "-q"], capsys)
     assert rc == 2 and "cannot parse size" in err
 
 

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 
 import klotski_jax
 from klotski_jax import cli
@@ -66,14 +67,6 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return klotski_jax.convert(root / "hf", root / "ckpt", progress=False)
 
 
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """main(argv) -> (exit status, stdout, stderr); argparse's SystemExit becomes a status."""
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:
-        rc = int(e.code)
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def write_lines(path: pathlib.Path, objs: list[object]) -> pathlib.Path:
@@ -100,7 +93,7 @@ def test_every_schedule_matches_reference_at_quarter_budget(
         capsys: pytest.CaptureFixture[str]) -> None:
     src = write_lines(tmp_path / "in.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS)])
     out, stats_file = tmp_path / "out.jsonl", tmp_path / "stats.json"
-    rc, stdout, err = run(["generate", str(default_ckpt), "--input", str(src), "--output", str(out),
+    rc, stdout, err = run_cli(["generate", str(default_ckpt), "--input", str(src), "--output", str(out),
                            "--max-new-tokens", str(NEW), "--schedule", schedule,
                            "--device-budget", "25%", "--stats", str(stats_file), "-q"], capsys)
     assert rc == 0, err
@@ -134,7 +127,7 @@ def test_ablations_match_reference(default_ckpt: pathlib.Path, default_reference
             "--no-multi-batch", "--no-hot-only-prefetch", "--no-reorder",
             "--io-mode", "direct", "--evict-page-cache",
             "--stats", str(tmp_path / "s.json"), "-q"]
-    rc, stdout, err = run(argv + [a for p in PROMPTS for a in ("--prompt", p)], capsys)
+    rc, stdout, err = run_cli(argv + [a for p in PROMPTS for a in ("--prompt", p)], capsys)
     assert rc == 0, err
     tok, eos = default_engine.tokenizer, set(default_engine.config.eos_token_ids)
     texts = [json.loads(line) for line in stdout.splitlines()]  # one JSON string per prompt
@@ -155,7 +148,7 @@ def test_token_id_jsonl_schema(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
     src = tmp_path / "prompts.jsonl"
     src.write_text(json.dumps(lines[0]) + "\n\n" + "".join(json.dumps(x) + "\n" for x in lines[1:]))
     out = tmp_path / "sub" / "out.jsonl"
-    rc, _, err = run(["generate", str(tiny_ckpt), "--input", str(src), "--output", str(out),
+    rc, _, err = run_cli(["generate", str(tiny_ckpt), "--input", str(src), "--output", str(out),
                       "--max-new-tokens", "5", "--groups", "2", "--batch-size", "1", "-q"], capsys)
     assert rc == 0, err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -169,7 +162,7 @@ def test_token_id_jsonl_schema(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
         want = np.asarray(model.generate_reference(ids, 5))[0, ids.shape[1]:].tolist()
         assert same_greedy(row["token_ids"], want, eos)
 
-    rc, stdout, err = run(["generate", str(tiny_ckpt), "--input", str(src), "--max-new-tokens",
+    rc, stdout, err = run_cli(["generate", str(tiny_ckpt), "--input", str(src), "--max-new-tokens",
                            "5", "--groups", "2", "--batch-size", "1"], capsys)
     assert rc == 0, err
     assert [json.loads(x) for x in stdout.splitlines()] == [r["token_ids"] for r in rows]
@@ -218,12 +211,12 @@ def test_size_forms_on_the_command_line(tiny_ckpt: pathlib.Path, tmp_path: pathl
     assert gio.resolve_size("unlimited", weight_bytes=weights) is None
     with pytest.raises(PolicyError, match="nothing to take it of"):
         parse_size("30%")
-    rc, _, err = run(base + ["--device-budget", "12XB"], capsys)
+    rc, _, err = run_cli(base + ["--device-budget", "12XB"], capsys)
     assert rc == 2 and "error: cannot parse size '12XB'" in err
-    rc, _, err = run(base + ["--host-budget", "-1GB"], capsys)
+    rc, _, err = run_cli(base + ["--host-budget", "-1GB"], capsys)
     assert rc == 2 and "error:" in err
     src = write_lines(tmp_path / "p.jsonl", [{"prompt_token_ids": [3, 4, 5]}])
-    rc, _, err = run(["generate", str(tiny_ckpt), "--input", str(src), "--max-new-tokens", "2",
+    rc, _, err = run_cli(["generate", str(tiny_ckpt), "--input", str(src), "--max-new-tokens", "2",
                       "--device-budget", "2GiB", "--host-budget", "512MB", "-q",
                       "--stats", str(tmp_path / "s.json")], capsys)
     assert rc == 0, err
@@ -237,7 +230,7 @@ def test_budget_below_minimum(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
                               capsys: pytest.CaptureFixture[str]) -> None:
     src = write_lines(tmp_path / "p.jsonl", [{"prompt_token_ids": [3, 4, 5]}])
     out, stats, trace = tmp_path / "o.jsonl", tmp_path / "s.json", tmp_path / "t.json"
-    rc, stdout, err = run(["generate", str(tiny_ckpt), "--input", str(src), "--output", str(out),
+    rc, stdout, err = run_cli(["generate", str(tiny_ckpt), "--input", str(src), "--output", str(out),
                            "--stats", str(stats), "--trace", str(trace), "--device-budget", "1KB",
                            "-q"], capsys)
     assert rc == 2
@@ -281,13 +274,13 @@ def test_bad_inputs_exit_2(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
     for want, (text, extra) in cases.items():
         src = tmp_path / want.split(":")[0]
         src.write_text(text)
-        rc, _, err = run(base + ["--input", str(src), *extra], capsys)
+        rc, _, err = run_cli(base + ["--input", str(src), *extra], capsys)
         assert rc == 2 and f"{src.name}:" in err and want.split(":", 1)[1].strip() in err, err
-    rc, _, err = run(base + ["--prompt", "hi"], capsys)
+    rc, _, err = run_cli(base + ["--prompt", "hi"], capsys)
     assert rc == 2 and "error: --prompt 1: a text prompt, but the checkpoint has no tokenizer" in err
-    rc, _, err = run(base + ["--input", str(tmp_path / "missing.jsonl")], capsys)
+    rc, _, err = run_cli(base + ["--input", str(tmp_path / "missing.jsonl")], capsys)
     assert rc == 2 and "missing.jsonl: no such prompt file" in err
-    rc, _, err = run(["generate", str(tmp_path / "nockpt"), "--prompt", "x"], capsys)
+    rc, _, err = run_cli(["generate", str(tmp_path / "nockpt"), "--prompt", "x"], capsys)
     assert rc == 2 and "not a klotski-jax checkpoint" in err
     assert not out.exists()
     assert logging.getLogger("jax").level == logging.WARNING  # no "Unable to initialize backend"
@@ -307,7 +300,7 @@ def test_bad_inputs_exit_2(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
     ["generate", "C", "--prompt", "x", "--input", "p.jsonl"],
 ])
 def test_bad_options_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    rc, _, err = run(argv, capsys)
+    rc, _, err = run_cli(argv, capsys)
     assert rc == 2 and "error:" in err
 
 

@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 
 import klotski_jax
 from klotski_jax import cli
@@ -40,13 +41,6 @@ def env(tmp_path_factory: pytest.TempPathFactory):
         yield ckpt, root
 
 
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:
-        rc = int(e.code)
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture(scope="module")
@@ -72,27 +66,27 @@ def test_profile_measures_caches_and_reuses(env, profiled, capsys):
     assert 0.0 <= prof.io_interference <= 1.0 and "calibration" in prof.meta
     cached = list((root / "profiles").glob("*.json"))
     assert len(cached) == 1 and Profile.from_json(cached[0].read_text()) == prof
-    rc, out, _ = run(["profile", str(ckpt)], capsys)
+    rc, out, _ = run_cli(["profile", str(ckpt)], capsys)
     assert rc == 0 and "cached (--refresh measures again)" in out
 
 
 def test_plan_json_and_infeasible_budget(env, profiled, capsys):
     ckpt, _ = env
     base = ["plan", str(ckpt), "--profile", str(profiled), "--prompt-len", "8", "--gen-len", "4"]
-    rc, out, err = run(base + ["--device-budget", "none", "--json", "--prompts", "6"], capsys)
+    rc, out, err = run_cli(base + ["--device-budget", "none", "--json", "--prompts", "6"], capsys)
     assert rc == 0, err
     plan = json.loads(out)
     assert all(k in plan for k in PLAN_FIELDS)
     assert plan["groups"] * plan["batch_size"] <= 6 * 2 and plan["predicted_throughput_tokens_per_s"] > 0
     assert set(plan["inequalities"]) == {"(4)", "(5)", "(6)", "(7)"}
-    rc, out, err = run(base + ["--device-budget", "1000"], capsys)
+    rc, out, err = run_cli(base + ["--device-budget", "1000"], capsys)
     assert rc == 2 and "smallest device budget that works is" in err
     smallest = int(re.search(r"works is (\d+) bytes", err).group(1))
-    rc, out, err = run(base + ["--device-budget", str(smallest)], capsys)
+    rc, out, err = run_cli(base + ["--device-budget", str(smallest)], capsys)
     assert rc == 0 and "plan: n = 1 group(s)" in out, err
-    rc, _, err = run(base + ["--device-budget", str(smallest - 1)], capsys)
+    rc, _, err = run_cli(base + ["--device-budget", str(smallest - 1)], capsys)
     assert rc == 2
-    rc, out, _ = run(base + ["--device-budget", "none", "--batch-size", "3", "--groups", "2"],
+    rc, out, _ = run_cli(base + ["--device-budget", "none", "--batch-size", "3", "--groups", "2"],
                      capsys)
     assert rc == 0 and "n = 2 group(s) x batch 3" in out and "n limited by: fixed" in out
 
@@ -110,7 +104,7 @@ def test_generate_uses_the_planner_and_gives_the_reference_tokens(env, profiled,
     src = root / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in ps))
     stats = root / "stats.json"
-    rc, out, err = run(["generate", str(ckpt), "--input", str(src), "--max-new-tokens", str(NEW),
+    rc, out, err = run_cli(["generate", str(ckpt), "--input", str(src), "--max-new-tokens", str(NEW),
                         "--device-budget", "50%", "--stats", str(stats)], capsys)
     assert rc == 0, err
     assert [json.loads(line) for line in out.splitlines()] == want
@@ -131,7 +125,7 @@ def test_calibrate_then_a_run_predicts_without_writing_back(env, capsys):
     ckpt, root = env
     src = root / "calib.jsonl"
     src.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in prompts(6, 9)))
-    rc, out, err = run(["calibrate", str(ckpt), "--input", str(src), "--max-new-tokens", "3"],
+    rc, out, err = run_cli(["calibrate", str(ckpt), "--input", str(src), "--max-new-tokens", "3"],
                        capsys)
     assert rc == 0, err
     assert "path length 1" in out and (ckpt / TABLE_FILE).exists()
@@ -146,9 +140,9 @@ def test_calibrate_then_a_run_predicts_without_writing_back(env, capsys):
     assert st.hot_sets > 0 and st.hot_precision is not None and 0 <= st.hot_set_accuracy <= 1
     assert {n: hashlib.sha256((ckpt / n).read_bytes()).hexdigest()
             for n in (TABLE_FILE, META_FILE)} == digest
-    rc, _, err = run(["calibrate", str(ckpt), "--input", str(root / "missing.jsonl")], capsys)
+    rc, _, err = run_cli(["calibrate", str(ckpt), "--input", str(root / "missing.jsonl")], capsys)
     assert rc == 2 and "error:" in err
-    rc, _, err = run(["calibrate", str(ckpt), "--input", str(src), "--path-length", "0"], capsys)
+    rc, _, err = run_cli(["calibrate", str(ckpt), "--input", str(src), "--path-length", "0"], capsys)
     assert rc == 2 and "path-length" in err
     (ckpt / TABLE_FILE).unlink()  # later tests of this module see a checkpoint without a table
     (ckpt / META_FILE).unlink()
