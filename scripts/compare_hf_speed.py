@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import pathlib
-import platform
 import shlex
 import statistics
 import sys
@@ -127,23 +126,12 @@ def hf(hf_dir: pathlib.Path, dtype: str, ids: np.ndarray, opts: Options) -> dict
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import jax
+    """The bench's machine description (nproc, CPU, load, versions) plus torch's thread count."""
     import torch
-    import transformers
 
-    return {"nproc": os.cpu_count(), "cpu": cpu, "loadavg_1m": os.getloadavg()[0],
-            "python": platform.python_version(),
-            "jax": jax.__version__, "jax_device": str(jax.devices()[0]),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "transformers": transformers.__version__}
+    from klotski_jax.bench_runner import machine_info
+
+    return {**machine_info(), "torch_threads": torch.get_num_threads()}
 
 
 def run_dtype(hf_dir: pathlib.Path, dtype: str, ids: np.ndarray, opts: Options,
@@ -169,8 +157,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Reference decode speed vs HF transformers ({report['date']})", "",
              f"- command: `{report['command']}`",
              f"- model: {report['model']}",
-             f"- machine: {m['nproc']} x {m['cpu']} (1-min load average {m['loadavg_1m']:.1f}); "
-             f"jax {m['jax']} on {m['jax_device']}, torch {m['torch']} ({m['torch_threads']} "
+             f"- machine: {m['nproc']} x {m['cpu']} (1-min load average {m['loadavg'][0]:.1f}); "
+             f"jax {m['jax']} on {m['device']}, torch {m['torch']} ({m['torch_threads']} "
              f"threads), transformers {m['transformers']}, Python {m['python']}",
              "- greedy, all weights in memory, warm-up excluded, median of repeats; prefill = a "
              "1-new-token call, decode = the rest of a full call", "",
