@@ -438,6 +438,9 @@ def describe_workload(bench: Bench) -> str:
             f"tokens{sweep}{source}")
 
 
+SAMPLE_REPETITION_PENALTY = 1.3
+
+
 def sample_texts(bench: Bench, n: int) -> list[tuple[str, str]] | str:
     """(prompt, continuation) of a few text prompts with klotski under the first budgets, or why
     there are none."""
@@ -449,7 +452,10 @@ def sample_texts(bench: Bench, n: int) -> list[tuple[str, str]] | str:
         return "no sample: the checkpoint has no tokenizer"
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
     try:
-        gen = engine.generate(prompts, max_new_tokens=bench.configs[0].gen_len)
+        # A tiny model loops under plain greedy decoding; a mild repetition penalty keeps the
+        # sample readable (the timed runs above are plain greedy).
+        gen = engine.generate(prompts, max_new_tokens=max(bench.configs[0].gen_len, 24),
+                              repetition_penalty=SAMPLE_REPETITION_PENALTY)
     except PolicyError as e:
         return f"no sample: {e}"
     return list(zip(prompts, gen.texts or []))

@@ -31,6 +31,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -83,6 +90,7 @@ class GenerateOptions:
     batch_size: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
     seed: int = 0
     trace: str | None = None
     stats: str | None = None
@@ -154,7 +162,8 @@ def run_generate(opts: GenerateOptions) -> dict[str, Any]:
     try:
         gen = engine.generate(prompt_ids, max_new_tokens=opts.max_new_tokens,
                               temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
-                              trace=tracer, progress=update)
+                              trace=tracer, progress=update,
+                              repetition_penalty=opts.repetition_penalty)
     finally:
         close()
     results = gio.results(records, gen.token_ids, gen.texts)
@@ -240,6 +249,9 @@ def _add_generate(sub: Any) -> None:
                    help="0 = greedy (default)")
     p.add_argument("--top-p", type=_probability, default=1.0, metavar="P",
                    help="nucleus sampling mass when --temperature > 0 (default: 1)")
+    p.add_argument("--repetition-penalty", type=_positive_float, default=1.0, metavar="R",
+                   help="> 1 discourages repeating generated tokens (HF semantics; default: 1, "
+                        "off; about 1.3 helps small models that loop)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default: 0)")
     p.add_argument("--trace", metavar="FILE",
                    help="write a Chrome trace-event JSON (open in ui.perfetto.dev)")
@@ -278,7 +290,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import shlex
 
-    from klotski_jax.bench import BenchOptions, run_bench
+    from klotski_jax.bench import SAMPLE_REPETITION_PENALTY, BenchOptions, run_bench
 
     if not args.verbose:  # one "placement" info line per run would bury the table
         logging.getLogger("klotski_jax.engine").setLevel(logging.WARNING)
@@ -292,7 +304,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if isinstance(sample, str):
         print(sample)
     elif sample:
-        print("sample (klotski schedule, greedy):")
+        print(f"sample (klotski schedule, greedy, repetition penalty {SAMPLE_REPETITION_PENALTY}):")
         for prompt, text in sample:
             print(f"> {prompt}\n  ...{text!r}")
     if out["files"]:

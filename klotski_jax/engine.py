@@ -55,6 +55,21 @@ class Generation:
     plan: dict[str, Any] | None = None  # what the planner chose and predicted (None: not used)
 
 
+def penalize_repeats(logits: np.ndarray, history: Sequence[Sequence[int]],
+                     penalty: float) -> np.ndarray:
+    """HF-style repetition penalty: each row's already generated tokens get their logit divided
+    by `penalty` when positive, multiplied when negative (1.0: unchanged). Returns a copy."""
+    out = np.array(logits, np.float32)
+    if penalty == 1.0:
+        return out
+    for r, seen in enumerate(history):
+        idx = np.unique(np.asarray(seen, np.int64))
+        if idx.size:
+            row = out[r, idx]
+            out[r, idx] = np.where(row > 0, row / penalty, row * penalty)
+    return out
+
+
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator
            ) -> np.ndarray:
     """Next token per row of float32 logits [b, v]: greedy at temperature 0, else nucleus."""
@@ -178,13 +193,18 @@ class Engine:
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  stop_at_eos: bool = True, trace: Tracer | None = None,
-                 progress: Callable[[int], None] | None = None) -> Generation:
+                 progress: Callable[[int], None] | None = None,
+                 repetition_penalty: float = 1.0) -> Generation:
         """Generate up to max_new_tokens per prompt. Greedy at temperature 0 (the default).
 
+        repetition_penalty > 1 discourages tokens this prompt has already generated (HF
+        semantics, applied to the new tokens only); small models loop less with about 1.3.
         progress(n) is called after every decode step with the number of tokens generated.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         ids = self.encode(prompts)
@@ -198,7 +218,8 @@ class Engine:
         for start in range(0, len(ids), per_round):
             chunk = ids[start: start + per_round]
             out, placement = self._run_round(chunk, groups, batch, max_new_tokens, temperature,
-                                             top_p, rng, tracer, stats, progress)
+                                             top_p, rng, tracer, stats, progress,
+                                             repetition_penalty)
             new_tokens.extend(out)
         eos = set(self.config.eos_token_ids)
         if stop_at_eos and eos:
@@ -224,7 +245,7 @@ class Engine:
 
     def _run_round(self, chunk: list[list[int]], groups: int, batch: int, max_new: int,
                    temperature: float, top_p: float, rng: np.random.Generator, tracer: Tracer,
-                   stats: RunStats, progress: Callable[[int], None] | None
+                   stats: RunStats, progress: Callable[[int], None] | None, penalty: float = 1.0
                    ) -> tuple[list[list[int]], Placement]:
         s_len = max(len(p) for p in chunk)
         pad = self.config.pad_token_id or 0
@@ -243,7 +264,9 @@ class Engine:
             t0 = time.perf_counter()
             logits = s.step("prefill", states, prefetch_next=max_new > 1)
             for step in range(max_new):
-                tokens = [sample(np.asarray(x), temperature, top_p, rng) for x in logits]
+                tokens = [sample(penalize_repeats(np.asarray(x), out[g * batch:(g + 1) * batch],
+                                                  penalty), temperature, top_p, rng)
+                          for g, x in enumerate(logits)]
                 for g, t in enumerate(tokens):
                     for r, tok in enumerate(t):
                         out[g * batch + r].append(int(tok))
@@ -374,4 +397,4 @@ def _cut_at(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens
 
 
-__all__ = ["Engine", "Generation", "Policy", "PolicyError", "sample"]
+__all__ = ["Engine", "Generation", "Policy", "PolicyError", "penalize_repeats", "sample"]
