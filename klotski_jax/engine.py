@@ -330,9 +330,8 @@ class _Session:
         self.transfers = Transfers(host, self.device, io_threads=pol.io_threads,
                                    tracer=self.tracer, stats=self.stats)
         if not pl.kv_on_device:
-            window = pl.fixed_device_bytes - pl.activation_bytes - device_global_bytes(cfg)
-            self.device.reserve("kv window", window)
-            self.transfers.kv_ledger = MemoryLedger("device kv window", window)
+            self.device.reserve("kv window", pl.kv_device_bytes)
+            self.transfers.kv_ledger = MemoryLedger("device kv window", pl.kv_device_bytes)
         self.scheduler = Scheduler(cfg, pol, pl, self.transfers,
                                    self.engine._predictor_factory(cfg), globals_dev, embed_host,
                                    self.tracer,

@@ -105,6 +105,7 @@ class Placement:
     min_host_bytes: int
     staging_bytes: int
     kv_on_device: bool = True  # else each (layer, group) KV cache is loaded around its attention
+    kv_device_bytes: int = 0  # device bytes for KV: all caches, or the in-flight window
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -163,7 +164,8 @@ def place(cfg: ModelConfig, policy: Policy, workload: Workload) -> Placement:
     if policy.schedule is Schedule.LRU:
         want_slots = max(want_slots, cfg.num_experts)  # a cache that holds one layer's experts
     kv_on_device = budget is None or budget >= base + kv + all_dense + want_slots * eb
-    fixed = base + (kv if kv_on_device else kv_window)
+    kv_device = kv if kv_on_device else kv_window
+    fixed = base + kv_device
     min_device = base + min(kv, kv_window) + stream_dense + min_slots * eb
     if budget is not None and budget < min_device:
         raise BudgetError(
@@ -218,4 +220,5 @@ def place(cfg: ModelConfig, policy: Policy, workload: Workload) -> Placement:
         schedule=policy.schedule, dense_resident=dense_resident,
         device_experts=frozenset(resident), host_experts=host_experts, expert_slots=slots,
         fixed_device_bytes=fixed, kv_bytes=kv, activation_bytes=act, min_device_bytes=min_device,
-        min_host_bytes=host_min, staging_bytes=staging, kv_on_device=kv_on_device)
+        min_host_bytes=host_min, staging_bytes=staging, kv_on_device=kv_on_device,
+        kv_device_bytes=kv_device)
