@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import pathlib
@@ -24,6 +25,7 @@ import pytest
 
 from klotski_jax.config import ModelConfig
 from klotski_jax.demo import PROMPTS
+from klotski_jax.models import layers
 from klotski_jax.models import training as T
 from klotski_jax.models.reference import Model
 
@@ -66,6 +68,41 @@ def test_forward_train_equals_reference_model(name: str) -> None:
     np.testing.assert_allclose(np.asarray(logits), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
     assert len(router_logits) == sum(cfg.moe_layers)
     assert all(r.shape == (ids.size, cfg.num_experts) for r in router_logits)
+
+
+@pytest.mark.parametrize("skew", ["random", "one-expert", "few-tokens"])
+def test_combine_grouped_equals_dense_in_value_and_gradient(skew: str) -> None:
+    """Training's expert-sorted blocks compute exactly the oracle's sum, and the same gradients
+    for the inputs, the router weights and every expert's matrices (an unused expert gets 0)."""
+    rng = np.random.default_rng(7)
+    n, d, f, e, k = (5 if skew == "few-tokens" else 150), 16, 12, 6, 2
+    experts = {"gate": rng.normal(0, 0.3, (e, f, d)), "up": rng.normal(0, 0.3, (e, f, d)),
+               "down": rng.normal(0, 0.3, (e, d, f))}
+    experts = {name: jnp.asarray(w, jnp.float32) for name, w in experts.items()}
+    x = jnp.asarray(rng.normal(0, 1, (n, d)), jnp.float32)
+    weights = jnp.asarray(rng.random((n, k)), jnp.float32)
+    if skew == "one-expert":  # every token's first choice is expert 3: one long padded run
+        idx = np.stack([np.full(n, 3), rng.integers(4, e, n)], axis=1)
+    else:
+        idx = np.argsort(rng.random((n, e)), axis=1)[:, :k]
+    idx = jnp.asarray(idx, jnp.int32)
+
+    def total(fn, ex, xx, ww):  # a scalar that depends on every output element differently
+        return jnp.sum(fn(ex, xx, ww, idx) * jnp.arange(n * d, dtype=jnp.float32).reshape(n, d))
+
+    dense = functools.partial(total, layers.combine_dense)
+    grouped = functools.partial(total, lambda *a: layers.combine_grouped(*a, block=8))
+    np.testing.assert_allclose(np.asarray(layers.combine_grouped(experts, x, weights, idx, block=8)),
+                               np.asarray(layers.combine_dense(experts, x, weights, idx)),
+                               rtol=1e-5, atol=1e-5)
+    g_dense = jax.grad(dense, argnums=(0, 1, 2))(experts, x, weights)
+    g_grouped = jax.jit(jax.grad(grouped, argnums=(0, 1, 2)))(experts, x, weights)
+    for a, b in zip(jax.tree.leaves(g_grouped), jax.tree.leaves(g_dense), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                   atol=1e-4 * float(jnp.abs(b).max()))
+    unused = sorted(set(range(e)) - set(np.asarray(idx).ravel().tolist()))
+    for name in ("gate", "up", "down"):
+        assert all(float(jnp.abs(g_grouped[0][name][u]).max()) == 0 for u in unused)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -213,6 +250,7 @@ def test_script_tiny_run(script: ModuleType, tmp_path: pathlib.Path) -> None:
     export = record["export"]
     assert abs(export["val_loss"] - evals[-1]["val_loss"]) < 0.01  # bf16 export ~ float32 weights
     assert len(export["routing"]["top2_share"]) == 2 and len(export["samples"]) == len(PROMPTS)
+    assert [s["prompt"] for s in export["samples_penalised"]] == list(PROMPTS)
     card = (out / "README.md").read_text()
     assert f"{export['val_loss']:.3f}" in card and record["command"] in card
     assert sorted(p.name for p in out.iterdir()) == [

@@ -5,8 +5,9 @@ router and dense all-experts combine that the reference model runs), so a model 
 exactly the model our engine serves. What training adds:
 
 - `forward_train(params, ids, cfg)`: causal attention over whole sequences (the attention block
-  with an empty KV cache as long as the sequence), the MoE by `combine_dense` (every expert on
-  every token, exact and simple), and the router logits of every MoE layer;
+  with an empty KV cache as long as the sequence), the MoE by `combine_grouped` (only each
+  token's top-k experts; the same sum as the reference's dense oracle at about k / e of its
+  expert FLOPs), and the router logits of every MoE layer;
 - `load_balancing_loss`: Mixtral's router auxiliary loss exactly as transformers'
   `load_balancing_loss_func` defines it (Switch Transformer eqs. 4-6, pooled over layers);
 - `init_params`: HF-style random init of every array of `weight_specs(cfg)`;
@@ -74,7 +75,7 @@ def _moe(w: dict[str, Any], h: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, 
     b, t, d = h.shape
     x, weights, idx = layers.router_block(w, h.reshape(b * t, d), cfg=cfg)
     router_logits = layers.linear(x, w["router"]).astype(F32)  # what HF's gate returns
-    out = layers.combine_dense(w["experts"], x, weights, idx)
+    out = layers.combine_grouped(w["experts"], x, weights, idx)
     if "shared" in w:
         out = out + layers.shared_expert(w["shared"], x)
     return h + out.reshape(b, t, d), router_logits
