@@ -1,4 +1,4 @@
-"""An expected-value timeline of the klotski schedule: one compute lane, one serial I/O lane.
+"""An expected-value timeline of the klotski schedule: one compute lane and two serial I/O lanes.
 
 Plain Python (no JAX): the planner's performance model. It replays what `Scheduler` does per
 layer with expected quantities instead of a real routing:
@@ -12,8 +12,10 @@ layer with expected quantities instead of a real routing:
 Each expert is one item whose load takes P(routed) x its tier's load time and whose compute is
 E[cost of its bucket; routed] (see CostModel.expert_expectation); hot experts always load. The
 I/O lane serves loads in issue order (the ledger's FIFO) and a load of expert weight w may only
-start when the expert slots held by earlier loads leave room for w (the device budget). The
-compute lane's waits on loads are the bubbles.
+start when the expert slots held by earlier loads leave room for w (the device budget).
+Host-resident KV caches load on a lane of their own, as the engine's KV thread does with its
+own window ledger, so a KV load never queues behind expert prefetches. The compute lane's
+waits on loads are the bubbles.
 """
 
 from __future__ import annotations
@@ -38,46 +40,47 @@ class Load:
     duration: float
     weight: float  # slots of its pool it occupies (expected, for experts)
     pool: str = "expert"  # "expert" (device budget), "dense" or "kv" (two in flight)
+    lane: str = "io"  # "io" (weights, FIFO) or "kv" (the KV caches' own thread)
     start: float | None = None
     done: float | None = None
     release: float | None = None
 
 
 class Timeline:
-    """Times of the compute lane (`t`) and the I/O lane, with memory slots for experts."""
+    """Times of the compute lane (`t`) and the I/O lanes, with memory slots for experts."""
 
     def __init__(self, expert_slots: float | None, interference: float = 0.0) -> None:
         self.interference = interference
         self.t = 0.0
         self.wait = 0.0
         self.slots: dict[str, float | None] = {"expert": expert_slots, "dense": 2, "kv": 2}
-        self._queue: list[Load] = []
-        self._next = 0  # index of the first load not yet started
-        self._io_free = 0.0
+        self._queue: dict[str, list[Load]] = {"io": [], "kv": []}
+        self._next = {"io": 0, "kv": 0}  # per lane: index of the first load not yet started
+        self._io_free = {"io": 0.0, "kv": 0.0}
         self._held: list[Load] = []
 
     def issue(self, duration: float, weight: float = 1.0, pool: str = "expert") -> Load:
         """Queue a load; the compute lane pays its share of the load's CPU time."""
-        load = Load(self.t, duration, weight, pool)
-        self._queue.append(load)
+        load = Load(self.t, duration, weight, pool, lane="kv" if pool == "kv" else "io")
+        self._queue[load.lane].append(load)
         self.t += self.interference * duration
         return load
 
     def need(self, load: Load) -> None:
         """The compute lane waits for `load` (its wait is a bubble)."""
         while load.done is None:
-            self._start_next()
+            self._start_next(load.lane)
         if load.done > self.t:
             self.wait += load.done - self.t
             self.t = load.done
 
-    def _start_next(self) -> None:
-        load = self._queue[self._next]
-        self._next += 1
-        start = max(self._io_free, load.issue)
+    def _start_next(self, lane: str) -> None:
+        load = self._queue[lane][self._next[lane]]
+        self._next[lane] += 1
+        start = max(self._io_free[lane], load.issue)
         start = self._room(load, start)
         load.start, load.done = start, start + load.duration
-        self._io_free = load.done
+        self._io_free[lane] = load.done
         self._held.append(load)
 
     def _room(self, load: Load, start: float) -> float:
