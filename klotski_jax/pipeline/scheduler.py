@@ -204,8 +204,9 @@ class Scheduler:
             g.cache.kv[i] = new_kv
             return h
         start, t = g.cache.length, g.tokens.shape[1]
+        at = jnp.asarray(start, jnp.int32)
         for host, dev in zip(g.cache.kv[i], new_kv):  # store back only the slots just written
-            host[:, start:start + t] = np.asarray(dev)[:, start:start + t]
+            host[:, start:start + t] = np.asarray(steps.cache_slots(dev, at, t=t))
         self.transfers.release(key)
         return h
 

@@ -64,6 +64,16 @@ def warm_up_experts(cfg: ModelConfig, n_rows: int) -> None:
                                            jnp.zeros(size, jnp.float32), w_in, w_in, w_out))
 
 
+@functools.partial(jax.jit, static_argnames=("t",))
+def cache_slots(cache: jax.Array, start: jax.Array, *, t: int) -> jax.Array:
+    """Positions start..start+t of a KV cache [b, s, heads, h], sliced on the device.
+
+    Writing a host-resident cache back copies only these slots off the device, not the whole
+    cache (start is traced: one compile per t, not per step).
+    """
+    return jax.lax.dynamic_slice_in_dim(cache, start, t, axis=1)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def finish_moe(w: layers.Weights, h: jax.Array, x: jax.Array, acc: jax.Array, offset: jax.Array,
                *, cfg: ModelConfig) -> jax.Array:
