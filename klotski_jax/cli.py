@@ -99,6 +99,7 @@ class GenerateOptions:
     reorder: bool = True
     io_mode: str = "buffered"
     evict_page_cache: bool = False
+    pinned_host: str = "auto"
     quiet: bool = False
 
     @classmethod
@@ -117,7 +118,8 @@ def _policy(opts: GenerateOptions, weight_bytes: int) -> Policy:
         device_budget=resolve_size(opts.device_budget, weight_bytes=weight_bytes),
         host_budget=resolve_size(opts.host_budget, weight_bytes=weight_bytes),
         multi_batch=opts.multi_batch, hot_only_prefetch=opts.hot_only_prefetch,
-        reorder=opts.reorder, io_mode=opts.io_mode, evict_page_cache=opts.evict_page_cache)
+        reorder=opts.reorder, io_mode=opts.io_mode, evict_page_cache=opts.evict_page_cache,
+        pinned_host={"auto": None, "on": True, "off": False}[opts.pinned_host])
 
 
 def _progress_bar(total: int, quiet: bool) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
@@ -266,6 +268,10 @@ def _add_generate(sub: Any) -> None:
                    help="expert reads: buffered readinto, direct (O_DIRECT), or tensorstore")
     p.add_argument("--evict-page-cache", action="store_true",
                    help="drop the checkpoint's files from the page cache first (true disk reads)")
+    p.add_argument("--pinned-host", choices=("auto", "on", "off"), default="auto",
+                   help="keep the host expert cache in pinned (page-locked) host memory, which "
+                        "makes host-to-device copies asynchronous; auto (default): on GPU/TPU, "
+                        "off on CPU; on fails where the device has no pinned_host memory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, summary or info logs")
     p.set_defaults(func=_cmd_generate)
 

@@ -1,8 +1,8 @@
 """`klotski generate`: every schedule at a quarter of the weights gives the reference's greedy
 tokens; the JSON Lines schemas, the stats file, SIZE parsing and every user error (exit 2).
 
-Two checkpoints, built once per module: the default model (12 layers, a tokenizer: text prompts,
-and a 25% device budget that holds three layers' worth of weights) and a tiny 3-layer Mixtral
+Two checkpoints, built once per module: the default model (16 layers, a tokenizer: text prompts,
+and a 25% device budget that holds four layers' worth of weights) and a tiny 3-layer Mixtral
 without a tokenizer (token-id prompts, error paths).
 """
 
@@ -122,10 +122,10 @@ def test_ablations_match_reference(default_ckpt: pathlib.Path, default_reference
                                    default_engine: klotski_jax.Engine, tmp_path: pathlib.Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     """All three klotski ablations off, at 30% of the weights, text prompts on the command line,
-    O_DIRECT reads of files just evicted from the page cache."""
+    O_DIRECT reads of files just evicted from the page cache, a pinned_host expert cache."""
     argv = ["generate", str(default_ckpt), "--max-new-tokens", str(NEW), "--device-budget", "30%",
             "--no-multi-batch", "--no-hot-only-prefetch", "--no-reorder",
-            "--io-mode", "direct", "--evict-page-cache",
+            "--io-mode", "direct", "--evict-page-cache", "--pinned-host", "on",
             "--stats", str(tmp_path / "s.json"), "-q"]
     rc, stdout, err = run_cli(argv + [a for p in PROMPTS for a in ("--prompt", p)], capsys)
     assert rc == 0, err
@@ -138,6 +138,7 @@ def test_ablations_match_reference(default_ckpt: pathlib.Path, default_reference
     assert stats["policy"]["multi_batch"] is stats["policy"]["reorder"] is False
     assert stats["policy"]["hot_only_prefetch"] is False
     assert stats["policy"]["io_mode"] == "direct" and stats["policy"]["evict_page_cache"] is True
+    assert stats["policy"]["pinned_host"] is True
 
 
 # ---- token-id prompts, the output schema, stdout ----------------------------------------------
@@ -293,6 +294,7 @@ def test_bad_inputs_exit_2(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
     ["generate", "C", "--prompt", "x", "--temperature", "-1"],
     ["generate", "C", "--prompt", "x", "--groups", "0"],
     ["generate", "C", "--prompt", "x", "--schedule", "fifo"],
+    ["generate", "C", "--prompt", "x", "--pinned-host", "yes"],
     ["generate", "C", "--prompt", "x", "--schedule", "lru", "--no-reorder"],
     ["generate", "C", "--prompt", "x", "--schedule", "flexgen", "--no-hot-only-prefetch"],
     ["generate", "C", "--prompt", "x", "--schedule", "sequential", "--no-multi-batch"],
