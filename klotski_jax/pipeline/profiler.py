@@ -217,7 +217,7 @@ def _attention(cfg: ModelConfig, w: Any, layer: int, b: int, t: int, s: int,
 
     def run() -> None:
         out, kv[0] = layers.attention_block(
-            w, h, jnp.asarray(positions), kv[0], jnp.asarray(0, jnp.int32), jnp.asarray(valid),
+            w, h, positions, kv[0], np.int32(0), valid,
             cfg=cfg, window=cfg.sliding_windows[layer])
         jax.block_until_ready(out)
 
@@ -285,7 +285,7 @@ def _expert(cfg: ModelConfig, w: dict[str, jax.Array], rows: int, opts: ProfileO
         r, wts = routing.rows(0)
         pr, pw = steps.pad_rows(r, wts)
         np.diff(np.searchsorted(r, offsets)).tolist()
-        acc[0] = steps.expert_apply(acc[0], x, jnp.asarray(pr), jnp.asarray(pw),
+        acc[0] = steps.expert_apply(acc[0], x, pr, pw,
                                     w["gate"], w["up"], w["down"])
         jax.block_until_ready(acc[0])
 
@@ -298,7 +298,7 @@ def _combine(cfg: ModelConfig, w: Any, m: int, opts: ProfileOptions) -> float:
     x = jnp.zeros((m, cfg.hidden_size), cfg.dtype)
     acc = jnp.zeros((m, cfg.hidden_size), jnp.float32)
     return _median(lambda: jax.block_until_ready(
-        steps.finish_moe(w, h, x, acc, jnp.int32(0), cfg=cfg)), opts)
+        steps.finish_moe(w, h, x, acc, np.int32(0), cfg=cfg)), opts)
 
 
 def _dense_mlp(cfg: ModelConfig, w: Any, m: int, opts: ProfileOptions) -> float:
@@ -316,7 +316,7 @@ def _head(cfg: ModelConfig, reader: CheckpointReader, b: int, opts: ProfileOptio
 
     def run() -> None:
         if cfg.tie_word_embeddings:
-            h = layers.embed(head, jnp.asarray(tokens))
+            h = layers.embed(head, tokens)
         else:
             h = jax.device_put(np.take(embed, tokens, axis=0))
         logits = steps.last_token_logits(norm, head, h, cfg=cfg)

@@ -178,7 +178,7 @@ class Scheduler:
 
     def _embed(self, tokens: np.ndarray) -> jax.Array:
         if self.embed_host is None:
-            return layers.embed(self.head_w, jnp.asarray(tokens))  # tied: the head is the table
+            return layers.embed(self.head_w, tokens)  # tied: the head is the table
         return jax.device_put(np.take(self.embed_host, tokens, axis=0))
 
     def _dense(self, i: int) -> Any:
@@ -195,16 +195,18 @@ class Scheduler:
                 self.transfers.request(("kv", i, self._groups[group + 1].index), layer=i)
             kv = self.transfers.get(key, step=self._step, layer=i, group=group).arrays
         with self._compute("attention", layer=i, group=group):
+            # NumPy arguments go straight to the jitted functions (their C++ fast path): a
+            # jnp.asarray per argument costs a primitive dispatch each, which on a small model
+            # was a fifth of a decode step.
             h, new_kv = layers.attention_block(
-                w, h, jnp.asarray(g.positions), kv,
-                jnp.asarray(g.cache.length, jnp.int32), jnp.asarray(g.cache.valid),
+                w, h, g.positions, kv, np.int32(g.cache.length), g.cache.valid,
                 cfg=self.cfg, window=self.cfg.sliding_windows[i])
             h = jax.block_until_ready(h)
         if key is None:
             g.cache.kv[i] = new_kv
             return h
         start, t = g.cache.length, g.tokens.shape[1]
-        at = jnp.asarray(start, jnp.int32)
+        at = np.int32(start)
         for host, dev in zip(g.cache.kv[i], new_kv):  # store back only the slots just written
             host[:, start:start + t] = np.asarray(steps.cache_slots(dev, at, t=t))
         self.transfers.release(key)
@@ -236,7 +238,7 @@ class Scheduler:
             int((rows >= self._offsets[-1]).sum())]
         with self._compute("expert", layer=i, expert=e, tokens=len(rows),
                            tokens_per_group=per_group, **trace):
-            acc = steps.expert_apply(acc, x_all, jnp.asarray(r), jnp.asarray(ww),
+            acc = steps.expert_apply(acc, x_all, r, ww,
                                      w["gate"], w["up"], w["down"])
             jax.block_until_ready(acc)
         self.stats.expert_computes += 1
@@ -245,7 +247,7 @@ class Scheduler:
     def _finish(self, i: int, w: Any, h: list[jax.Array], xs: list[jax.Array], acc: jax.Array,
                 routing: Routing) -> list[jax.Array]:
         with self._compute("combine", layer=i):
-            out = [steps.finish_moe(w, x, xg, acc, jnp.int32(routing.offsets[gi]), cfg=self.cfg)
+            out = [steps.finish_moe(w, x, xg, acc, np.int32(routing.offsets[gi]), cfg=self.cfg)
                    for gi, (x, xg) in enumerate(zip(h, xs))]
             return jax.block_until_ready(out)
 
@@ -331,7 +333,7 @@ class Scheduler:
         else:
             order = sorted(routed)
         x_all = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
-        acc = jnp.zeros(x_all.shape, jnp.float32)
+        acc = steps.zero_accumulator(x_all.shape)
         for e in order:
             rows, wts = routing.rows(e)
             acc = self._expert(i, e, x_all, rows, wts, acc)
@@ -364,7 +366,7 @@ class Scheduler:
         """flexgen / sequential / lru: each group's experts in ascending id, group after group."""
         xs, routing = self._route(i, w, h)
         x_all = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
-        acc = jnp.zeros(x_all.shape, jnp.float32)
+        acc = steps.zero_accumulator(x_all.shape)
         for gi in range(len(h)):
             for e in sorted({int(v) for v in routing.experts[gi].reshape(-1)}):
                 if self.policy.schedule is Schedule.LRU:
