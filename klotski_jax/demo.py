@@ -23,10 +23,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+# In the default model's domain (CPython's documentation): it knows nothing else.
 PROMPTS: tuple[str, ...] = (
     "The with statement is used to",
-    "A mixture-of-experts layer routes each token to",
-    "Klotski streams expert weights from disk so that",
+    "Return a new list containing",
+    "If the file does not exist,",
     "In Python, a class definition",
 )
 

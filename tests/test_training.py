@@ -251,6 +251,16 @@ def test_script_tiny_run(script: ModuleType, tmp_path: pathlib.Path) -> None:
     assert abs(export["val_loss"] - evals[-1]["val_loss"]) < 0.01  # bf16 export ~ float32 weights
     assert len(export["routing"]["top2_share"]) == 2 and len(export["samples"]) == len(PROMPTS)
     assert [s["prompt"] for s in export["samples_penalised"]] == list(PROMPTS)
+
+    # --remeasure measures the exported checkpoint again and keeps the training record
+    (out / "README.md").write_text("stale")
+    assert script.main(["--tiny", "--remeasure", "--run-dir", str(tmp_path / "run"),
+                        "--out-dir", str(out)]) == 0
+    again = json.loads((out / "training_log.json").read_text())
+    assert again["steps"] == record["steps"] and again["command"] == record["command"]
+    assert abs(again["export"]["val_loss"] - export["val_loss"]) < 1e-6
+    assert again["export"]["samples"] == export["samples"]  # greedy: the same text
+    assert f"{export['val_loss']:.3f}" in (out / "README.md").read_text()
     card = (out / "README.md").read_text()
     assert f"{export['val_loss']:.3f}" in card and record["command"] in card
     assert sorted(p.name for p in out.iterdir()) == [
