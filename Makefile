@@ -53,7 +53,7 @@ install-test: $(VENV)/.installed-test
 # planner's n, batch size and K. The CPU preset (8 prompts x 32 tokens -> 8) on any machine.
 demo: $(VENV)/.installed
 	$(VENV)/bin/klotski bench --schedules klotski,flexgen,lru,sequential,hf-accelerate --profile \
-	    --preset cpu --device-budget 25% --host-budget 50% --cold-disk --repeats 2 --sample 3 \
+	    --preset cpu --device-budget 25% --host-budget 50% --cold-disk --repeats 3 --sample 3 \
 	    --json $(BENCH_OUT)/demo.jsonl --plot $(BENCH_OUT)/demo.png --trace $(BENCH_OUT)/demo-trace.json
 
 test: $(VENV)/.installed-test
