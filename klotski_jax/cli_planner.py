@@ -112,7 +112,7 @@ def _load_profile(args: argparse.Namespace, cfg: Any) -> Any:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from klotski_jax.checkpoints.store import CheckpointReader
-    from klotski_jax.engine import disk_tier
+    from klotski_jax.engine import disk_tier, reread_tier
     from klotski_jax.pipeline.planner import Planner, PlanRequest
     from klotski_jax.pipeline.policy import Policy
     from klotski_jax.pipeline.prefetcher import CorrelationTable
@@ -124,7 +124,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, groups=args.groups, hot_experts=args.hot_experts,
         device_budget=_size(args.device_budget, args.ckpt),
         host_budget=_size(args.host_budget, args.ckpt), max_groups=args.max_groups,
-        disk_tier=disk_tier(base))
+        disk_tier=disk_tier(base), reread_tier=reread_tier(base))
     table = CorrelationTable.load(reader.path)
     routing = table.routing_probs() if table is not None else None
     planner = Planner(reader.config, _load_profile(args, reader.config), routing, base=base)

@@ -177,7 +177,8 @@ class Engine:
             req = PlanRequest(prompt_len=prompt_len, gen_len=max_new, num_prompts=n_prompts,
                               batch_size=pol.batch_size, groups=pol.groups,
                               hot_experts=pol.hot_experts, device_budget=pol.device_budget,
-                              host_budget=pol.host_budget, disk_tier=disk_tier(pol))
+                              host_budget=pol.host_budget, disk_tier=disk_tier(pol),
+                              reread_tier=reread_tier(pol))
             plan = Planner(self.config, profile, routing, base=pol).plan(req)
             log.info("planner: %d group(s) x %d, K=%d; predicted %.1f tok/s, binding %s",
                      plan.groups, plan.batch_size, plan.hot_experts,
@@ -387,6 +388,12 @@ def disk_tier(policy: Policy) -> str:
     evicts the page cache or reads with O_DIRECT, else "page_cache" (the files were read before
     and stay in RAM while it has room; the profile measures both)."""
     return "disk" if policy.evict_page_cache or policy.io_mode == "direct" else "page_cache"
+
+
+def reread_tier(policy: Policy) -> str:
+    """What a later read of an expert outside the host cache costs, for the planner: "disk"
+    with O_DIRECT, else "page_cache" (the round's first read left the file in the page cache)."""
+    return "disk" if policy.io_mode == "direct" else "page_cache"
 
 
 def _cut_at(tokens: list[int], eos: set[int]) -> list[int]:

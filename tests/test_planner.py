@@ -19,6 +19,7 @@ from klotski_jax.pipeline.costs import CostModel, Profile, bucket, expected_dist
 from klotski_jax.pipeline.ledger import BudgetError
 from klotski_jax.pipeline.placement import dense_layer_bytes
 from klotski_jax.pipeline.planner import Planner, PlanRequest
+from klotski_jax.pipeline.policy import PolicyError
 from klotski_jax.pipeline.simulate import LayerPlan, StepShape, StepSimulator
 
 MS = 1e-3
@@ -243,6 +244,29 @@ def test_infeasible_host_budget_states_the_smallest_host_budget():
         planner.plan(req)
     host = planner.smallest_budget(req, "host")
     assert planner.plan(dataclasses.replace(req, host_budget=host)) is not None
+
+
+def test_rereads_of_experts_outside_the_host_cache_cost_their_own_tier():
+    """With the page cache evicted (first reads from the disk, 10 ms) and a host cache that holds
+    only some experts, buffered re-reads come from the page cache (3 ms) and O_DIRECT ones from
+    the disk again: the decode step differs, the prefill (first reads) does not. None keeps the
+    first-read tier."""
+    planner = Planner(tiny(), flat_profile(expert_disk_warm_s=3 * MS))
+    base = PlanRequest(prompt_len=8, gen_len=8, groups=1, batch_size=2, hot_experts=0,
+                       disk_tier="disk")
+    base = dataclasses.replace(base, device_budget=planner.smallest_budget(base, "device"))
+    host = planner.smallest_budget(base, "host") + 3 * tiny().expert_bytes
+    req = dataclasses.replace(base, host_budget=host)
+    pl = planner.placement(req, 1, 2, 0)
+    assert pl is not None and pl.host_experts is not None
+    assert 0 < len(pl.host_experts) < tiny().num_layers * tiny().num_experts
+    direct, buffered, default = (planner.evaluate(dataclasses.replace(req, reread_tier=t), 1, 2, 0)
+                                 for t in ("disk", "page_cache", None))
+    assert buffered.predicted_prefill_s == pytest.approx(direct.predicted_prefill_s)
+    assert buffered.predicted_decode_step_s < direct.predicted_decode_step_s
+    assert default.predicted_decode_step_s == pytest.approx(direct.predicted_decode_step_s)
+    with pytest.raises(PolicyError, match="reread_tier"):
+        PlanRequest(reread_tier="ssd")
 
 
 @pytest.mark.parametrize("budget_mb", [0.05, 0.08, 0.12, 0.2, 0.5, None])

@@ -47,6 +47,9 @@ class PlanRequest:
     num_prompts: prompts to generate for (None: any number, up to max_sequences per round).
     disk_tier: what a first read of an expert costs: "disk" (page cache evicted, the true disk
     tier) or "page_cache" (the checkpoint's files are in RAM already).
+    reread_tier: what a later read of an expert the host cache does not hold costs: "disk" with
+    O_DIRECT reads (every read goes to the disk), "page_cache" with buffered reads (the first
+    read left the file in the OS page cache); None: as disk_tier.
     """
 
     prompt_len: int = 128
@@ -60,6 +63,7 @@ class PlanRequest:
     max_groups: int = 16
     max_sequences: int = 256
     disk_tier: str = "disk"
+    reread_tier: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("prompt_len", "gen_len", "max_groups", "max_sequences"):
@@ -71,6 +75,9 @@ class PlanRequest:
                 raise PolicyError(f"{name} must be >= 1, got {v}")
         if self.disk_tier not in ("disk", "page_cache"):
             raise PolicyError(f"disk_tier must be 'disk' or 'page_cache', got {self.disk_tier!r}")
+        if self.reread_tier not in (None, "disk", "page_cache"):
+            raise PolicyError(f"reread_tier must be None, 'disk' or 'page_cache', got "
+                              f"{self.reread_tier!r}")
 
     @property
     def cache_len(self) -> int:
@@ -227,7 +234,8 @@ class Planner:
     def _steps(self, req: PlanRequest, pl: Placement, n: int, b: int, k: int
                ) -> list[tuple[float, float]]:
         """(seconds, bubbles) of the prefill and of two decode steps (the second is steady)."""
-        key = (n, b, k, pl)
+        key = (n, b, k, pl, req.prompt_len, req.cache_len, req.device_budget, req.disk_tier,
+               req.reread_tier)  # everything of req the simulation reads
         if key not in self._sims:
             sim = StepSimulator(self.cfg, self.costs, k, self.expert_slots(req, pl))
             s = req.cache_len
@@ -250,10 +258,11 @@ class Planner:
     def layers(self, req: PlanRequest, pl: Placement, first_read: bool, batch: int
                ) -> list[LayerPlan]:
         """Per layer: dense load time, per expert load time under the placement (a round's first
-        read of an expert comes from disk, later ones from the host cache if it holds it) and,
-        when the KV caches live in host RAM, one group's KV load."""
+        read of an expert costs `disk_tier`, later ones the host cache if it holds the expert,
+        else `reread_tier`) and, when the KV caches live in host RAM, one group's KV load."""
         cfg, c = self.cfg, self.costs
         first = c.expert_load(req.disk_tier)
+        reread = c.expert_load(req.reread_tier or req.disk_tier)
         dense = self.dense_bytes
         kv_s = 0.0
         if not getattr(pl, "kv_on_device", True):  # (layer, group) caches visit the device
@@ -268,8 +277,10 @@ class Planner:
             for e in range(cfg.num_experts):
                 if (i, e) in pl.device_experts:
                     loads.append(0.0)
-                elif first_read or (pl.host_experts is not None and (i, e) not in pl.host_experts):
+                elif first_read:
                     loads.append(first)
+                elif pl.host_experts is not None and (i, e) not in pl.host_experts:
+                    loads.append(reread)
                 else:
                     loads.append(c.expert_load("host"))
             out.append(LayerPlan(dense_s, self.routing[moe_pos], tuple(loads), kv_s))

@@ -428,7 +428,7 @@ def calibrate(profile: Profile, cfg: ModelConfig, probe: Probe) -> Profile:
     rows, measured = [], {}
     for n, b in ((1, 1), (2, 4)):
         req = PlanRequest(prompt_len=prompt, gen_len=new, groups=n, batch_size=b, hot_experts=k,
-                          disk_tier="page_cache")
+                          disk_tier="page_cache", reread_tier="page_cache")
         pred = Planner(cfg, zero).evaluate(req, n, b, k)
         prefill, decode = measured[(n, b)] = probe(n, b, None, prompt, new)
         for tokens, got, want in ((n * b, decode, pred.predicted_decode_step_s),
@@ -442,7 +442,7 @@ def calibrate(profile: Profile, cfg: ModelConfig, probe: Probe) -> Profile:
     # Near the minimum (every expert streams), with room for the hot set and one cold expert.
     budget = None if lo is None else lo.min_device_bytes + (k + 1) * cfg.expert_bytes
     req = PlanRequest(prompt_len=prompt, gen_len=new, groups=n, batch_size=b, hot_experts=k,
-                      device_budget=budget, disk_tier="page_cache")
+                      device_budget=budget, disk_tier="page_cache", reread_tier="page_cache")
     _, streamed = probe(n, b, budget, prompt, new)
     at = {a: Planner(cfg, dataclasses.replace(fitted, io_interference=a)).evaluate(req, n, b, k)
           for a in (0.0, 1.0)}

@@ -17,7 +17,7 @@ import numpy as np
 from klotski_jax.config import ModelConfig
 from klotski_jax.models import layers
 
-MIN_BUCKET = 2  # one-row bf16 matmuls are 10x slower than two-row ones on CPU (stack-facts.md)
+MIN_BUCKET = 2  # one-row matmuls take another, slower XLA CPU kernel that also rounds differently
 
 
 def bucket(n: int) -> int:
@@ -55,7 +55,7 @@ def zero_accumulator(shape: tuple[int, ...]) -> jax.Array:
 def expert_apply(acc: jax.Array, x: jax.Array, rows: jax.Array, weights: jax.Array,
                  w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
     """acc[rows] += weights * Expert(x[rows]); acc [N, d] float32 (donated), rows [bucket]."""
-    y = layers.swiglu(x[rows], w_gate, w_up, w_down)  # [bucket, d]
+    y = layers.expert_swiglu(x[rows], w_gate, w_up, w_down)  # [bucket >= 2, d]
     return acc.at[rows].add(y.astype(jnp.float32) * weights[:, None])
 
 
