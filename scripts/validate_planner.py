@@ -95,7 +95,7 @@ def run_config(cfg: Config, ckpt: pathlib.Path, args: argparse.Namespace, planne
     host = resolve_size(cfg.host_budget, weight_bytes=weight_bytes)
     req = PlanRequest(prompt_len=args.prompt_len, gen_len=args.gen_len, batch_size=cfg.batch_size,
                       device_budget=dev, host_budget=host, max_groups=args.max_groups,
-                      disk_tier="page_cache")
+                      disk_tier="page_cache", reread_tier="page_cache")
     plan = planner.plan(req)
     rng = np.random.default_rng(0)
     vocab = planner.cfg.vocab_size
