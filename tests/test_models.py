@@ -122,11 +122,12 @@ def test_config_round_trips_through_dict(tmp_path):
         assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
-@pytest.mark.parametrize("d,f", [(128, 192), (32, 24), (1024, 1792)])
-def test_expert_ffn_rows_do_not_depend_on_the_row_count(d, f):
-    """The engine runs an expert over a bucket of 2, 4, ... rows and the oracle over all n rows;
-    with float32 accumulation in bf16 each row must come out bit-identical whatever the row
-    count (2 or more), or schedules and the oracle would pick different greedy tokens."""
+@pytest.mark.parametrize("d,f", [(128, 192), (32, 24), (1024, 1792), (128, 3072)])
+def test_projection_rows_do_not_depend_on_the_row_count(d, f):
+    """The engine runs an expert over a bucket of 2, 4, ... rows, attention per group, and the
+    oracle over all rows at once; with float32 accumulation in bf16 each row must come out
+    bit-identical whatever the row count (one included), or schedules and the oracle would pick
+    different greedy tokens."""
     import jax
     import jax.numpy as jnp
 
@@ -135,8 +136,11 @@ def test_expert_ffn_rows_do_not_depend_on_the_row_count(d, f):
     rng = np.random.default_rng(0)
     w = [jnp.asarray(rng.normal(0, 0.05, s), jnp.bfloat16) for s in ((f, d), (f, d), (d, f))]
     x = jnp.asarray(rng.normal(0, 1, (64, d)), jnp.bfloat16)
-    ffn = jax.jit(layers.expert_swiglu)
+    ffn, proj = jax.jit(layers.swiglu), jax.jit(layers.linear)
     full = np.asarray(ffn(x, *w).astype(jnp.float32))
-    for m in (2, 3, 4, 5, 8, 13, 16, 32, 33):
+    full_proj = np.asarray(proj(x, w[0]).astype(jnp.float32))
+    for m in (1, 2, 3, 4, 5, 8, 13, 16, 32, 33):
         part = np.asarray(ffn(x[:m], *w).astype(jnp.float32))
         np.testing.assert_array_equal(part, full[:m], err_msg=f"{m} rows")
+        one = np.asarray(proj(x[m - 1:m].reshape(1, 1, d), w[0]).astype(jnp.float32))
+        np.testing.assert_array_equal(one.reshape(1, f), full_proj[m - 1:m], err_msg=f"row {m - 1}")

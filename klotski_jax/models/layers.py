@@ -12,6 +12,7 @@ g query heads per KV head, h head_dim, f FFN width, e experts, n flattened token
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -34,35 +35,30 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """x [..., d] with an HF-layout weight w [f, d] (+ bias [f]) -> [..., f], no transpose."""
-    y = jnp.einsum("...d,fd->...f", x, w)
+    """x [..., d] with an HF-layout weight w [f, d] (+ bias [f]) -> [..., f], no transpose.
+
+    Accumulated in float32 (`preferred_element_type`) and rounded back to the inputs' type, as
+    torch does for bf16: on XLA CPU a plain bf16 einsum takes a slow path (an 11 MB expert over
+    2-8 token rows took 6-7 ms, against 1-2 ms this way). XLA CPU runs a single row through
+    another kernel that sums in another order, so one row is computed as two (a duplicate): a
+    row's result then does not depend on how many rows share the call (tested), and the engine's
+    groups and buckets agree with the oracle bit for bit. Only this batch-free contraction takes
+    the float32 path: XLA's batched dot cannot run every bf16 x bf16 -> f32 shape ("Unsupported
+    element type for DotThunk").
+    """
+    lead, d = x.shape[:-1], x.shape[-1]
+    m = math.prod(lead)
+    rows = x.reshape(m, d)
+    if m == 1:
+        rows = jnp.concatenate([rows, rows])
+    y = jnp.einsum("nd,fd->nf", rows, w, preferred_element_type=F32)[:m]
+    y = y.astype(jnp.promote_types(x.dtype, w.dtype)).reshape(*lead, w.shape[0])
     return y if b is None else y + b
-
-
-def _linear_f32acc(x: jax.Array, w: jax.Array) -> jax.Array:
-    """`linear` accumulated in float32 and rounded back to the inputs' type, as torch does for
-    bf16. On XLA CPU a plain bf16 einsum takes a slow path: an 11 MB expert over 2-8 token rows
-    takes 6-7 ms, against 1-2 ms this way."""
-    return jnp.einsum("nd,fd->nf", x, w, preferred_element_type=F32).astype(
-        jnp.promote_types(x.dtype, w.dtype))
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
     """SwiGLU FFN: down(silu(gate(x)) * up(x)); x [..., d] -> [..., d]."""
     return linear(jax.nn.silu(linear(x, w_gate)) * linear(x, w_up), w_down)
-
-
-def expert_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
-                  ) -> jax.Array:
-    """One routed expert's SwiGLU FFN: x [n, d] -> [n, d], n >= 2.
-
-    The experts' FFN, the bulk of an MoE's FLOPs, with float32 accumulation (`_linear_f32acc`).
-    XLA CPU runs a single row through another kernel that sums in another order, so callers pass
-    at least two rows (the engine pads expert rows to buckets of 2+, the oracle pads n = 1), and
-    engine and oracle round alike. XLA's batched dot cannot do every bf16 x bf16 -> f32 shape
-    ("Unsupported element type for DotThunk"), so only these batch-free products use it.
-    """
-    return _linear_f32acc(jax.nn.silu(_linear_f32acc(x, w_gate)) * _linear_f32acc(x, w_up), w_down)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -164,8 +160,8 @@ def router_block(w: Weights, h: jax.Array, *, cfg: ModelConfig
 
 @jax.jit
 def expert_ffn(w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, x: jax.Array) -> jax.Array:
-    """One expert over the tokens routed to it: x [n, d] -> [n, d], n >= 2 (HF-layout weights)."""
-    return expert_swiglu(x, w_gate, w_up, w_down)
+    """One expert over the tokens routed to it: x [n, d] -> [n, d] (HF-layout weights)."""
+    return swiglu(x, w_gate, w_up, w_down)
 
 
 def shared_expert(w: Weights, x: jax.Array) -> jax.Array:
@@ -181,10 +177,9 @@ def combine_dense(experts: Weights, x: jax.Array, weights: jax.Array, idx: jax.A
     """
     n, e = x.shape[0], experts["gate"].shape[0]
     combine = jnp.zeros((n, e), F32).at[jnp.arange(n)[:, None], idx].add(weights)  # [n, e]
-    # One `expert_swiglu` per expert (unrolled): the engine's per-expert kernel, so a bf16 model
-    # rounds alike in both (a batched einsum would sum in another order; see `expert_swiglu`).
-    xp = x if n > 1 else jnp.concatenate([x, x])  # expert_swiglu takes two rows or more
-    y = jnp.stack([expert_swiglu(xp, experts["gate"][j], experts["up"][j], experts["down"][j])[:n]
+    # One `swiglu` per expert (unrolled): the engine's per-expert kernel, so a bf16 model
+    # rounds alike in both (a batched einsum would sum in another order; see `linear`).
+    y = jnp.stack([swiglu(x, experts["gate"][j], experts["up"][j], experts["down"][j])
                    for j in range(e)])  # [e, n, d]
     return jnp.einsum("end,ne->nd", y.astype(F32), combine).astype(x.dtype)
 

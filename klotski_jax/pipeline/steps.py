@@ -55,7 +55,7 @@ def zero_accumulator(shape: tuple[int, ...]) -> jax.Array:
 def expert_apply(acc: jax.Array, x: jax.Array, rows: jax.Array, weights: jax.Array,
                  w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
     """acc[rows] += weights * Expert(x[rows]); acc [N, d] float32 (donated), rows [bucket]."""
-    y = layers.expert_swiglu(x[rows], w_gate, w_up, w_down)  # [bucket >= 2, d]
+    y = layers.swiglu(x[rows], w_gate, w_up, w_down)  # [bucket >= 2, d]
     return acc.at[rows].add(y.astype(jnp.float32) * weights[:, None])
 
 
