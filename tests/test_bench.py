@@ -241,6 +241,7 @@ def test_cli_bench_end_to_end(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
         assert r["efficiency"] is None or (r["efficiency"] > 0 and math.isfinite(r["efficiency"]))
         assert r["command"].startswith("klotski bench ") and r["machine"]["nproc"] >= 1
     klotski, hf = rows[0], rows[2]
+    assert 0 < rows[3]["efficiency"] <= 1  # the resident row against its compute bound
     assert klotski["device_budget_bytes"] < klotski["weight_bytes"] and klotski["cold_disk"]
     assert klotski["same_tokens_as_resident"] == 1.0  # the pipeline computes the same tokens
     assert hf["bytes_to_device"] > 0 and hf["placement"]["device_map_tiers"]  # offloaded
