@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The prepared accelerator check: what a lent GPU/TPU session runs in one go (about 5-8 minutes).
+#
+#   OUT=/tmp/out PLATFORM=cuda bash scripts/device_check.sh      # on the device machine
+#   OUT=/tmp/out PLATFORM=cpu PY=.venv/bin/python bash scripts/device_check.sh   # dry run here
+#
+# It needs no network: the package runs from this checkout (PYTHONPATH), and the machine's own
+# jax, flax, optax, tensorstore, torch and transformers are used. Steps, each logged to $OUT:
+#   1. versions and devices (env.txt);
+#   2. the pipeline test matrix on the device (tests/test_pipeline.py: every family x schedule at
+#      the minimum budget, tokens and logits against the reference, memory checks) and the CLI
+#      tests (pytest-*.txt);
+#   3. one `klotski generate` per schedule on the default model at 25% of its weights with the
+#      host cache in pinned host memory, stats as JSON (generate-SCHEDULE.json);
+#   4. `klotski bench` of the default model, profiled (bench-default.{jsonl,md,png}).
+# A failing step is recorded (its exit code in summary.txt) and the next one still runs.
+set -u
+OUT=${OUT:?set OUT to the folder for the results}
+PLATFORM=${PLATFORM:-cuda}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" JAX_PLATFORMS="$PLATFORM"
+export KLOTSKI_JAX_CACHE="$OUT/cache" XLA_PYTHON_CLIENT_PREALLOCATE=false
+summary="$OUT/summary.txt"
+: > "$summary"
+
+step() {  # step NAME TIMEOUT_S COMMAND...: run, log, record the exit code and the seconds
+  local name=$1 limit=$2 t0 rc
+  shift 2
+  t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  rc=$?
+  echo "$name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$summary"
+}
+
+step env 120 "$PY" -c '
+import importlib.metadata as md, platform, jax
+print("python", platform.python_version(), "devices", jax.devices())
+for mod in ("jax", "jaxlib", "flax", "optax", "tensorstore", "numpy", "torch", "transformers",
+            "accelerate", "safetensors", "tokenizers", "tqdm"):
+    try:
+        print(mod, md.version(mod))
+    except md.PackageNotFoundError:
+        print(mod, "missing")
+d = jax.devices()[0]
+print("memory kinds", sorted(m.kind for m in d.addressable_memories()))
+'
+
+step pytest-pipeline 240 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_pipeline.py
+step pytest-cli 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cli_generate.py
+
+CKPT=$("$PY" -c 'from klotski_jax.checkpoints.default_model import default_checkpoint as d; print(d())' \
+       2>> "$OUT/default-model.txt")
+for s in klotski flexgen lru sequential; do
+  step "generate-$s" 120 "$PY" -m klotski_jax.cli generate "$CKPT" \
+      --prompt "The with statement is used to" --prompt "Return a new list containing" \
+      --prompt "If the file does not exist," --prompt "In Python, a class definition" \
+      --max-new-tokens 16 --schedule "$s" --device-budget 25% --pinned-host on \
+      --repetition-penalty 1.3 --stats "$OUT/generate-$s.json" -q
+done
+
+step bench-default 300 "$PY" -m klotski_jax.cli bench "$CKPT" \
+    --schedules klotski,flexgen,lru,sequential,hf-accelerate --profile \
+    --device-budget 25% --host-budget 50% --cold-disk --repeats 3 --sample 2 \
+    --json "$OUT/bench-default.jsonl" --markdown "$OUT/bench-default.md" \
+    --plot "$OUT/bench-default.png" -q
+
+echo "done: $(grep -c 'rc=0 ' "$summary") of $(wc -l < "$summary") steps passed" | tee -a "$summary"
