@@ -355,7 +355,7 @@ def model_card(record: dict[str, Any]) -> str:
                                          for s in e.get(key, []))
     samples = sample_list("samples")
     penalised = (f"\n\nWith a repetition penalty of {e['sample_repetition_penalty']:g} (what "
-                 f"`klotski demo` and the bench sample use; klotski engine):\n\n"
+                 f"the bench sample of `make demo` uses; klotski engine):\n\n"
                  + sample_list("samples_penalised")) if e.get("samples_penalised") else ""
     repro = record.get("reproducibility")
     repro_line = (f"This run reran its first {repro['steps']} steps from scratch after training;\n"
