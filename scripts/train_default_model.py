@@ -241,6 +241,19 @@ def pack(tokenizer: Any, docs: Sequence[tuple[str, str]], seq_len: int, bos: int
     return stream[idx]
 
 
+def windows(tokenizer_json: pathlib.Path, train_docs: Sequence[tuple[str, str]],
+            val_docs: Sequence[tuple[str, str]], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) token windows of the documents with the saved tokenizer."""
+    from tokenizers import Tokenizer
+
+    from klotski_jax.checkpoints.default_model import BOS, EOS, SPECIAL_TOKENS
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    bos, eos = SPECIAL_TOKENS.index(BOS), SPECIAL_TOKENS.index(EOS)
+    return (pack(tokenizer, train_docs, seq_len, bos, eos),
+            pack(tokenizer, val_docs, seq_len, bos, eos))
+
+
 def train_config(opts: Options) -> Any:
     from klotski_jax.models.training import TrainConfig
 
@@ -513,12 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax
     import tokenizers
     import transformers
-    from tokenizers import Tokenizer
 
     from klotski_jax.checkpoints.default_model import (
-        BOS,
-        EOS,
-        SPECIAL_TOKENS,
         build_tokenizer,
         write_hf_checkpoint,
     )
@@ -534,10 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     arch = TINY_ARCH if opts.tiny else ARCH
     vocab = build_tokenizer(tok_dir, (t for _, t in train_docs), opts.vocab_size,
                             arch["max_position_embeddings"])
-    tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    bos, eos = SPECIAL_TOKENS.index(BOS), SPECIAL_TOKENS.index(EOS)
-    train_windows = pack(tokenizer, train_docs, opts.seq_len, bos, eos)
-    val_windows = pack(tokenizer, val_docs, opts.seq_len, bos, eos)
+    train_windows, val_windows = windows(tok_dir / "tokenizer.json", train_docs, val_docs,
+                                         opts.seq_len)
     log.info("tokens: %d train windows, %d validation windows of %d", len(train_windows),
              len(val_windows), opts.seq_len)
 
@@ -591,10 +598,6 @@ def remeasure(opts: Options) -> None:
     """Measure the exported checkpoint in out_dir again with its run's options (same corpus,
     windows, sample length), e.g. after the demo prompts changed; the training record is kept,
     its "export" section and the card are replaced (written to temporary files, then renamed)."""
-    from tokenizers import Tokenizer
-
-    from klotski_jax.checkpoints.default_model import BOS, EOS, SPECIAL_TOKENS
-
     log_path = opts.out_dir / "training_log.json"
     if not log_path.is_file():
         raise FileNotFoundError(f"{log_path} not found: --remeasure needs an exported checkpoint")
@@ -604,21 +607,16 @@ def remeasure(opts: Options) -> None:
     if (sha256_text(train_docs), sha256_text(val_docs)) != (c["train_sha256"], c["val_sha256"]):
         raise ValueError(f"this Python's corpus differs from the one {log_path} was trained on "
                          f"(Python {record['environment']['python']}); measure there")
-    tokenizer = Tokenizer.from_file(str(opts.out_dir / "tokenizer.json"))
-    bos, eos = SPECIAL_TOKENS.index(BOS), SPECIAL_TOKENS.index(EOS)
-    train_windows = pack(tokenizer, train_docs, o["seq_len"], bos, eos)
-    val_windows = pack(tokenizer, val_docs, o["seq_len"], bos, eos)
+    train_windows, val_windows = windows(opts.out_dir / "tokenizer.json", train_docs, val_docs,
+                                         o["seq_len"])
     size = record["export"]["safetensors_bytes"]
     measured = dataclasses.replace(opts, batch_size=o["batch_size"], seq_len=o["seq_len"],
                                    sample_tokens=o["sample_tokens"])
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     record["export"] = {**measure_export(measured, opts.out_dir, train_windows, val_windows),
                         "safetensors_bytes": size}
-    for name, text in (("training_log.json", json.dumps(record, indent=1) + "\n"),
-                       ("README.md", model_card(record))):
-        tmp = opts.out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(opts.out_dir / name)
+    _write_log(opts.out_dir / "training_log.json", record)
+    _write_text(opts.out_dir / "README.md", model_card(record))
     e = record["export"]
     log.info("re-measured %s: validation loss %.3f (ppl %.1f)", opts.out_dir, e["val_loss"],
              e["val_ppl"])
@@ -631,7 +629,14 @@ def _show_path(path: pathlib.Path) -> str:
 
 
 def _write_log(path: pathlib.Path, record: dict[str, Any]) -> None:
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    _write_text(path, json.dumps(record, indent=1) + "\n")
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+    """Write to a temporary file beside path, then rename: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -40,10 +40,14 @@ class Load:
     duration: float
     weight: float  # slots of its pool it occupies (expected, for experts)
     pool: str = "expert"  # "expert" (device budget), "dense" or "kv" (two in flight)
-    lane: str = "io"  # "io" (weights, FIFO) or "kv" (the KV caches' own thread)
     start: float | None = None
     done: float | None = None
     release: float | None = None
+
+    @property
+    def lane(self) -> str:
+        """"kv" for KV-cache loads (the engine's KV thread), else "io" (weights, FIFO)."""
+        return "kv" if self.pool == "kv" else "io"
 
 
 class Timeline:
@@ -61,7 +65,7 @@ class Timeline:
 
     def issue(self, duration: float, weight: float = 1.0, pool: str = "expert") -> Load:
         """Queue a load; the compute lane pays its share of the load's CPU time."""
-        load = Load(self.t, duration, weight, pool, lane="kv" if pool == "kv" else "io")
+        load = Load(self.t, duration, weight, pool)
         self._queue[load.lane].append(load)
         self.t += self.interference * duration
         return load

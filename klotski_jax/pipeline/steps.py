@@ -17,7 +17,7 @@ import numpy as np
 from klotski_jax.config import ModelConfig
 from klotski_jax.models import layers
 
-MIN_BUCKET = 2  # one-row matmuls take another, slower XLA CPU kernel that also rounds differently
+MIN_BUCKET = 2  # a one-row matmul takes a slower XLA CPU kernel (`layers.linear` doubles it anyway)
 
 
 def bucket(n: int) -> int:
