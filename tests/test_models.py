@@ -1,13 +1,15 @@
 """HF parity of every family through the real path: HF save -> `klotski convert` -> `load`.
 
 Tolerances follow the foundation issue: logits within 1e-4 of the logits' max magnitude, greedy
-continuations of 16 tokens identical, KV-cache decode equal to a no-cache forward.
+continuations of 16 tokens identical (float32), KV-cache decode equal to a no-cache forward
+(logits within 1e-4, greedy tokens by the exactness contract's margin rule, tests/contract.py).
 """
 
 from __future__ import annotations
 
 import json
 
+import contract
 import numpy as np
 import pytest
 import torch
@@ -84,8 +86,11 @@ def test_kv_cache_decode_equals_full_forward(case):
     seq = model.generate_reference(ids, 6, attention_mask=mask)
     full_mask = np.concatenate([mask, np.ones((3, 6), mask.dtype)], axis=1)
     full = model.logits(seq, full_mask)
-    # Greedy decode picked argmax of the cached logits; the no-cache forward must agree.
-    np.testing.assert_array_equal(full[:, ids.shape[1] - 1:-1].argmax(-1), seq[:, ids.shape[1]:])
+    # Greedy decode picked argmax of the cached logits; the no-cache forward must agree wherever
+    # its top-2 margin is not a near-tie (the exactness contract's rule, tests/contract.py).
+    tf = full[:, ids.shape[1] - 1:-1]
+    contract.assert_greedy_matches(seq[:, ids.shape[1]:], tf.argmax(-1), tf,
+                                   contract.tolerance(model.config.dtype), what="KV-cache decode")
     prefix = model.logits(seq[:, :-1], full_mask[:, :-1])
     valid = full_mask[:, :-1] > 0  # padding positions hold no meaningful logits
     np.testing.assert_allclose(prefix[valid], full[:, :-1][valid], rtol=0,
@@ -122,12 +127,21 @@ def test_config_round_trips_through_dict(tmp_path):
         assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
+# bf16 projections round each output to 8 significant bits: a different summation order (another
+# kernel, another row count) can move an output by one bf16 ulp, i.e. up to 2^-7 of its own
+# magnitude, and SwiGLU carries such flips of its hidden layer into its output. Measured with
+# emulated other kernels (contraction summed in 2-5 blocks, float32 upcast) on the shapes below:
+# at most 4.2e-3 of the rows' largest |output|; ROW_TOL is 5x that.
+ROW_TOL = 2e-2
+
+
 @pytest.mark.parametrize("d,f", [(128, 192), (32, 24), (1024, 1792), (128, 3072)])
-def test_projection_rows_do_not_depend_on_the_row_count(d, f):
+def test_projection_rows_agree_whatever_the_row_count(d, f):
     """The engine runs an expert over a bucket of 2, 4, ... rows, attention per group, and the
-    oracle over all rows at once; with float32 accumulation in bf16 each row must come out
-    bit-identical whatever the row count (one included), or schedules and the oracle would pick
-    different greedy tokens."""
+    oracle over all rows at once; a lone row is computed as two (`layers.linear`). A row's result
+    must not depend on how many rows share the call beyond bf16 rounding (ROW_TOL of the largest
+    output): the exactness contract's bound, not bit-identity, which XLA does not give across
+    row counts on every CPU (Intel AVX-512/AMX picks other kernels) or GPU."""
     import jax
     import jax.numpy as jnp
 
@@ -139,8 +153,12 @@ def test_projection_rows_do_not_depend_on_the_row_count(d, f):
     ffn, proj = jax.jit(layers.swiglu), jax.jit(layers.linear)
     full = np.asarray(ffn(x, *w).astype(jnp.float32))
     full_proj = np.asarray(proj(x, w[0]).astype(jnp.float32))
+    assert full.dtype == np.float32 and np.isfinite(full).all()
     for m in (1, 2, 3, 4, 5, 8, 13, 16, 32, 33):
         part = np.asarray(ffn(x[:m], *w).astype(jnp.float32))
-        np.testing.assert_array_equal(part, full[:m], err_msg=f"{m} rows")
+        np.testing.assert_allclose(part, full[:m], rtol=0, atol=ROW_TOL * np.abs(full[:m]).max(),
+                                   err_msg=f"{m} rows")
         one = np.asarray(proj(x[m - 1:m].reshape(1, 1, d), w[0]).astype(jnp.float32))
-        np.testing.assert_array_equal(one.reshape(1, f), full_proj[m - 1:m], err_msg=f"row {m - 1}")
+        np.testing.assert_allclose(one.reshape(1, f), full_proj[m - 1:m], rtol=0,
+                                   atol=ROW_TOL * np.abs(full_proj[m - 1:m]).max(),
+                                   err_msg=f"row {m - 1}")

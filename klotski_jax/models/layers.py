@@ -39,12 +39,18 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
 
     Accumulated in float32 (`preferred_element_type`) and rounded back to the inputs' type, as
     torch does for bf16: on XLA CPU a plain bf16 einsum takes a slow path (an 11 MB expert over
-    2-8 token rows took 6-7 ms, against 1-2 ms this way). XLA CPU runs a single row through
-    another kernel that sums in another order, so one row is computed as two (a duplicate): a
-    row's result then does not depend on how many rows share the call (tested), and the engine's
-    groups and buckets agree with the oracle bit for bit. Only this batch-free contraction takes
-    the float32 path: XLA's batched dot cannot run every bf16 x bf16 -> f32 shape ("Unsupported
-    element type for DotThunk").
+    2-8 token rows took 6-7 ms, against 1-2 ms this way). A single row is computed as two (a
+    duplicate), because a one-row bf16 matmul also takes a slow XLA CPU path. Only this
+    batch-free contraction takes the float32 path: XLA's batched dot cannot run every
+    bf16 x bf16 -> f32 shape ("Unsupported element type for DotThunk").
+
+    Results are not bit-identical across row counts, kernels or devices: XLA (and cuBLAS on
+    GPUs) picks the matmul kernel, hence the summation order, by shape and instruction set
+    (Intel AVX-512/AMX, AMD, GPU tensor cores), and in bf16 a different order can move a
+    rounded output by one ulp. So the engine's groups and buckets agree with the oracle within
+    the exactness contract's tolerances (README "The exactness contract"; tests/contract.py),
+    not bit for bit, and a row's result agrees within bf16 rounding whatever the number of rows
+    that share the call (tests/test_models.py).
     """
     lead, d = x.shape[:-1], x.shape[-1]
     m = math.prod(lead)
@@ -177,8 +183,9 @@ def combine_dense(experts: Weights, x: jax.Array, weights: jax.Array, idx: jax.A
     """
     n, e = x.shape[0], experts["gate"].shape[0]
     combine = jnp.zeros((n, e), F32).at[jnp.arange(n)[:, None], idx].add(weights)  # [n, e]
-    # One `swiglu` per expert (unrolled): the engine's per-expert kernel, so a bf16 model
-    # rounds alike in both (a batched einsum would sum in another order; see `linear`).
+    # One `swiglu` per expert (unrolled): the engine's per-expert kernel, which keeps the
+    # oracle's rounding close to the engine's (a batched einsum would sum in another order and
+    # cannot take `linear`'s float32 path on XLA CPU).
     y = jnp.stack([swiglu(x, experts["gate"][j], experts["up"][j], experts["down"][j])
                    for j in range(e)])  # [e, n, d]
     return jnp.einsum("end,ne->nd", y.astype(F32), combine).astype(x.dtype)
