@@ -360,10 +360,11 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def _plan_line(r: Mapping[str, Any]) -> str:
     p = r["plan"]
-    return (f"- {r['schedule']}: the planner chose {p['groups']} group(s) x {p['batch_size']}, "
-            f"K = {p['hot_experts']} hot experts; it predicted "
+    return (f"- {r['schedule']}: the planner ({p.get('cost_source', 'profile')} costs) chose "
+            f"{p['groups']} group(s) x {p['batch_size']}, prefetch {p['prefetch']}; it predicted "
             f"{p['predicted_throughput_tokens_per_s']:.1f} tok/s, measured "
-            f"{r['throughput_tokens_per_s']:.1f}")
+            f"{r['throughput_tokens_per_s']:.1f} "
+            f"({p['predicted_throughput_tokens_per_s'] / r['throughput_tokens_per_s'] - 1:+.0%})")
 
 
 def short_reason(reason: str) -> str:
@@ -382,7 +383,8 @@ def _table_line(r: Mapping[str, Any], klotski: float | None) -> str:
         return f"| {name} | skipped: {short_reason(r['skipped'])} |" + " |" * 10
     tput = r["throughput_tokens_per_s"]
     vs = f"{tput / klotski:.2f}x" if klotski else ""
-    return (f"| {name} | {r['groups']} x {r['batch_size']} | {tput:.1f} | "
+    rounds = f" ({r['rounds']} rounds)" if r.get("rounds", 1) > 1 else ""
+    return (f"| {name} | {r['groups']} x {r['batch_size']}{rounds} | {tput:.1f} | "
             f"{_f(r['prefill_tokens_per_s'])} | {_f(r['decode_tokens_per_s'])} | "
             f"{r['io_wait_s']:.2f} ({r['io_wait_fraction']:.0%}) | {_mb(r['bytes_read_disk'])} | "
             f"{_mb(r['bytes_to_device'])} | {_mb(r['peak_device_bytes'])} | "

@@ -250,16 +250,15 @@ class Bench:
         return [self.row(c, v) for c in range(len(self.configs)) for v in self.variants]
 
     def _ensure_profile(self) -> None:
-        """The profiler's profile of this model on this device (measured once, then cached), so
-        that klotski runs with the planner's n, batch size and K."""
+        """The profile of this model on this device, as `klotski profile` makes it (the pieces
+        measured, then calibrated against timed engine steps; once, then cached), so that
+        klotski runs with the planner's choices over measured costs."""
         import time
 
-        try:
-            from klotski_jax.pipeline.profiler import get_profile
-        except ImportError:
-            raise PolicyError("--profile needs klotski_jax.pipeline.profiler") from None
+        from klotski_jax.profiling import profile_checkpoint
+
         start = time.perf_counter()
-        _, path, measured = get_profile(self.ckpt)
+        _, path, measured = profile_checkpoint(self.ckpt)
         status(f"profile: {'measured' if measured else 'cached'} {path} "
                f"({time.perf_counter() - start:.0f} s)", self.opts.quiet)
 

@@ -31,6 +31,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = _non_negative_float(text)
     if value == 0:
@@ -45,6 +55,13 @@ def _non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value >= 0:  # also rejects nan
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
 
 
@@ -88,6 +105,8 @@ class GenerateOptions:
     host_budget: str | None = None
     groups: int | None = None  # None: the planner chooses (see Engine.layout)
     batch_size: int | None = None
+    prefetch_threshold: float | None = None  # None: the planner chooses
+    hot_experts: int | None = None  # K: the fixed-size hot set instead of the threshold rule
     temperature: float = 0.0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
@@ -115,6 +134,7 @@ def _policy(opts: GenerateOptions, weight_bytes: int) -> Policy:
 
     return Policy(
         schedule=opts.schedule, groups=opts.groups, batch_size=opts.batch_size,
+        prefetch_threshold=opts.prefetch_threshold, hot_experts=opts.hot_experts,
         device_budget=resolve_size(opts.device_budget, weight_bytes=weight_bytes),
         host_budget=resolve_size(opts.host_budget, weight_bytes=weight_bytes),
         multi_batch=opts.multi_batch, hot_only_prefetch=opts.hot_only_prefetch,
@@ -191,7 +211,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     s = out["stats"]
     if not opts.quiet and s.get("plan"):
         p = s["plan"]
-        print(f"planner: {p['groups']} group(s) x {p['batch_size']}, K={p['hot_experts']}; "
+        print(f"planner ({p['cost_source']} costs): {p['groups']} group(s) x {p['batch_size']}, "
+              f"prefetch {p['prefetch']}; "
               f"predicted {p['predicted_throughput_tokens_per_s']:.1f} tok/s, binding "
               f"{p['binding_constraint']}, n limited by {p['limited_by']}", file=sys.stderr)
     if not opts.quiet:
@@ -210,7 +231,9 @@ def _check_generate_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         return
     if args.schedule != "klotski":
         for flag, on in (("--no-hot-only-prefetch", args.hot_only_prefetch),
-                         ("--no-reorder", args.reorder)):
+                         ("--no-reorder", args.reorder),
+                         ("--prefetch-threshold", args.prefetch_threshold is None),
+                         ("--hot-experts", args.hot_experts is None)):
             if not on:
                 parser.error(f"{flag} applies to --schedule klotski only")
     if not args.multi_batch and args.schedule in ("lru", "sequential"):
@@ -247,6 +270,12 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
                    help="sequences per group (default: the planner's choice, else prompts split "
                         "evenly over the groups)")
+    p.add_argument("--prefetch-threshold", type=_unit_interval, default=None, metavar="P",
+                   help="klotski: prefetch every expert the coming step routes to with "
+                        "probability >= P (0: the whole layer; default: the planner's choice)")
+    p.add_argument("--hot-experts", type=_non_negative_int, default=None, metavar="K",
+                   help="klotski: prefetch the K predicted hottest experts instead (the paper's "
+                        "fixed K; overrides --prefetch-threshold)")
     p.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
                    help="0 = greedy (default)")
     p.add_argument("--top-p", type=_probability, default=1.0, metavar="P",

@@ -13,7 +13,7 @@ import shlex
 import sys
 from typing import Any
 
-from klotski_jax.cli import _positive_int
+from klotski_jax.cli import _non_negative_int, _positive_int, _unit_interval
 from klotski_jax.pipeline.policy import IO_MODES, PolicyError
 
 
@@ -122,6 +122,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     req = PlanRequest(
         prompt_len=args.prompt_len, gen_len=args.gen_len, num_prompts=args.prompts,
         batch_size=args.batch_size, groups=args.groups, hot_experts=args.hot_experts,
+        prefetch_threshold=args.prefetch_threshold,
         device_budget=_size(args.device_budget, args.ckpt),
         host_budget=_size(args.host_budget, args.ckpt), max_groups=args.max_groups,
         disk_tier=disk_tier(base), reread_tier=reread_tier(base))
@@ -140,9 +141,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _add_plan(sub: Any) -> None:
     p = sub.add_parser(
-        "plan", help="choose n groups, batch size, K hot experts and placement for a budget",
+        "plan", help="choose n groups, batch size, prefetch rule and placement for a budget",
         description="Predict prefill and decode times of the klotski schedule from the profile "
-                    "and pick the feasible (n, batch size, K) with the best throughput "
+                    "and pick the feasible (n, batch size, prefetch threshold) with the best "
+                    "throughput "
                     "(generated tokens / (prefill + decode time)). Exit 2 with the smallest "
                     "working budget when nothing fits.")
     p.add_argument("ckpt", metavar="CKPT", help="checkpoint directory written by `klotski convert`")
@@ -151,7 +153,10 @@ def _add_plan(sub: Any) -> None:
     p.add_argument("--host-budget", metavar="SIZE", help="host RAM cap (default: unlimited)")
     p.add_argument("--batch-size", type=_positive_int, metavar="B", help="fix the batch size")
     p.add_argument("--groups", type=_positive_int, metavar="N", help="fix n")
-    p.add_argument("--hot-experts", type=int, metavar="K", help="fix K (default: choose)")
+    p.add_argument("--prefetch-threshold", type=_unit_interval, metavar="P",
+                   help="fix the prefetch threshold (default: choose)")
+    p.add_argument("--hot-experts", type=_non_negative_int, metavar="K",
+                   help="the fixed-K hot-set rule with this K instead of a threshold")
     p.add_argument("--prompts", type=_positive_int, metavar="N",
                    help="prompts to generate for (default: any number, up to 256 per round)")
     p.add_argument("--prompt-len", type=_positive_int, default=128, metavar="L",
@@ -185,7 +190,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     cfg = ModelConfig.from_dict(read_manifest(args.ckpt)["config"])
     try:
         prefetcher = CorrelationPrefetcher.fresh(cfg.moe_layer_ids, cfg.num_experts,
-                                                 args.path_length)
+                                                 args.path_length, top_k=cfg.top_k)
     except TableError as e:
         raise PolicyError(str(e)) from None
     # One prefetcher (one table) across all rounds, learning online from an empty table.

@@ -25,22 +25,34 @@ import numpy as np
 from klotski_jax.checkpoints.loader import load_tokenizer
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.models.reference import CACHE_ROUND, KVCache, positions_from_mask
-from klotski_jax.pipeline import steps
 from klotski_jax.pipeline.costs import Profile
 from klotski_jax.pipeline.host import HostTier
 from klotski_jax.pipeline.hot import HotPredictor, PreviousLayerPopularity
-from klotski_jax.pipeline.ledger import MemoryLedger
+from klotski_jax.pipeline.ledger import BudgetError, MemoryLedger
 from klotski_jax.pipeline.placement import Placement, Workload, device_global_bytes, place
 from klotski_jax.pipeline.planner import Plan, Planner, PlanRequest
 from klotski_jax.pipeline.policy import Policy, PolicyError, Schedule
 from klotski_jax.pipeline.prefetcher import CorrelationPrefetcher, CorrelationTable, TableError
+from klotski_jax.pipeline.prior import is_prior
 from klotski_jax.pipeline.scheduler import GroupState, Scheduler, live_device_bytes
 from klotski_jax.pipeline.trace import RunStats, Tracer
 
 log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
-DEFAULT_GROUPS = 2  # n when the planner cannot choose (no profile cached, or a non-klotski run)
+DEFAULT_GROUPS = 2  # n when the planner does not choose (flexgen, the no-multi-batch ablation)
+
+
+@dataclasses.dataclass
+class Sampling:
+    """How a round picks its tokens: temperature / top-p (greedy at 0), the repetition penalty,
+    the random generator, and the EOS ids that end a sequence (empty: never stop early)."""
+
+    temperature: float
+    top_p: float
+    penalty: float
+    rng: np.random.Generator
+    eos: set[int]
 
 
 @dataclasses.dataclass
@@ -53,6 +65,17 @@ class Generation:
     stats: RunStats
     placement: dict[str, Any]
     plan: dict[str, Any] | None = None  # what the planner chose and predicted (None: not used)
+
+
+def prompt_bucket(n: int) -> int:
+    """The padded prompt length of a round: the next of 8, 12, 16, 24, 32, 48, 64, 96, ...
+    (powers of two and 1.5 times them). Prompts are left-padded to it, so nearby prompt lengths
+    share compiled shapes and a new length does not compile inside a timed run; at most a third
+    of a prefill is padding (masked, so the results do not change)."""
+    if n <= 8:
+        return 8
+    p = 1 << (n - 1).bit_length()
+    return p * 3 // 4 if p * 3 // 4 >= n else p
 
 
 def penalize_repeats(logits: np.ndarray, history: Sequence[Sequence[int]],
@@ -114,8 +137,8 @@ class Engine:
 
     def _default_predictor(self, cfg: Any) -> HotPredictor:
         if self.prefetch_table is not None:
-            return CorrelationPrefetcher(self.prefetch_table.copy())
-        return PreviousLayerPopularity(cfg.moe_layer_ids, cfg.num_experts)
+            return CorrelationPrefetcher(self.prefetch_table.copy(), top_k=cfg.top_k)
+        return PreviousLayerPopularity(cfg.moe_layer_ids, cfg.num_experts, cfg.top_k)
 
     # ---- inputs -------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
@@ -142,47 +165,86 @@ class Engine:
                max_new_tokens: int | None = None) -> tuple[int, int]:
         """(groups, batch size per group) for n_prompts under the policy.
 
-        Groups or batch size that the policy leaves open (None) are chosen by the planner when
-        the prompt length and new tokens are given, the schedule is the multi-batch klotski one
-        and a profile of this model on this device exists (`klotski profile`); otherwise
-        DEFAULT_GROUPS groups with the prompts split evenly. The plan is kept in `self.plan`.
+        With the multi-batch klotski schedule and the workload known (prompt length and new
+        tokens), the planner chooses what the policy leaves open (groups, batch size, the
+        prefetch threshold) from the costs of this model on this device: its measured profile
+        (`klotski profile`) when one is cached, else the roofline prior of `pipeline/prior.py`
+        over machine rates measured once in about a second. Otherwise DEFAULT_GROUPS groups
+        with the prompts split evenly. The plan is kept in `self.plan`.
         """
         pol = self.policy
         self.plan = None
         if pol.single_group:
-            return 1, pol.batch_size or n_prompts
-        if (pol.groups is None or pol.batch_size is None) and prompt_len and max_new_tokens:
-            self.plan = self._plan(n_prompts, prompt_len, max_new_tokens)
-        if self.plan is not None:
-            return self.plan.groups, self.plan.batch_size
-        groups = min(pol.groups or DEFAULT_GROUPS, n_prompts)
-        return groups, pol.batch_size or math.ceil(n_prompts / groups)
+            groups, batch = 1, pol.batch_size or n_prompts
+        else:
+            open_ = pol.groups is None or pol.batch_size is None or (
+                pol.uses_threshold and pol.prefetch_threshold is None)
+            if open_ and prompt_len and max_new_tokens:
+                self.plan = self._plan(n_prompts, prompt_len, max_new_tokens)
+            if self.plan is not None:
+                return self.plan.groups, self.plan.batch_size
+            groups = min(pol.groups or DEFAULT_GROUPS, n_prompts)
+            batch = pol.batch_size or math.ceil(n_prompts / groups)
+        if pol.batch_size is None and prompt_len and max_new_tokens:
+            batch = self._fitting_batch(groups, batch, prompt_len, max_new_tokens)
+        return groups, batch
+
+    def _fitting_batch(self, groups: int, batch: int, prompt_len: int, max_new: int) -> int:
+        """The largest batch <= `batch` whose placement fits the budgets (more rounds instead of
+        a BudgetError), or `batch` itself when none does (its error names the minimum)."""
+        cache = -(-(prompt_len + max_new) // CACHE_ROUND) * CACHE_ROUND
+        for b in range(batch, 0, -1):
+            try:
+                place(self.config, self.policy, Workload(groups, b, prompt_len,
+                                                         cache - prompt_len))
+            except BudgetError:
+                continue
+            if b < batch:
+                log.info("%s: batch %d does not fit the budgets; %d per group, more rounds",
+                         self.policy.schedule.value, batch, b)
+            return b
+        return batch
+
+    def costs(self) -> Profile:
+        """What the planner predicts with: the given or cached profile of this model on this
+        device, else the roofline prior over this machine's rates (measured and cached on
+        first use)."""
+        from klotski_jax.pipeline.prior import prior_profile
+        from klotski_jax.pipeline.profiler import load_cached, machine_rates
+
+        profile = self._profile or load_cached(self.config)
+        if profile is None:
+            rates, measured = machine_rates()
+            if measured:
+                log.info("measured this machine's rates for the planner's prior in %.1f s "
+                         "(`klotski profile %s` measures the model itself)",
+                         rates.meta.get("elapsed_s", 0.0), self.reader.path)
+            profile = prior_profile(self.config, rates)
+        return profile
 
     def _plan(self, n_prompts: int, prompt_len: int, max_new: int) -> Plan | None:
-        """The planner's choice (memoised per workload); None without a profile."""
+        """The planner's choice (memoised per workload); None when it cannot plan."""
         pol = self.policy
         if pol.schedule is not Schedule.KLOTSKI or not pol.multi_batch:
             return None
         key = (n_prompts, prompt_len, max_new)
         if key not in self._plans:
-            from klotski_jax.pipeline.profiler import load_cached
-
-            profile = self._profile or load_cached(self.config)
-            if profile is None:
-                log.info("no profile of this model on this device (run `klotski profile %s`): "
-                         "%d groups, prompts split evenly", self.reader.path, DEFAULT_GROUPS)
-                self._plans[key] = None
-                return None
+            profile = self.costs()
             routing = self.prefetch_table.routing_probs() if self.prefetch_table else None
             req = PlanRequest(prompt_len=prompt_len, gen_len=max_new, num_prompts=n_prompts,
                               batch_size=pol.batch_size, groups=pol.groups,
-                              hot_experts=pol.hot_experts, device_budget=pol.device_budget,
+                              hot_experts=pol.hot_experts,
+                              prefetch_threshold=pol.prefetch_threshold if pol.uses_threshold
+                              else None, device_budget=pol.device_budget,
                               host_budget=pol.host_budget, disk_tier=disk_tier(pol),
                               reread_tier=reread_tier(pol))
             plan = Planner(self.config, profile, routing, base=pol).plan(req)
-            log.info("planner: %d group(s) x %d, K=%d; predicted %.1f tok/s, binding %s",
-                     plan.groups, plan.batch_size, plan.hot_experts,
-                     plan.predicted_throughput_tokens_per_s, plan.binding_constraint)
+            plan = dataclasses.replace(plan, cost_source="prior" if is_prior(profile)
+                                       else "profile")
+            log.info("planner (%s costs): %d group(s) x %d, prefetch %s; predicted %.1f tok/s, "
+                     "binding %s", plan.cost_source, plan.groups, plan.batch_size,
+                     plan.prefetch.describe(), plan.predicted_throughput_tokens_per_s,
+                     plan.binding_constraint)
             self._plans[key] = plan
         return self._plans[key]
 
@@ -209,20 +271,22 @@ class Engine:
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         ids = self.encode(prompts)
-        groups, batch = self.layout(len(ids), max(len(p) for p in ids), max_new_tokens)
+        groups, batch = self.layout(len(ids), prompt_bucket(max(len(p) for p in ids)),
+                                    max_new_tokens)
         per_round = groups * batch
         tracer = trace or Tracer(enabled=False)
-        stats = RunStats(schedule=self.policy.schedule.value, groups=groups, batch_size=batch)
+        stats = RunStats(schedule=self.policy.schedule.value)
         rng = np.random.default_rng(seed)
         new_tokens: list[list[int]] = []
         placement = None
+        eos = set(self.config.eos_token_ids)
         for start in range(0, len(ids), per_round):
             chunk = ids[start: start + per_round]
-            out, placement = self._run_round(chunk, groups, batch, max_new_tokens, temperature,
-                                             top_p, rng, tracer, stats, progress,
-                                             repetition_penalty)
+            out, placement = self._run_round(chunk, batch, max_new_tokens,
+                                             Sampling(temperature, top_p, repetition_penalty,
+                                                      rng, eos if stop_at_eos else set()),
+                                             tracer, stats, progress)
             new_tokens.extend(out)
-        eos = set(self.config.eos_token_ids)
         if stop_at_eos and eos:
             new_tokens = [_cut_at(t, eos) for t in new_tokens]
         texts = None
@@ -244,11 +308,13 @@ class Engine:
             logits = s.step("prefill", states, all_positions=True, prefetch_next=False)
         return np.concatenate([np.asarray(x) for x in logits])
 
-    def _run_round(self, chunk: list[list[int]], groups: int, batch: int, max_new: int,
-                   temperature: float, top_p: float, rng: np.random.Generator, tracer: Tracer,
-                   stats: RunStats, progress: Callable[[int], None] | None, penalty: float = 1.0
+    def _run_round(self, chunk: list[list[int]], batch: int, max_new: int, how: Sampling,
+                   tracer: Tracer, stats: RunStats, progress: Callable[[int], None] | None
                    ) -> tuple[list[list[int]], Placement]:
-        s_len = max(len(p) for p in chunk)
+        """Generate for one round: prompts left-padded to their bucket, groups of `batch`.
+        A group whose sequences have all produced EOS (when stopping at EOS) leaves the round:
+        later steps neither compute nor load anything for it; the round ends when none is left."""
+        s_len = prompt_bucket(max(len(p) for p in chunk))
         pad = self.config.pad_token_id or 0
         ids = np.full((len(chunk), s_len), pad, np.int32)
         mask = np.zeros_like(ids)
@@ -256,35 +322,44 @@ class Engine:
             ids[r, s_len - len(p):] = p
             mask[r, s_len - len(p):] = 1
         n_groups = math.ceil(len(chunk) / batch)
-        out = [[] for _ in chunk]
+        rows = [range(g * batch, min((g + 1) * batch, len(chunk))) for g in range(n_groups)]
+        out: list[list[int]] = [[] for _ in chunk]
+        done = np.zeros(len(chunk), bool)
+        stats.record_round([len(r) for r in rows])
         with self._session(n_groups, batch, s_len, max_new, tracer, stats) as s:
-            states = [s.group(ids[g * batch:(g + 1) * batch], mask[g * batch:(g + 1) * batch])
-                      for g in range(n_groups)]
+            states = [s.group(ids[r.start:r.stop], mask[r.start:r.stop]) for r in rows]
             stats.prompt_tokens += int(mask.sum())
-            s.warm_up(states)
+            s.warm_up(states, decode=max_new > 1)
+            active = list(range(n_groups))
             t0 = time.perf_counter()
             logits = s.step("prefill", states, prefetch_next=max_new > 1)
             for step in range(max_new):
-                tokens = [sample(penalize_repeats(np.asarray(x), out[g * batch:(g + 1) * batch],
-                                                  penalty), temperature, top_p, rng)
-                          for g, x in enumerate(logits)]
-                for g, t in enumerate(tokens):
-                    for r, tok in enumerate(t):
-                        out[g * batch + r].append(int(tok))
+                made = 0
+                for g, x in zip(active, logits):
+                    tokens = sample(penalize_repeats(np.asarray(x), [out[r] for r in rows[g]],
+                                                     how.penalty),
+                                    how.temperature, how.top_p, how.rng)
+                    for r, tok in zip(rows[g], tokens):
+                        out[r].append(int(tok))
+                        done[r] |= int(tok) in how.eos
+                    states[g].next_tokens = tokens
+                    made += len(tokens)
                 now = time.perf_counter()
                 if step == 0:
                     stats.prefill_s += now - t0
                 else:
                     stats.decode_s += now - t0
                 t0 = now
-                stats.generated_tokens += sum(len(t) for t in tokens)
+                stats.generated_tokens += made
                 if progress is not None:
-                    progress(sum(len(t) for t in tokens))
-                if step + 1 == max_new:
+                    progress(made)
+                active = [g for g in active if not done[rows[g].start:rows[g].stop].all()]
+                if step + 1 == max_new or not active:
                     break
-                for g, t in zip(states, tokens):
-                    g.feed(t)
-                logits = s.step(f"decode {step + 1}", states, prefetch_next=step + 2 < max_new)
+                for g in active:
+                    states[g].feed(states[g].next_tokens)
+                logits = s.step(f"decode {step + 1}", [states[g] for g in active],
+                                prefetch_next=step + 2 < max_new)
             placement = s.placement
         return out, placement
 
@@ -349,14 +424,9 @@ class _Session:
         self.transfers.kv_caches[state.index] = cache
         return state
 
-    def warm_up(self, states: list[GroupState]) -> None:
-        """Compile the decode step's expert shapes up front (accounted as one expert's bytes)."""
-        sizes = [len(g.tokens) for g in states]
-        rows = {sum(sizes)} if self.policy.multi_batch else set(sizes)
-        self.device.reserve("warm-up", self.cfg.expert_bytes)
-        for n in rows:
-            steps.warm_up_experts(self.cfg, n)
-        self.device.release("warm-up")
+    def warm_up(self, states: list[GroupState], decode: bool) -> None:
+        """Compile the round's shapes before its timed steps (Scheduler.warm_up)."""
+        self.scheduler.warm_up(states, decode)
 
     def step(self, name: str, states: list[GroupState], **kw: Any) -> list[jax.Array]:
         if self.policy.multi_batch:

@@ -1,10 +1,11 @@
 """Check the planner against measurements on the demo model: predicted vs measured throughput.
 
-For each configuration (device budget, host budget, batch size b) the planner chooses n (and K)
-with b fixed; then every feasible n in 1..--max-groups is run with `Engine.generate` on n x b
-seeded random prompts (one untimed warm-up run, then --repeats timed runs, median throughput =
-generated tokens / (prefill + decode) seconds) and predicted with the same K. The table says how
-far each prediction is off and whether the planner's n is within 10% of the best measured n.
+For each configuration (device budget, host budget, batch size b) the planner chooses n (and the
+prefetch rule) with b fixed; then every feasible n in 1..--max-groups is run with
+`Engine.generate` on n x b seeded random prompts (one untimed warm-up run, then --repeats timed
+runs, median throughput = generated tokens / (prefill + decode) seconds) and predicted with the
+same prefetch rule. The table says how far each prediction is off and whether the planner's n is
+within 10% of the best measured n.
 
     .venv/bin/python scripts/validate_planner.py [--ckpt DIR] [--repeats 3] [--max-groups 6]
 
@@ -100,11 +101,12 @@ def run_config(cfg: Config, ckpt: pathlib.Path, args: argparse.Namespace, planne
     rng = np.random.default_rng(0)
     vocab = planner.cfg.vocab_size
     preds = {n: p for n in range(1, args.max_groups + 1)
-             if (p := planner.evaluate(req, n, cfg.batch_size, plan.hot_experts)) is not None}
+             if (p := planner.evaluate(req, n, cfg.batch_size, plan.prefetch)) is not None}
     prompts = {n: [rng.integers(4, vocab, args.prompt_len).tolist()
                    for _ in range(n * cfg.batch_size)] for n in preds}
     policies = {n: Policy(groups=n, batch_size=cfg.batch_size, hot_experts=plan.hot_experts,
-                          device_budget=dev, host_budget=host) for n in preds}
+                          prefetch_threshold=plan.prefetch_threshold, device_budget=dev,
+                          host_budget=host) for n in preds}
     load = os.getloadavg()[0]
     got = measure(ckpt, policies, prompts, args.gen_len, args.repeats)
     rows = []
@@ -145,7 +147,7 @@ def markdown(doc: dict[str, Any]) -> str:
              f"Checkpoint: {doc['checkpoint']} ({doc['model']}); prompt {doc['prompt_len']} tokens, "
              f"{doc['gen_len']} new; profile {doc['profile']}; routing statistics: "
              f"{doc['routing_statistics']}; {doc['repeats']} timed runs per point", "",
-             "| config | device / host budget | b | n | K | predicted tok/s | measured tok/s "
+             "| config | device / host budget | b | n | prefetch | predicted tok/s | measured tok/s "
              "(min-max) | error | planner's n | best n |",
              "|---|---|---:|---:|---:|---:|---:|---:|:-:|:-:|"]
     for c in doc["configs"]:
@@ -153,7 +155,7 @@ def markdown(doc: dict[str, Any]) -> str:
         for r in c["rows"]:
             lines.append(
                 f"| {cf['name']} | {cf['device_budget']} / {cf['host_budget'] or 'none'} "
-                f"| {cf['batch_size']} | {r['n']} | {c['plan']['hot_experts']} "
+                f"| {cf['batch_size']} | {r['n']} | {c['plan']['prefetch']} "
                 f"| {r['predicted']:.1f} | {r['throughput']:.1f} ({min(r['runs']):.0f}-"
                 f"{max(r['runs']):.0f}) | {r['error']:+.0%} "
                 f"| {'**yes**' if r['n'] == c['planner_n'] else ''} "

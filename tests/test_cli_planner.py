@@ -11,7 +11,9 @@ import hashlib
 import json
 import pathlib
 import re
+import shutil
 
+import contract
 import numpy as np
 import pytest
 from cli_helpers import run_cli
@@ -80,8 +82,8 @@ def test_plan_json_and_infeasible_budget(env, profiled, capsys):
     assert plan["groups"] * plan["batch_size"] <= 6 * 2 and plan["predicted_throughput_tokens_per_s"] > 0
     assert set(plan["inequalities"]) == {"(4)", "(5)", "(6)", "(7)"}
     rc, out, err = run_cli(base + ["--device-budget", "1000"], capsys)
-    assert rc == 2 and "smallest device budget that works is" in err
-    smallest = int(re.search(r"works is (\d+) bytes", err).group(1))
+    assert rc == 2 and "below the minimum" in err and "of every layout" in err
+    smallest = int(re.search(r"minimum (\d+) bytes", err).group(1))
     rc, out, err = run_cli(base + ["--device-budget", str(smallest)], capsys)
     assert rc == 0 and "plan: n = 1 group(s)" in out, err
     rc, _, err = run_cli(base + ["--device-budget", str(smallest - 1)], capsys)
@@ -100,24 +102,31 @@ def test_generate_uses_the_planner_and_gives_the_reference_tokens(env, profiled,
     mask = np.zeros_like(ids)
     for r, p in enumerate(ps):
         ids[r, s - len(p):], mask[r, s - len(p):] = p, 1
-    want = model.generate_reference(ids, NEW, mask)[:, s:].tolist()
+    ref = contract.reference_greedy(model, ids, mask, NEW)
     src = root / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in ps))
     stats = root / "stats.json"
     rc, out, err = run_cli(["generate", str(ckpt), "--input", str(src), "--max-new-tokens", str(NEW),
                         "--device-budget", "50%", "--stats", str(stats)], capsys)
     assert rc == 0, err
-    assert [json.loads(line) for line in out.splitlines()] == want
+    contract.assert_greedy_matches([json.loads(line) for line in out.splitlines()], ref.tokens,
+                                   ref.logits, contract.tolerance(model.config.dtype),
+                                   eos=model.config.eos_token_ids, what="the planner's layout")
     doc = json.loads(stats.read_text())
     assert doc["plan"] and (doc["groups"], doc["batch_size"]) == (doc["plan"]["groups"],
                                                                   doc["plan"]["batch_size"])
-    assert "planner: " in err and doc["policy"]["groups"] is None
-    # Without a profile, the documented default: 2 groups, prompts split evenly.
+    assert "planner (profile costs): " in err and doc["policy"]["groups"] is None
+    assert doc["plan"]["cost_source"] == "profile"
+    # Without a profile the planner still chooses, from the roofline prior over machine rates.
     engine = Engine(ckpt, Policy())
     (root / "profiles").rename(root / "profiles-away")
     try:
-        assert engine.layout(5, 8, NEW) == (2, 3) and engine.plan is None
+        groups, batch = engine.layout(5, 8, NEW)
+        assert engine.plan is not None and engine.plan.cost_source == "prior"
+        assert (groups, batch) == (engine.plan.groups, engine.plan.batch_size)
+        assert (root / "profiles" / "machines").is_dir()  # the rates, cached per device
     finally:
+        shutil.rmtree(root / "profiles")
         (root / "profiles-away").rename(root / "profiles")
 
 

@@ -224,7 +224,7 @@ def test_infeasible_budget_states_the_smallest_one_that_works():
     cfg, prof = tiny(), flat_profile()
     planner = Planner(cfg, prof)
     req = PlanRequest(prompt_len=8, gen_len=8, device_budget=1000)
-    with pytest.raises(BudgetError, match="smallest device budget that works is") as err:
+    with pytest.raises(BudgetError, match="device budget 1000 bytes is below the minimum") as err:
         planner.plan(req)
     smallest = planner.smallest_budget(req, "device")
     assert str(smallest) in str(err.value)
@@ -240,7 +240,7 @@ def test_infeasible_budget_states_the_smallest_one_that_works():
 def test_infeasible_host_budget_states_the_smallest_host_budget():
     planner = Planner(tiny(), flat_profile())
     req = PlanRequest(prompt_len=8, gen_len=8, device_budget=None, host_budget=100)
-    with pytest.raises(BudgetError, match="smallest host budget"):
+    with pytest.raises(BudgetError, match="host budget 100 bytes is below the minimum"):
         planner.plan(req)
     host = planner.smallest_budget(req, "host")
     assert planner.plan(dataclasses.replace(req, host_budget=host)) is not None

@@ -1,6 +1,10 @@
-"""The constraint-sensitive planner: n batch groups, batch size, K hot experts and placement.
+"""The constraint-sensitive planner: n batch groups, batch size, prefetch rule and placement.
 
-Plain Python (no JAX). For every candidate (n, b, K) it asks `placement.place` whether the
+Plain Python (no JAX). The prefetch rule is klotski's: every expert the step's tokens route to
+with probability >= a threshold is loaded before the router (simulate.PrefetchRule); the planner
+tries the thresholds of PREFETCH_THRESHOLDS (0: the whole layer; 1: only experts certain to be
+used), or the fixed K of the request. For every candidate (n, b, rule) it asks
+`placement.place` whether the
 budgets admit it (a BudgetError means infeasible), predicts the prefill and decode step times
 with the expected-value timeline of the klotski schedule (`simulate.StepSimulator`) over the
 measured costs of a `Profile`, and keeps the plan with the best predicted throughput
@@ -33,8 +37,9 @@ from klotski_jax.pipeline.costs import CostModel, Profile, expected_distinct
 from klotski_jax.pipeline.ledger import BudgetError
 from klotski_jax.pipeline.placement import Placement, Workload, dense_layer_bytes, place
 from klotski_jax.pipeline.policy import Policy, PolicyError
-from klotski_jax.pipeline.simulate import LayerPlan, StepShape, StepSimulator, Stuck
+from klotski_jax.pipeline.simulate import LayerPlan, PrefetchRule, StepShape, StepSimulator, Stuck
 
+PREFETCH_THRESHOLDS = (0.0, 0.2, 0.5, 0.8, 0.95, 1.0)
 CACHE_ROUND = 32  # must equal models.reference.CACHE_ROUND (checked by a test)
 TIE = 0.005  # plans within 0.5% of the best throughput count as ties
 WAIT_BUBBLES = 0.05  # decode bubbles above this with (4)-(7) holding: the timeline binds
@@ -57,7 +62,8 @@ class PlanRequest:
     num_prompts: int | None = None
     batch_size: int | None = None
     groups: int | None = None
-    hot_experts: int | None = None
+    hot_experts: int | None = None  # a fixed K instead of the threshold rule
+    prefetch_threshold: float | None = None  # a fixed threshold (None: the planner's choice)
     device_budget: int | None = None
     host_budget: int | None = None
     max_groups: int = 16
@@ -90,7 +96,7 @@ class Plan:
 
     groups: int
     batch_size: int
-    hot_experts: int
+    prefetch: PrefetchRule
     placement: Placement
     predicted_prefill_s: float
     predicted_decode_step_s: float
@@ -105,22 +111,36 @@ class Plan:
     binding_constraint: str = ""
     binding_detail: str = ""
     limited_by: str = ""
+    cost_source: str = "profile"  # "profile" (measured) or "prior" (roofline over machine rates)
+
+    @property
+    def hot_experts(self) -> int | None:
+        """The fixed K, when the plan uses the K rule."""
+        return self.prefetch.k
+
+    @property
+    def prefetch_threshold(self) -> float | None:
+        return self.prefetch.threshold
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["placement"] = self.placement.describe()
+        d["prefetch"] = self.prefetch.describe()
+        d["hot_experts"] = self.hot_experts
+        d["prefetch_threshold"] = self.prefetch_threshold
         return d
 
     def policy(self, base: Policy) -> Policy:
-        """`base` with this plan's groups, batch size and K."""
+        """`base` with this plan's groups, batch size and prefetch rule."""
         return base.replace(groups=self.groups, batch_size=self.batch_size,
-                            hot_experts=self.hot_experts)
+                            hot_experts=self.prefetch.k,
+                            prefetch_threshold=self.prefetch.threshold)
 
     def describe(self) -> str:
         ms = lambda s: f"{s * 1e3:.2f} ms"
         lines = [
-            f"plan: n = {self.groups} group(s) x batch {self.batch_size}, K = {self.hot_experts} "
-            f"hot experts per layer, {self.rounds} round(s)",
+            f"plan: n = {self.groups} group(s) x batch {self.batch_size}, prefetch "
+            f"{self.prefetch.describe()}, {self.rounds} round(s)",
             f"placement: {self.placement.describe()}",
             f"predicted: prefill {ms(self.predicted_prefill_s)}, decode step "
             f"{ms(self.predicted_decode_step_s)}, {self.predicted_throughput_tokens_per_s:.1f} "
@@ -167,9 +187,9 @@ class Planner:
                                         -p.predicted_throughput_tokens_per_s))
         return self._explain(req, best)
 
-    def candidates(self, req: PlanRequest) -> list[tuple[int, int, int]]:
-        """(n, b, K) the search visits."""
-        cfg, p = self.cfg, req.num_prompts
+    def candidates(self, req: PlanRequest) -> list[tuple[int, int, PrefetchRule]]:
+        """(n, b, prefetch rule) the search visits."""
+        p = req.num_prompts
         cap = p if p is not None else req.max_sequences
         ns = [req.groups] if req.groups else list(range(1, req.max_groups + 1))
         if req.batch_size:
@@ -178,10 +198,15 @@ class Planner:
             bs = {1 << i for i in range(cap.bit_length()) if 1 << i <= cap}
             if p is not None:
                 bs |= {math.ceil(p / n) for n in ns}
+                if req.groups:  # the groups asked for all run: b <= ceil(p / n)
+                    bs = {b for b in bs if b <= math.ceil(p / req.groups)}
             bs = sorted(bs)
-        ks = ([req.hot_experts] if req.hot_experts is not None else
-              sorted({x for x in (0, max(1, cfg.top_k // 2), cfg.top_k, 2 * cfg.top_k)
-                      if x <= cfg.num_experts}))
+        if req.hot_experts is not None:
+            ks = [PrefetchRule(k=req.hot_experts)]
+        elif req.prefetch_threshold is not None:
+            ks = [PrefetchRule(threshold=req.prefetch_threshold)]
+        else:
+            ks = [PrefetchRule(threshold=t) for t in PREFETCH_THRESHOLDS]
         out = []
         for n in ns:
             for b in bs:
@@ -192,9 +217,12 @@ class Planner:
                 out += [(n, b, k) for k in ks]
         return out
 
-    def placement(self, req: PlanRequest, n: int, b: int, k: int) -> Placement | None:
-        """The placement of (n, b, K), or None when the budgets do not admit it."""
-        policy = self.base.replace(groups=n, batch_size=b, hot_experts=k,
+    def placement(self, req: PlanRequest, n: int, b: int, k: PrefetchRule | int
+                  ) -> Placement | None:
+        """The placement of (n, b, rule), or None when the budgets do not admit it."""
+        rule = _rule(k)
+        policy = self.base.replace(groups=n, batch_size=b, hot_experts=rule.k,
+                                   prefetch_threshold=rule.threshold,
                                    device_budget=req.device_budget, host_budget=req.host_budget)
         try:
             return place(self.cfg, policy,
@@ -203,8 +231,10 @@ class Planner:
             return None
 
     # ---- one candidate ------------------------------------------------------------------------
-    def evaluate(self, req: PlanRequest, n: int, b: int, k: int) -> Plan | None:
-        """Predictions for n groups of b sequences with K hot experts (None: infeasible)."""
+    def evaluate(self, req: PlanRequest, n: int, b: int, k: PrefetchRule | int) -> Plan | None:
+        """Predictions for n groups of b sequences with a prefetch rule (an int: K hot
+        experts). None: infeasible."""
+        k = _rule(k)
         pl = self.placement(req, n, b, k)
         if pl is None:
             return None
@@ -221,7 +251,7 @@ class Planner:
         total = prefill + decode
         tokens = (req.num_prompts or n * b) * req.gen_len
         return Plan(
-            groups=n, batch_size=b, hot_experts=k, placement=pl,
+            groups=n, batch_size=b, prefetch=k, placement=pl,
             predicted_prefill_s=steps[0][0][0], predicted_decode_step_s=steps[0][2][0],
             predicted_total_s=total, predicted_throughput_tokens_per_s=tokens / total,
             predicted_bubble_fraction=waits / total,
@@ -231,7 +261,7 @@ class Planner:
                 "prefill": expected_distinct(n * b * req.prompt_len, self.routing[0]),
                 "decode": expected_distinct(n * b, self.routing[0])})
 
-    def _steps(self, req: PlanRequest, pl: Placement, n: int, b: int, k: int
+    def _steps(self, req: PlanRequest, pl: Placement, n: int, b: int, k: PrefetchRule
                ) -> list[tuple[float, float]]:
         """(seconds, bubbles) of the prefill and of two decode steps (the second is steady)."""
         key = (n, b, k, pl, req.prompt_len, req.cache_len, req.device_budget, req.disk_tier,
@@ -311,7 +341,7 @@ class Planner:
                                    binding_detail=detail, limited_by=self._limit(req, p))
 
     def _decode_bubbles(self, req: PlanRequest, p: Plan, slots: float | None) -> float:
-        sim = StepSimulator(self.cfg, self.costs, p.hot_experts, slots)
+        sim = StepSimulator(self.cfg, self.costs, p.prefetch, slots)
         shape = StepShape(p.groups, p.batch_size, 1, req.cache_len)
         layers = self.layers(req, p.placement, first_read=False, batch=p.batch_size)
         t, wait = sim.run(layers, [shape] * 2)[1]
@@ -328,9 +358,9 @@ class Planner:
             return "prompts"
         if req.num_prompts is None and not req.batch_size and n * p.batch_size > req.max_sequences:
             return "max_sequences"
-        if self.placement(req, n, p.batch_size, p.hot_experts) is None:
+        if self.placement(req, n, p.batch_size, p.prefetch) is None:
             dev = dataclasses.replace(req, host_budget=None)
-            return "host_budget" if self.placement(dev, n, p.batch_size, p.hot_experts) \
+            return "host_budget" if self.placement(dev, n, p.batch_size, p.prefetch) \
                 else "device_budget"
         return "throughput"
 
@@ -344,8 +374,7 @@ class Planner:
         router_share = cfg.num_experts * cfg.hidden_size * cfg.itemsize / max(self.dense_bytes)
         big_t_g = layer.dense_load_s * router_share
         big_t_a = layer.dense_load_s - big_t_g
-        order = sorted(range(cfg.num_experts), key=lambda e: (-layer.probs[e], e))
-        hot = order[: p.hot_experts]
+        hot = p.prefetch.hot(layer.probs, n * b)
         streamed = [e for e in range(cfg.num_experts) if layer.load_s[e] > 0]
         k = sum(1 for e in hot if layer.load_s[e] > 0)
         t_e = sum(layer.load_s[e] for e in streamed) / len(streamed) if streamed else 0.0
@@ -364,21 +393,21 @@ class Planner:
     def _infeasible_message(self, req: PlanRequest) -> str:
         what = (f"{req.num_prompts or 'any number of'} prompt(s) of {req.prompt_len} tokens + "
                 f"{req.gen_len} new")
-        fixed = [f"{name} {getattr(req, name)}" for name in ("groups", "batch_size", "hot_experts")
+        fixed = [f"{name} {getattr(req, name)}" for name in ("groups", "batch_size", "hot_experts",
+                                                             "prefetch_threshold")
                  if getattr(req, name) is not None]
         what += f" ({', '.join(fixed)})" if fixed else ""
         dev = self.smallest_budget(req, "device")
-        parts = []
         if dev is not None and req.device_budget is not None and dev > req.device_budget:
-            parts.append(f"the smallest device budget that works is {dev} bytes "
-                         f"({dev / 1e6:.2f} MB)")
-        else:
-            host = self.smallest_budget(req, "host")
-            if host is not None:
-                parts.append(f"the smallest host budget that works with this device budget is "
-                             f"{host} bytes ({host / 1e6:.2f} MB)")
+            return (f"device budget {req.device_budget} bytes is below the minimum {dev} bytes "
+                    f"({dev / 1e6:.2f} MB) of every layout the planner tried for {what}")
+        host = self.smallest_budget(req, "host")
+        if host is not None and req.host_budget is not None and host > req.host_budget:
+            return (f"host budget {req.host_budget} bytes is below the minimum {host} bytes "
+                    f"({host / 1e6:.2f} MB) of every layout the planner tried for {what} with "
+                    f"this device budget")
         return (f"no plan fits device budget {req.device_budget} / host budget "
-                f"{req.host_budget} bytes for {what}: " + ("; ".join(parts) or "no budget works"))
+                f"{req.host_budget} bytes for {what}: no budget works")
 
     def smallest_budget(self, req: PlanRequest, tier: str) -> int | None:
         """The smallest device (or host) budget with a feasible candidate: a search over every
@@ -396,3 +425,7 @@ class Planner:
             if value is not None and (best is None or value < best):
                 best = value
         return best
+
+
+def _rule(k: PrefetchRule | int) -> PrefetchRule:
+    return k if isinstance(k, PrefetchRule) else PrefetchRule(k=k)

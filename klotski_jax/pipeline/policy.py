@@ -7,6 +7,9 @@ import enum
 import re
 
 IO_MODES = ("buffered", "direct", "tensorstore")
+# P(routed in the coming step) at or above which an expert is prefetched when nobody chose the
+# threshold (the planner does when it runs): experts more likely used than not.
+DEFAULT_PREFETCH_THRESHOLD = 0.5
 
 
 class Schedule(enum.StrEnum):
@@ -31,11 +34,19 @@ class Policy:
     pipeline/planner.py); without a plan, 2 groups with the prompts split evenly over them.
     Schedules that run a single group (lru, sequential) put every prompt in it.
 
+    The klotski prefetch rule (which experts of the next MoE layer load before its router):
+      prefetch_threshold: every expert whose probability of being routed by the coming step's
+        tokens is at least this, most expected tokens first (pipeline/hot.py `expected_use`):
+        with many tokens in flight nearly every expert qualifies (whole-layer prefetch), with
+        few only the hot ones do. None: the planner's choice, else DEFAULT_PREFETCH_THRESHOLD.
+      hot_experts: K, an explicit override: the K predicted hottest experts (the paper's rule).
+
     Ablations of the klotski schedule (the paper's ladder):
       multi_batch: n groups share each loaded layer (off: each group runs through the model alone)
       hot_only_prefetch: prefetch only the predicted hot experts (off: the whole MoE layer)
       reorder: hot experts first, then cold ones in load order (off: ascending expert id, loads
-        issued in that order after all routing)
+        issued in that order after all routing; the hot set is then the K rule's, K = top_k
+        unless given, since running experts in id order needs a slot per prefetched expert)
     """
 
     schedule: Schedule = Schedule.KLOTSKI
@@ -43,7 +54,8 @@ class Policy:
     host_budget: int | None = None
     groups: int | None = None
     batch_size: int | None = None
-    hot_experts: int | None = None  # K; default: the planner's choice, else the model's top_k
+    hot_experts: int | None = None  # K: the fixed-size hot-set rule instead of the threshold
+    prefetch_threshold: float | None = None  # see above; None: the planner's, else the default
     multi_batch: bool = True
     hot_only_prefetch: bool = True
     reorder: bool = True
@@ -69,6 +81,9 @@ class Policy:
             raise PolicyError(f"io_threads must be >= 1, got {self.io_threads}")
         if self.hot_experts is not None and self.hot_experts < 0:
             raise PolicyError(f"hot_experts must be >= 0, got {self.hot_experts}")
+        if self.prefetch_threshold is not None and not 0 <= self.prefetch_threshold <= 1:
+            raise PolicyError(f"prefetch_threshold must be in [0, 1], got "
+                              f"{self.prefetch_threshold}")
         for name in ("device_budget", "host_budget"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -78,6 +93,17 @@ class Policy:
     def single_group(self) -> bool:
         """Schedules that run every prompt as one group."""
         return self.schedule in (Schedule.LRU, Schedule.SEQUENTIAL)
+
+    @property
+    def uses_threshold(self) -> bool:
+        """Whether klotski's hot set comes from the expected-use threshold (else the K rule)."""
+        return self.hot_only_prefetch and self.reorder and self.hot_experts is None
+
+    @property
+    def threshold(self) -> float:
+        """The prefetch threshold in effect (the default when none was chosen)."""
+        return (DEFAULT_PREFETCH_THRESHOLD if self.prefetch_threshold is None
+                else self.prefetch_threshold)
 
     def replace(self, **changes) -> Policy:
         return dataclasses.replace(self, **changes)

@@ -12,7 +12,14 @@ the token picked at L given the path of experts it picked at the l MoE layers be
 `predict(L, K)` sums the rows of the paths of every token of all groups at the previous MoE
 layers of the current step and returns the K experts with the largest sums (ties: more popular
 first, then lower id); without a previous layer (position 0, or a new step) or without data for
-the rows, it falls back to popularity at L. `observe(L, experts)` updates the table in memory
+the rows, it falls back to popularity at L.
+
+`expected_use(L, tokens)` turns the same rows into per-token pick probabilities: a token whose
+path row r has counts c[r, :] picks b with probability k * c[r, b] / sum(c[r, :]) (each path
+row of a token adds k picks), averaged over its k^l paths; rows without data use popularity.
+The probability that the step routes to b is then 1 - prod_t (1 - q_{t,b}) (hot.py). For a
+step whose previous-layer routing is not known yet (the first MoE layer, or a prefetch for the
+next step) every token gets the popularity row. `observe(L, experts)` updates the table in memory
 (the online update) and remembers the routing for the next layers' predictions.
 
 The table is built by `klotski calibrate` and stored in the checkpoint directory as
@@ -34,6 +41,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from klotski_jax.pipeline.hot import uniform_use, use_from_pick_probs
 
 TABLE_FILE = "prefetch_table.npz"
 META_FILE = "prefetch_table.json"
@@ -147,17 +156,18 @@ def _write_atomic(path: pathlib.Path, data: bytes) -> None:
 class CorrelationPrefetcher:
     """HotPredictor over a CorrelationTable, updated online in memory."""
 
-    def __init__(self, table: CorrelationTable, *, online: bool = True) -> None:
+    def __init__(self, table: CorrelationTable, *, online: bool = True, top_k: int = 2) -> None:
         self.table = table
         self.online = online
+        self._top_k = top_k  # the prior's k before any routing is observed
         self._pos = {layer: p for p, layer in enumerate(table.moe_layers)}
         self._step: dict[int, np.ndarray] = {}  # position -> [N, top_k] of the current step
 
     @classmethod
-    def fresh(cls, moe_layers: Sequence[int], num_experts: int, path_length: int = 1
-              ) -> CorrelationPrefetcher:
+    def fresh(cls, moe_layers: Sequence[int], num_experts: int, path_length: int = 1,
+              top_k: int = 2) -> CorrelationPrefetcher:
         """An empty table: learns from the run's first steps (its warm-up) onwards."""
-        return cls(CorrelationTable.empty(moe_layers, num_experts, path_length))
+        return cls(CorrelationTable.empty(moe_layers, num_experts, path_length), top_k=top_k)
 
     def _rows(self, p: int) -> np.ndarray | None:
         """[N, k^l] row indices of every token's paths into counts[p], or None if unknown."""
@@ -186,6 +196,24 @@ class CorrelationPrefetcher:
             return []
         order = np.lexsort((np.arange(t.num_experts), -t.popularity[p], -scores))
         return [int(e) for e in order[:k] if scores[e] > 0]
+
+    def _popularity_pick(self, p: int) -> np.ndarray | None:
+        t = self.table
+        return t.popularity[p] / t.tokens[p] if t.tokens[p] else None
+
+    def expected_use(self, layer: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        p, t = self._pos[layer], self.table
+        k = int(round(t.popularity[p].sum() / t.tokens[p])) if t.tokens[p] else None
+        pop = self._popularity_pick(p)
+        rows = self._rows(p)
+        if rows is None or k is None or len(rows) != tokens:
+            if pop is None:
+                return uniform_use(t.num_experts, self._top_k, tokens)
+            return uniform_use(t.num_experts, self._top_k, tokens, pop)
+        c = t.counts[p][rows]  # [T, paths, E]
+        total = c.sum(-1, keepdims=True)
+        cond = np.where(total > 0, k * c / np.maximum(total, 1), pop[None, None, :])
+        return use_from_pick_probs(cond.mean(1))
 
     def observe(self, layer: int, experts: np.ndarray) -> None:
         p = self._pos[layer]

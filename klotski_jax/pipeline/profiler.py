@@ -11,6 +11,10 @@ weights; plus the raw bandwidth of disk -> host, host -> device and a host copy.
 Profiles are cached as JSON under `<cache>/profiles/` (cache: KLOTSKI_JAX_CACHE, else the XDG
 cache, else ~/.cache/klotski-jax; KLOTSKI_JAX_PROFILES names the folder itself), one file per
 device kind and model shape (`costs.model_key`), and reused unless refreshed.
+
+`machine_rates` measures the few rates of the cost prior (prior.py) in a few seconds, once per
+device kind (`machines/<slug>.json` under the same folder): what the engine plans with when a model
+has no profile yet.
 """
 
 from __future__ import annotations
@@ -37,10 +41,11 @@ from klotski_jax.models import layers
 from klotski_jax.models.specs import layer_tree
 from klotski_jax.pipeline import steps
 from klotski_jax.pipeline.costs import Profile, expected_distinct, fit_nonnegative, model_key
-from klotski_jax.pipeline.host import HostTier, StagingBuffer, _read_file
+from klotski_jax.pipeline.host import HostTier, StagingBuffer, _read_file, aligned_empty
 from klotski_jax.pipeline.hot import PreviousLayerPopularity
 from klotski_jax.pipeline.ledger import MemoryLedger
 from klotski_jax.pipeline.planner import Planner, PlanRequest
+from klotski_jax.pipeline.prior import MachineRates
 from klotski_jax.pipeline.scheduler import Routing
 from klotski_jax.pipeline.trace import RunStats, Tracer
 from klotski_jax.pipeline.transfers import Transfers
@@ -127,6 +132,131 @@ def get_profile(ckpt_dir: str | os.PathLike[str], *, refresh: bool = False,
         profile.meta["elapsed_s"] = round(time.perf_counter() - t0, 2)
     write_profile(profile, path)
     return profile, path, True
+
+
+# ---- machine rates (the cost prior's inputs) -------------------------------------------------------
+def rates_path() -> pathlib.Path:
+    """The cache file of this device kind's machine rates."""
+    info = device_info()
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{info['platform']}-{info['device_kind']}".lower())
+    return cache_dir() / "machines" / f"{slug.strip('-')}.json"
+
+
+def machine_rates(*, refresh: bool = False) -> tuple[MachineRates, bool]:
+    """(this device's rates, whether they were measured now): the cached ones unless refresh."""
+    path = rates_path()
+    if not refresh:
+        try:
+            return MachineRates.from_json(path.read_text()), False
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            if path.exists():
+                log.warning("ignoring unreadable machine rates %s: %s", path, e)
+    rates = measure_rates(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(rates.to_json())
+    os.replace(tmp, path)
+    return rates, True
+
+
+def _best(fn: Callable[[], Any], n: int) -> float:
+    """The fastest of n timed calls after one warm-up (a rate: noise only slows it)."""
+    fn()
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_rates(scratch: pathlib.Path, file_mb: int = 48) -> MachineRates:
+    """Measure the prior's rates on jax.devices()[0] (a few seconds; see prior.MachineRates).
+    `scratch`: a folder for the disk test file (removed afterwards)."""
+    t0 = time.perf_counter()
+    device = jax.devices()[0]
+    # A call like the scheduler's: a dict of weights, an activation and NumPy arguments.
+    args = ({f"w{i}": jnp.zeros(8, jnp.float32) for i in range(8)}, jnp.zeros(8, jnp.float32),
+            np.zeros((2, 4), np.int32), np.int32(3), np.ones((2, 4), bool))
+    call = jax.jit(lambda w, x, pos, at, ok: x + sum(w.values()) + at + pos.sum() + ok.sum())
+    dispatch = statistics.median(
+        [_best(lambda: np.asarray(call(*args)), 20) for _ in range(3)])
+    proj = jax.jit(layers.linear)
+    flops = {}
+    for dt in ("bfloat16", "float32"):
+        x, w = jnp.ones((512, 1024), dt), jnp.ones((2048, 1024), dt)
+        flops[dt] = 2 * 512 * 2048 * 1024 / _best(
+            lambda x=x, w=w: jax.block_until_ready(proj(x, w)), 5)
+    w = jnp.ones((8192, 2048), jnp.bfloat16)
+    x = jnp.ones((2, 2048), jnp.bfloat16)
+    memory = w.nbytes / _best(lambda: jax.block_until_ready(proj(x, w)), 5)
+    host = aligned_empty(32 << 20)
+    host[:] = 1
+    h2d = host.nbytes / _best(lambda: jax.block_until_ready(jax.device_put(host, device)), 3)
+    small = aligned_empty(4096)
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        load = statistics.median(_best(lambda: pool.submit(
+            lambda: jax.block_until_ready(jax.device_put(small, device))).result(), 10)
+            for _ in range(3))
+    cold, warm = _disk_rates(scratch, file_mb << 20)
+    rng = np.random.default_rng(0)
+    routing = []
+    for n in (64, 2048):
+        experts = [rng.integers(0, 8, (n // 2, 2)).astype(np.int32)] * 2
+        weights = [np.ones(e.shape, np.float32) for e in experts]
+        routing.append((n, _best(lambda ex=experts, wt=weights: [Routing(ex, wt).rows(e)
+                                                                  for e in range(8)], 5)))
+    (n0, s0), (n1, s1) = routing
+    slope = max(0.0, (s1 - s0) / (n1 - n0))
+    cores = os.cpu_count() or 1
+    return MachineRates(
+        device=device_info(), dispatch_s=dispatch, matmul_flops=flops, memory_bps=memory,
+        load_s=load, h2d_bps=h2d, disk_cold_bps=cold, disk_warm_bps=warm,
+        routing_s=(max(0.0, s0 - slope * n0), slope),
+        io_interference=min(1.0, 2.0 / cores) if device.platform == "cpu" else 0.0,
+        meta={"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "elapsed_s": round(time.perf_counter() - t0, 2), "jax": jax.__version__,
+              "cores": cores})
+
+
+def _disk_rates(scratch: pathlib.Path, nbytes: int) -> tuple[float, float]:
+    """(bytes/s with the page cache evicted, bytes/s from the page cache) of a test file read
+    in 4 MiB chunks into an aligned buffer, as the host tier reads expert chunks."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=scratch, prefix=".disk-test-")
+    path = pathlib.Path(name)
+    chunk = 4 << 20
+    try:
+        with os.fdopen(fd, "wb") as f:
+            block = np.random.default_rng(0).integers(0, 255, chunk, np.uint8).tobytes()
+            for _ in range(nbytes // chunk):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        buf = aligned_empty(chunk)
+
+        def read() -> float:
+            t0 = time.perf_counter()
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(memoryview(buf)):
+                    pass
+            return (nbytes // chunk) * chunk / (time.perf_counter() - t0)
+
+        if hasattr(os, "posix_fadvise"):
+            rfd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(rfd)
+        cold = read()
+        warm = max(read(), read())
+        return cold, warm
+    finally:
+        path.unlink(missing_ok=True)
 
 
 # ---- timing -------------------------------------------------------------------------------------
@@ -251,7 +381,7 @@ def _routing(cfg: ModelConfig, n: int, opts: ProfileOptions) -> float:
                rng.integers(0, cfg.num_experts, (n - n // 2, cfg.top_k)).astype(np.int32)]
     weights = [np.ones(e.shape, np.float32) for e in experts]
     xs = [jnp.zeros((len(e), cfg.hidden_size), cfg.dtype) for e in experts]
-    pred = PreviousLayerPopularity(cfg.moe_layer_ids, cfg.num_experts)
+    pred = PreviousLayerPopularity(cfg.moe_layer_ids, cfg.num_experts, cfg.top_k)
     layer = cfg.moe_layer_ids[0]
 
     def run() -> None:
@@ -285,8 +415,8 @@ def _expert(cfg: ModelConfig, w: dict[str, jax.Array], rows: int, opts: ProfileO
         r, wts = routing.rows(0)
         pr, pw = steps.pad_rows(r, wts)
         np.diff(np.searchsorted(r, offsets)).tolist()
-        acc[0] = steps.expert_apply(acc[0], x, pr, pw,
-                                    w["gate"], w["up"], w["down"])
+        acc[0], _ = steps.expert_apply(acc[0], x, pr, pw,
+                                       w["gate"], w["up"], w["down"])
         jax.block_until_ready(acc[0])
 
     return _median(run, opts)

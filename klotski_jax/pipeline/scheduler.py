@@ -8,7 +8,13 @@ transfer calls `request` / `get` / `release`.
 klotski (per layer): attention for groups 1..n while this layer's hot experts load; router for
 groups 1..n, each immediately issuing loads of its new cold experts (first-seen order); then the
 next layer's dense weights and hot experts are issued; experts run by expert over all groups' tokens,
-hot first, then cold in load order, each released as soon as it is done.
+hot first, then cold in load order, each released as soon as it is done. The hot experts are
+those the coming step will route to with probability >= the policy's threshold given the tokens
+in flight (hot.py), or the K predicted hottest with an explicit K.
+
+The compute thread waits for a result only where the schedule needs a value on the host: the
+routing of each group, the step's logits and, with a trace, the end of each timed piece. Releases
+wait for their fence on the transfers' releaser thread, so jitted steps dispatch asynchronously.
 flexgen: the whole layer (dense + all experts) is on the device before compute; the whole next
 layer is prefetched meanwhile; groups run one after another.
 sequential: like flexgen with one group and no prefetch. lru: one group, experts loaded on demand
@@ -31,12 +37,18 @@ from klotski_jax.config import ModelConfig
 from klotski_jax.models import layers
 from klotski_jax.models.reference import KVCache
 from klotski_jax.pipeline import steps
-from klotski_jax.pipeline.hot import HotPredictor, score_hot_set
+from klotski_jax.pipeline.hot import HotPredictor, prefetch_order, score_hot_set
 from klotski_jax.pipeline.ledger import BudgetError, MemoryLedger
 from klotski_jax.pipeline.placement import Placement
 from klotski_jax.pipeline.policy import Policy, Schedule
 from klotski_jax.pipeline.trace import RunStats, Tracer
 from klotski_jax.pipeline.transfers import Transfers
+
+
+class _Piece:
+    """What `Scheduler._compute` waits for when it times a piece: its output."""
+
+    out: Any = None
 
 
 class GroupState:
@@ -48,6 +60,7 @@ class GroupState:
         self.cache = cache
         self.tokens = tokens  # [b, t]
         self.positions = positions  # [b, t]
+        self.next_tokens: np.ndarray | None = None  # sampled from the last step's logits
 
     def feed(self, tokens: np.ndarray) -> None:
         """Next step: one new token per sequence, in the next cache slot."""
@@ -110,6 +123,7 @@ class Scheduler:
         self.head_w = globals_dev["embed" if cfg.tie_word_embeddings else "lm_head"]
         self.k = policy.hot_experts if policy.hot_experts is not None else cfg.top_k
         self._hot: dict[int, list[int]] = {}
+        self._fence: Any = None  # an output of the latest expert computation (LRU evictions)
         self._predicted: dict[int, list[int]] = {}  # the predictor's full hot set per layer
         self._lru: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
         self._step = ""
@@ -129,18 +143,29 @@ class Scheduler:
         self._step = step
         self._groups = groups
         cfg = self.cfg
+        start, waited = time.perf_counter(), self.stats.io_wait_s
+        self._tokens = sum(g.tokens.size for g in groups)
+        self._next_tokens = sum(len(g.tokens) for g in groups)  # the next step decodes 1 each
         if self.policy.schedule is Schedule.KLOTSKI:
-            self._prefetch(0)  # no-op when the previous step already issued it
+            self._prefetch(0, self._tokens)  # no-op when the previous step already issued it
         h = [self._embed(g.tokens) for g in groups]
         for i in range(cfg.num_layers):
             h = self._layer(i, groups, h, prefetch_next or i + 1 < cfg.num_layers)
             if self.policy.verify_memory:
+                jax.block_until_ready(h)
+                self.transfers.settle()
                 self.verify_memory(h)
         for g in groups:
             g.cache.length += g.tokens.shape[1]
         if all_positions:
-            return [layers.lm_head(self.norm_w, self.head_w, x, cfg=cfg) for x in h]
-        return [steps.last_token_logits(self.norm_w, self.head_w, x, cfg=cfg) for x in h]
+            out = [layers.lm_head(self.norm_w, self.head_w, x, cfg=cfg) for x in h]
+        else:
+            out = [steps.last_token_logits(self.norm_w, self.head_w, x, cfg=cfg) for x in h]
+        if not self.tracer.enabled:  # no per-piece timing: the step's time minus its waits
+            jax.block_until_ready(out)
+            self.stats.compute_s += (time.perf_counter() - start
+                                     - (self.stats.io_wait_s - waited))
+        return out
 
     def _layer(self, i: int, groups: list[GroupState], h: list[jax.Array], prefetch: bool
                ) -> list[jax.Array]:
@@ -155,10 +180,10 @@ class Scheduler:
             self._request_whole_layer(nxt)
         h = [self._attention(i, g, w, x, gi) for gi, (g, x) in enumerate(zip(groups, h))]
         if not self.cfg.moe_layers[i]:
-            with self._compute("dense mlp", layer=i):
-                h = jax.block_until_ready([layers.dense_mlp_block(w, x, cfg=self.cfg) for x in h])
+            with self._compute("dense mlp", layer=i) as c:
+                h = c.out = [layers.dense_mlp_block(w, x, cfg=self.cfg) for x in h]
             if prefetch and schedule is Schedule.KLOTSKI:
-                self._prefetch(nxt)
+                self._prefetch(nxt, self._tokens_at(nxt))
         elif schedule is Schedule.KLOTSKI:
             h = self._moe_klotski(i, w, h, prefetch)
         else:
@@ -168,13 +193,22 @@ class Scheduler:
 
     # ---- verbs --------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _compute(self, name: str, **args: Any) -> Iterator[None]:
-        """Time one piece of compute (the block must wait for its result) on the compute lane."""
+    def _compute(self, name: str, **args: Any) -> Iterator[_Piece]:
+        """One piece of compute on the compute lane. With a trace it is timed to the moment its
+        result (`piece.out`, set by the block) is ready; without one nothing waits for it."""
+        piece = _Piece()
         start = time.perf_counter()
-        yield
+        yield piece
+        if not self.tracer.enabled:
+            return
+        jax.block_until_ready(piece.out)
         end = time.perf_counter()
         self.stats.compute_s += end - start
         self.tracer.add("compute", name, start, end, step=self._step, **args)
+
+    def _tokens_at(self, layer: int) -> int:
+        """Tokens in flight when `layer` runs next: this step's, or the next step's (decode)."""
+        return self._next_tokens if layer == 0 else self._tokens
 
     def _embed(self, tokens: np.ndarray) -> jax.Array:
         if self.embed_host is None:
@@ -194,14 +228,14 @@ class Scheduler:
             if group + 1 < len(self._groups):
                 self.transfers.request(("kv", i, self._groups[group + 1].index), layer=i)
             kv = self.transfers.get(key, step=self._step, layer=i, group=group).arrays
-        with self._compute("attention", layer=i, group=group):
+        with self._compute("attention", layer=i, group=group) as c:
             # NumPy arguments go straight to the jitted functions (their C++ fast path): a
             # jnp.asarray per argument costs a primitive dispatch each, which on a small model
             # was a fifth of a decode step.
             h, new_kv = layers.attention_block(
                 w, h, g.positions, kv, np.int32(g.cache.length), g.cache.valid,
                 cfg=self.cfg, window=self.cfg.sliding_windows[i])
-            h = jax.block_until_ready(h)
+            c.out = h
         if key is None:
             g.cache.kv[i] = new_kv
             return h
@@ -217,11 +251,12 @@ class Scheduler:
         """Router of each group; `on_group(g, experts)` runs right after group g's routing."""
         xs, experts, weights = [], [], []
         for gi, x in enumerate(h):
-            with self._compute("router", layer=i, group=gi):
+            with self._compute("router", layer=i, group=gi) as c:
                 xg, wg, eg = steps.route_group(w, x, cfg=self.cfg)
                 xs.append(xg)
-                experts.append(np.asarray(eg))
+                experts.append(np.asarray(eg))  # the host needs the routing: a sync
                 weights.append(np.asarray(wg))
+                c.out = xg
             if on_group is not None:
                 on_group(gi, experts[-1])
         routing = Routing(experts, weights)
@@ -231,39 +266,47 @@ class Scheduler:
 
     def _expert(self, i: int, e: int, x_all: jax.Array, rows: np.ndarray, wts: np.ndarray,
                 acc: jax.Array, **trace: Any) -> jax.Array:
+        """acc += expert e's weighted output over its rows; self._fence becomes an output of
+        this computation (acc itself is donated to the next one, so it cannot be a fence)."""
         key = ("expert", i, e)
         w = self.transfers.get(key, step=self._step, layer=i, expert=e).arrays
         r, ww = steps.pad_rows(rows, wts)
-        per_group = np.diff(np.searchsorted(rows, self._offsets)).tolist() + [
-            int((rows >= self._offsets[-1]).sum())]
-        with self._compute("expert", layer=i, expert=e, tokens=len(rows),
-                           tokens_per_group=per_group, **trace):
-            acc = steps.expert_apply(acc, x_all, r, ww,
-                                     w["gate"], w["up"], w["down"])
-            jax.block_until_ready(acc)
+        per = ({"tokens_per_group": np.diff(np.searchsorted(rows, self._offsets)).tolist()
+                + [int((rows >= self._offsets[-1]).sum())]} if self.tracer.enabled else {})
+        with self._compute("expert", layer=i, expert=e, tokens=len(rows), **per, **trace) as c:
+            acc, self._fence = steps.expert_apply(acc, x_all, r, ww,
+                                                  w["gate"], w["up"], w["down"])
+            c.out = self._fence
         self.stats.expert_computes += 1
         return acc
 
     def _finish(self, i: int, w: Any, h: list[jax.Array], xs: list[jax.Array], acc: jax.Array,
                 routing: Routing) -> list[jax.Array]:
-        with self._compute("combine", layer=i):
-            out = [steps.finish_moe(w, x, xg, acc, np.int32(routing.offsets[gi]), cfg=self.cfg)
-                   for gi, (x, xg) in enumerate(zip(h, xs))]
-            return jax.block_until_ready(out)
+        with self._compute("combine", layer=i) as c:
+            out = c.out = [steps.finish_moe(w, x, xg, acc, np.int32(routing.offsets[gi]),
+                                            cfg=self.cfg) for gi, (x, xg) in enumerate(zip(h, xs))]
+            return out
 
-    def _prefetch(self, i: int) -> None:
-        """klotski: issue layer i's dense weights and predicted hot experts (or the whole layer
-        without hot-only prefetch). Idempotent until layer i runs."""
+    def _prefetch(self, i: int, tokens: int) -> None:
+        """klotski: issue layer i's dense weights and its hot experts: those `tokens` tokens in
+        flight will route to with probability >= the threshold, most expected tokens first (or
+        the K predicted hottest; the whole layer without hot-only prefetch). Idempotent until
+        layer i runs."""
         if not self._resident_dense:
             self.transfers.request(("dense", i), step=self._step, layer=i, prefetch=True)
         self._prefetch_kv(i)
         if not self.cfg.moe_layers[i] or i in self._hot:
             return
-        if self.policy.hot_only_prefetch:
-            hot = self.predictor.predict(i, self.k)
+        pol = self.policy
+        if not pol.hot_only_prefetch:
+            hot = list(range(self.cfg.num_experts))
+        elif pol.uses_threshold:
+            p_routed, expected = self.predictor.expected_use(i, tokens)
+            hot = prefetch_order(p_routed, expected, pol.threshold)
             self._predicted[i] = list(hot)
         else:
-            hot = list(range(self.cfg.num_experts))
+            hot = self.predictor.predict(i, self.k)
+            self._predicted[i] = list(hot)
         self._hot[i] = [e for e in hot if (i, e) not in self.placement.device_experts]
         for e in self._hot[i]:
             self.transfers.request(("expert", i, e), step=self._step, layer=i, expert=e, hot=True)
@@ -288,6 +331,7 @@ class Scheduler:
             self.transfers.request(key, step=self._step, layer=i)
 
     def _release_layer(self, i: int, fence: Any) -> None:
+        """Free layer i's streamed weights once `fence` (the layer's outputs) is computed."""
         if not self._resident_dense:
             self.transfers.release(("dense", i), fence=fence)
         if self.policy.schedule is Schedule.LRU:
@@ -323,7 +367,8 @@ class Scheduler:
                 self.transfers.discard(("expert", i, e))
         self._score_prediction(i, routing, hot)
         if prefetch:
-            self._prefetch((i + 1) % self.cfg.num_layers)
+            nxt = (i + 1) % self.cfg.num_layers
+            self._prefetch(nxt, self._tokens_at(nxt))
         if reorder:
             # Resident experts (most tokens first), then streamed ones in the order their loads
             # were issued (hot, then cold): compute never waits on a load queued behind another
@@ -338,7 +383,7 @@ class Scheduler:
             rows, wts = routing.rows(e)
             acc = self._expert(i, e, x_all, rows, wts, acc)
             if e not in resident:
-                self.transfers.release(("expert", i, e), fence=acc)
+                self.transfers.release(("expert", i, e), fence=self._fence)
         return self._finish(i, w, h, xs, acc, routing)
 
     def _score_prediction(self, i: int, routing: Routing, hot: list[int]) -> None:
@@ -353,10 +398,11 @@ class Scheduler:
         st.hot_bytes_used += used * eb
         st.hot_bytes_wasted += (len(hot) - used) * eb
         predicted = self._predicted.pop(i, None)
-        if predicted is None or self.k <= 0:
+        k = self.k if not self.policy.uses_threshold else len(predicted or ())
+        if predicted is None or k <= 0:
             return
         counts = np.bincount(routing.all_experts.reshape(-1), minlength=self.cfg.num_experts)
-        hits, exact = score_hot_set(predicted, counts, self.k)
+        hits, exact = score_hot_set(predicted, counts, k)
         st.hot_predicted += len(predicted)
         st.hot_predicted_routed += hits
         st.hot_sets += 1
@@ -386,8 +432,80 @@ class Scheduler:
             return
         while len(self._lru) >= self.placement.expert_slots:
             old, _ = self._lru.popitem(last=False)
-            self.transfers.release(old)
+            # Computations run in dispatch order: once the latest one is done, so is every
+            # computation that read the evicted expert.
+            self.transfers.release(old, fence=self._fence)
         self._lru[key] = None
+
+    # ---- warm-up ------------------------------------------------------------------------------
+    def warm_up(self, groups: list[GroupState], decode: bool) -> None:
+        """Compile every shape the round's steps will run (prefill, and decode if `decode`)
+        before the timed region: per distinct kind of layer (MoE or dense, sliding window) its
+        attention, router, combine or MLP for each group, the logits, and the expert FFN for
+        every row bucket the step's tokens can produce. Runs on zeros, with one layer's dense
+        weights at a time in the streaming area (reserved as "warm-up"), and on the groups' own
+        device KV caches (the prefill rewrites every slot it writes) or, for host-resident
+        caches, zeros in the KV window."""
+        cfg = self.cfg
+        kinds: dict[tuple[bool, int | None], int] = {}
+        for i in range(cfg.num_layers):
+            kinds.setdefault((cfg.moe_layers[i], cfg.sliding_windows[i]), i)
+        lengths = [groups[0].tokens.shape[1]] + ([1] if decode else [])
+        for i in kinds.values():
+            if self._resident_dense:
+                w = self._resident_dense[i]
+            else:
+                self.ledger.reserve("warm-up", self.transfers.nbytes(("dense", i)))
+                w = self.transfers.put(self.transfers.host.layers[i])
+            try:
+                for t in lengths:
+                    self._warm_layer(i, w, groups, t)
+            finally:
+                del w
+                if not self._resident_dense:
+                    self.ledger.release("warm-up")
+        sizes = [len(g.tokens) for g in groups]
+        rows = ({sum(sizes) * t for t in lengths} if self.policy.multi_batch
+                else {b * t for b in sizes for t in lengths})
+        self.ledger.reserve("warm-up", cfg.expert_bytes)
+        try:
+            for n in rows:
+                steps.warm_up_experts(cfg, n)
+        finally:
+            self.ledger.release("warm-up")
+
+    def _warm_layer(self, i: int, w: Any, groups: list[GroupState], t: int) -> None:
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        pairs = []  # (h, x) of each group at the MoE block
+        for g in groups:
+            b, slots = len(g.tokens), g.cache.valid.shape[1]
+            tokens = np.zeros((b, t), np.int32)
+            h = layers.embed(self.head_w, tokens) if self.embed_host is None else jnp.zeros(
+                (b, t, cfg.hidden_size), dt)
+            host_kv = isinstance(g.cache.kv[i][0], np.ndarray)
+            kv = (tuple(jnp.zeros((b, slots, cfg.num_kv_heads, cfg.head_dim), dt) for _ in "kv")
+                  if host_kv else g.cache.kv[i])
+            h, new_kv = layers.attention_block(
+                w, h, tokens, kv, np.int32(0), np.ones((b, slots), bool), cfg=cfg,
+                window=cfg.sliding_windows[i])
+            if host_kv:
+                np.asarray(steps.cache_slots(new_kv[0], np.int32(0), t=t))
+            else:
+                g.cache.kv[i] = new_kv  # donated: the cache lives on in the returned arrays
+            if cfg.moe_layers[i]:
+                pairs.append((h, steps.route_group(w, h, cfg=cfg)[0]))
+            else:
+                h = layers.dense_mlp_block(w, h, cfg=cfg)
+            jax.block_until_ready(steps.last_token_logits(self.norm_w, self.head_w, h, cfg=cfg))
+        for part in [pairs] if self.policy.multi_batch else [[p] for p in pairs]:
+            if not part:
+                continue
+            xs = [x for _, x in part]
+            x_all = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
+            acc = steps.zero_accumulator(x_all.shape)
+            offsets = np.concatenate([[0], np.cumsum([len(x) for x in xs])])[:-1]
+            jax.block_until_ready([steps.finish_moe(w, h, x, acc, np.int32(o), cfg=cfg)
+                                   for (h, x), o in zip(part, offsets)])
 
     # ---- memory check -------------------------------------------------------------------------
     def verify_memory(self, live_refs: Any = None) -> None:

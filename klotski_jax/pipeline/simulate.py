@@ -11,6 +11,9 @@ layer with expected quantities instead of a real routing:
 
 Each expert is one item whose load takes P(routed) x its tier's load time and whose compute is
 E[cost of its bucket; routed] (see CostModel.expert_expectation); hot experts always load. The
+hot set follows the schedule's `PrefetchRule`: the K most probable experts, or every expert the
+step's tokens route to with probability >= a threshold (1 - (1 - p)^tokens for a per-token pick
+probability p), most expected tokens first. The
 I/O lane serves loads in issue order (the ledger's FIFO) and a load of expert weight w may only
 start when the expert slots held by earlier loads leave room for w (the device budget).
 Host-resident KV caches load on a lane of their own, as the engine's KV thread does with its
@@ -109,6 +112,31 @@ class Timeline:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrefetchRule:
+    """Which experts of a layer load before its router: the K most probable (`k`), or every
+    expert routed with probability >= `threshold` by the step's tokens (pipeline/hot.py)."""
+
+    k: int | None = None
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.k is None) == (self.threshold is None):
+            raise ValueError("a prefetch rule has exactly one of k and threshold")
+
+    def hot(self, probs: Sequence[float], tokens: int) -> list[int]:
+        """The hot experts of a layer whose tokens pick expert e with probability probs[e]."""
+        by_use = sorted(range(len(probs)), key=lambda e: (-probs[e], e))
+        if self.k is not None:
+            return by_use[: self.k]
+        routed = [-math.expm1(tokens * math.log1p(-min(p, 1 - 1e-12))) if p > 0 else 0.0
+                  for p in probs]
+        return [e for e in by_use if routed[e] > 0 and routed[e] >= self.threshold - 1e-12]
+
+    def describe(self) -> str:
+        return f"K = {self.k}" if self.k is not None else f"threshold {self.threshold:g}"
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerPlan:
     """What one layer streams: its dense weights' load time (0: resident) and, for MoE layers,
     per expert its routing probability per token and its load time (0: resident)."""
@@ -134,13 +162,13 @@ class StepShape:
 
 
 class StepSimulator:
-    """Expected time of klotski steps for one model, placement and hot-set size K."""
+    """Expected time of klotski steps for one model, placement and prefetch rule."""
 
-    def __init__(self, cfg: ModelConfig, costs: CostModel, hot_experts: int,
+    def __init__(self, cfg: ModelConfig, costs: CostModel, rule: PrefetchRule | int,
                  expert_slots: float | None) -> None:
         self.cfg = cfg
         self.costs = costs
-        self.k = hot_experts
+        self.rule = rule if isinstance(rule, PrefetchRule) else PrefetchRule(k=rule)
         self.expert_slots = expert_slots
 
     def run(self, layers: Sequence[LayerPlan], shapes: Sequence[StepShape]
@@ -168,14 +196,11 @@ class StepSimulator:
         dense = tl.issue(layer.dense_load_s, 1.0, "dense") if layer.dense_load_s else None
         kv = tl.issue(layer.kv_load_s, 1.0, "kv") if layer.kv_load_s else None
         hot: dict[int, Load] = {}
-        for e in self._hot(layer):
+        tokens = shape.groups * shape.batch * shape.tokens
+        for e in self.rule.hot(layer.probs, tokens):
             if layer.load_s[e] > 0:
                 hot[e] = tl.issue(layer.load_s[e], 1.0)
         return dense, hot, kv
-
-    def _hot(self, layer: LayerPlan) -> list[int]:
-        order = sorted(range(len(layer.probs)), key=lambda e: (-layer.probs[e], e))
-        return order[: self.k]
 
     def _layer(self, tl: Timeline, layer: LayerPlan, shape: StepShape,
                pending: tuple[Load | None, dict[int, Load], Load | None],

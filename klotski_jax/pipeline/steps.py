@@ -53,10 +53,14 @@ def zero_accumulator(shape: tuple[int, ...]) -> jax.Array:
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def expert_apply(acc: jax.Array, x: jax.Array, rows: jax.Array, weights: jax.Array,
-                 w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """acc[rows] += weights * Expert(x[rows]); acc [N, d] float32 (donated), rows [bucket]."""
+                 w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+    """acc[rows] += weights * Expert(x[rows]); acc [N, d] float32 (donated), rows [bucket].
+
+    Also returns a scalar computed by the same execution: the fence that says the expert's
+    weights are no longer read (acc cannot be one: the next expert's call donates it)."""
     y = layers.swiglu(x[rows], w_gate, w_up, w_down)  # [bucket >= 2, d]
-    return acc.at[rows].add(y.astype(jnp.float32) * weights[:, None])
+    return acc.at[rows].add(y.astype(jnp.float32) * weights[:, None]), y[0, 0]
 
 
 def warm_up_experts(cfg: ModelConfig, n_rows: int) -> None:

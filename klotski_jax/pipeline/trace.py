@@ -24,8 +24,10 @@ class RunStats:
     """What one generation run did. Seconds are wall time; bytes are actual bytes moved."""
 
     schedule: str = ""
-    groups: int = 0
-    batch_size: int = 0
+    groups: int = 0  # the most groups a round ran
+    batch_size: int = 0  # the most sequences a group of a round held
+    rounds: int = 0
+    group_sizes: list[list[int]] = dataclasses.field(default_factory=list)  # per round
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefill_s: float = 0.0
@@ -51,6 +53,13 @@ class RunStats:
     device_budget_bytes: int | None = None
     peak_host_bytes: int = 0
     host_budget_bytes: int | None = None
+
+    def record_round(self, sizes: list[int]) -> None:
+        """A round of groups with these sequence counts is about to run."""
+        self.rounds += 1
+        self.group_sizes.append(list(sizes))
+        self.groups = max(self.groups, len(sizes))
+        self.batch_size = max(self.batch_size, *sizes)
 
     @property
     def total_s(self) -> float:

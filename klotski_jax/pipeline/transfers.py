@@ -6,21 +6,30 @@ Keys name what moves: ("dense", layer) is a layer's attention/norm/router/shared
 device ledger's FIFO at once, so loads get memory in the order the schedule issued them; an I/O
 thread then reads the weights (host cache or disk), `jax.device_put`s them and waits until they
 are on the device. `get` blocks the compute thread until a load is done and books the wait as a
-bubble. `release` waits until the last computation that read the weights has finished (its
-fence), then frees their reservation and staging buffer: a staging buffer that a device array
-may alias is never refilled while a computation reads it.
+bubble. `release` frees the weights' reservation and staging buffer once the last computation
+that read them has finished (its fence): a staging buffer that a device array may alias is never
+refilled while a computation reads it, and the ledger never shows memory free that XLA still
+holds. The compute thread does not wait for the fence: a releaser thread does, so jitted steps
+stay asynchronously dispatched (XLA's async dispatch keeps working on GPU/TPU, and on CPU the
+compute thread runs ahead of the computations instead of waiting after each one).
+
+Each load reserves its bytes under its own ledger key (the weight's key and a load number), so a
+key can be loaded again (the next step's use of an expert) while the release of its previous
+load still waits for its fence.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import threading
 import time
 from collections.abc import Hashable
 from typing import Any
 
 import jax
+import numpy as np
 
 from klotski_jax.pipeline.host import HostTier, StagingBuffer
 from klotski_jax.pipeline.ledger import MemoryLedger
@@ -35,6 +44,7 @@ class OnDevice:
     arrays: Any
     nbytes: int
     staging: StagingBuffer | None = None
+    ledger_key: Hashable = None  # (key, load number): this load's reservation
 
 
 class Transfers:
@@ -53,6 +63,10 @@ class Transfers:
         # device budget: a KV load must never queue behind (or wait for the memory of) expert
         # prefetches that compute can only consume after the attention that needs the KV.
         self._kv_pool = concurrent.futures.ThreadPoolExecutor(1, "klotski-kv")
+        # Waits for fences and frees what they guarded, in release order, off the compute thread.
+        self._releaser = concurrent.futures.ThreadPoolExecutor(1, "klotski-release")
+        self._releases: list[concurrent.futures.Future[None]] = []
+        self._serial = itertools.count()
         self.kv_ledger: MemoryLedger | None = None
         self._loads: dict[Hashable, concurrent.futures.Future[OnDevice]] = {}
         self._pinned: set[Hashable] = set()
@@ -60,6 +74,10 @@ class Transfers:
         self.kv_caches: dict[int, Any] = {}
         self._lock = threading.Lock()
         self._ctx = threading.local()  # the (step, layer) the compute thread is in, for traces
+
+    def put(self, tree: Any) -> Any:
+        """Host arrays to the device, as a load puts them (the compiled steps' input layout)."""
+        return jax.block_until_ready(jax.device_put(tree, self._to_device))
 
     # ---- sizes --------------------------------------------------------------------------------
     def nbytes(self, key: Hashable) -> int:
@@ -87,10 +105,40 @@ class Transfers:
             fut = self._loads.get(key)
             if fut is None:
                 ledger, pool = self._lanes(key)
-                place = ledger.enqueue(key, self.nbytes(key))
-                fut = pool.submit(self._load, key, place, trace_args)
+                lkey, nbytes = (key, next(self._serial)), self.nbytes(key)
+                fut = self._put_cached(key, lkey, nbytes, trace_args)
+                if fut is None:
+                    fut = pool.submit(self._load, key, ledger.enqueue(lkey, nbytes), trace_args)
                 self._loads[key] = fut
             return fut
+
+    def _put_cached(self, key: Hashable, lkey: Hashable, nbytes: int,
+                    trace_args: dict[str, Any]) -> concurrent.futures.Future[OnDevice] | None:
+        """A host-cached expert whose memory is free now, with no load queued before it, is put
+        on the device right here: `jax.device_put` only starts the copy (an alias of the host
+        buffer on CPU, an asynchronous DMA from pinned memory on GPU/TPU), so handing it to an
+        I/O thread would only add a thread hop, which on a small CPU box costs the compute
+        thread more than the copy. Traced on the lane "io-host". None: load it the usual way."""
+        if key[0] != "expert":
+            return None
+        parts = self.host.cached(key[1], key[2])
+        if parts is None or (self.device.platform != "cpu" and any(
+                isinstance(a, np.ndarray) for a in parts.values())):
+            return None  # a GPU/TPU copy from pageable NumPy memory blocks: a thread's job
+        if not self.ledger.try_reserve(lkey, nbytes):
+            return None
+        start = time.perf_counter()
+        arrays = jax.device_put(parts, self._to_device)
+        end = time.perf_counter()
+        self.stats.bytes_to_device += nbytes
+        self.stats.expert_loads += 1
+        self.stats.bytes_read_host += nbytes
+        self.tracer.add("io-host", "load expert", start, end, key=str(key), bytes=nbytes,
+                        disk_bytes=0, host_cache_hit=True, waited_for_memory_ms=0.0,
+                        **trace_args)
+        fut: concurrent.futures.Future[OnDevice] = concurrent.futures.Future()
+        fut.set_result(OnDevice(key, arrays, nbytes, None, ledger_key=lkey))
+        return fut
 
     def get(self, key: Hashable, **trace_args: Any) -> OnDevice:
         """The loaded weights of key, issuing the load if needed; waiting counts as a bubble."""
@@ -110,18 +158,42 @@ class Transfers:
         return self.request(key, resident=True).result()
 
     def release(self, key: Hashable, fence: Any = None) -> None:
-        """Drop key from the device once `fence` (the last output that read it) is computed."""
+        """Drop key from the device once `fence` (an output of the last computation that read
+        it) is computed. Returns at once: the releaser thread waits for the fence."""
         if key in self._pinned:
             return
         with self._lock:
             fut = self._loads.pop(key)
         loaded = fut.result()
-        if fence is not None:
-            jax.block_until_ready(fence)
+        if fence is None or _ready(fence):
+            self._free(loaded)
+            return
+        self._reap()
+        self._releases.append(self._releaser.submit(self._free_after, loaded, fence))
+
+    def _free_after(self, loaded: OnDevice, fence: Any) -> None:
+        jax.block_until_ready(fence)
+        self._free(loaded)
+
+    def _free(self, loaded: OnDevice) -> None:
         if loaded.staging is not None:
             self.host.give_staging(loaded.staging)
         loaded.arrays = None
-        self._lanes(key)[0].release(key)
+        self._lanes(loaded.key)[0].release(loaded.ledger_key)
+
+    def _reap(self) -> None:
+        """Drop finished releases; re-raise a failed one on the compute thread."""
+        done = [f for f in self._releases if f.done()]
+        if done:
+            self._releases = [f for f in self._releases if not f.done()]
+            for f in done:
+                f.result()
+
+    def settle(self) -> None:
+        """Wait until every deferred release is done (the ledgers then show what is held)."""
+        for f in self._releases:
+            f.result()
+        self._releases = []
 
     def discard(self, key: Hashable) -> None:
         """Release key without waiting for it: freed by the I/O thread once its load is done."""
@@ -132,11 +204,7 @@ class Transfers:
 
         def free(done: concurrent.futures.Future[OnDevice]) -> None:
             if done.exception() is None:
-                loaded = done.result()
-                if loaded.staging is not None:
-                    self.host.give_staging(loaded.staging)
-                loaded.arrays = None
-                self._lanes(key)[0].release(key)
+                self._free(done.result())
 
         fut.add_done_callback(free)
 
@@ -149,6 +217,7 @@ class Transfers:
         self._pinned.clear()
         for fut in self._loads.values():
             fut.cancel()
+        self._releaser.shutdown(wait=True)  # fences of finished or failed steps: all computed
         self.ledger.abort()
         if self.kv_ledger is not None:
             self.kv_ledger.abort()
@@ -188,4 +257,9 @@ class Transfers:
         self.tracer.add(lane, f"load {key[0]}", start, end, key=str(key), bytes=nbytes,
                         disk_bytes=disk, host_cache_hit=hit,
                         waited_for_memory_ms=(got_memory - start) * 1e3, **trace_args)
-        return OnDevice(key, arrays, nbytes, staging)
+        return OnDevice(key, arrays, nbytes, staging, ledger_key=place[1])
+
+
+def _ready(fence: Any) -> bool:
+    """Whether every array of `fence` is computed (a pytree of jax arrays)."""
+    return all(x.is_ready() for x in jax.tree_util.tree_leaves(fence) if hasattr(x, "is_ready"))
