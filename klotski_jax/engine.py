@@ -36,6 +36,7 @@ from klotski_jax.pipeline.prefetcher import CorrelationPrefetcher, CorrelationTa
 from klotski_jax.pipeline.prior import is_prior
 from klotski_jax.pipeline.scheduler import GroupState, Scheduler, live_device_bytes
 from klotski_jax.pipeline.trace import RunStats, Tracer
+from klotski_jax.pipeline.transfers import cache_memory
 
 log = logging.getLogger(__name__)
 
@@ -280,12 +281,13 @@ class Engine:
         new_tokens: list[list[int]] = []
         placement = None
         eos = set(self.config.eos_token_ids)
+        host = _HostState(self)  # one host cache for every round: the disk is read once
         for start in range(0, len(ids), per_round):
             chunk = ids[start: start + per_round]
             out, placement = self._run_round(chunk, batch, max_new_tokens,
                                              Sampling(temperature, top_p, repetition_penalty,
                                                       rng, eos if stop_at_eos else set()),
-                                             tracer, stats, progress)
+                                             tracer, stats, progress, host)
             new_tokens.extend(out)
         if stop_at_eos and eos:
             new_tokens = [_cut_at(t, eos) for t in new_tokens]
@@ -303,14 +305,15 @@ class Engine:
         groups, batch = self.layout(len(ids))
         parts = [(ids[g * batch:(g + 1) * batch], mask[g * batch:(g + 1) * batch])
                  for g in range(groups) if g * batch < len(ids)]
-        with self._session(len(parts), batch, ids.shape[1], 1, Tracer(False), RunStats()) as s:
+        with self._session(len(parts), batch, ids.shape[1], 1, Tracer(False), RunStats(),
+                           _HostState(self)) as s:
             states = [s.group(i, m) for i, m in parts]
             logits = s.step("prefill", states, all_positions=True, prefetch_next=False)
         return np.concatenate([np.asarray(x) for x in logits])
 
     def _run_round(self, chunk: list[list[int]], batch: int, max_new: int, how: Sampling,
-                   tracer: Tracer, stats: RunStats, progress: Callable[[int], None] | None
-                   ) -> tuple[list[list[int]], Placement]:
+                   tracer: Tracer, stats: RunStats, progress: Callable[[int], None] | None,
+                   host: _HostState) -> tuple[list[list[int]], Placement]:
         """Generate for one round: prompts left-padded to their bucket, groups of `batch`.
         A group whose sequences have all produced EOS (when stopping at EOS) leaves the round:
         later steps neither compute nor load anything for it; the round ends when none is left."""
@@ -326,7 +329,7 @@ class Engine:
         out: list[list[int]] = [[] for _ in chunk]
         done = np.zeros(len(chunk), bool)
         stats.record_round([len(r) for r in rows])
-        with self._session(n_groups, batch, s_len, max_new, tracer, stats) as s:
+        with self._session(n_groups, batch, s_len, max_new, tracer, stats, host) as s:
             states = [s.group(ids[r.start:r.stop], mask[r.start:r.stop]) for r in rows]
             stats.prompt_tokens += int(mask.sum())
             s.warm_up(states, decode=max_new > 1)
@@ -364,15 +367,35 @@ class Engine:
         return out, placement
 
     def _session(self, groups: int, batch: int, prompt_len: int, max_new: int, tracer: Tracer,
-                 stats: RunStats) -> _Session:
-        return _Session(self, groups, batch, prompt_len, max_new, tracer, stats)
+                 stats: RunStats, host: _HostState) -> _Session:
+        return _Session(self, groups, batch, prompt_len, max_new, tracer, stats, host)
+
+
+class _HostState:
+    """The host tier of one `generate` call: its ledger and its expert cache, shared by the
+    call's rounds, so experts read in the first round are served from RAM in the next ones
+    (and the page cache is evicted once, before the first read). Made by the first round, with
+    its placement's host cache set (later rounds have as many groups or fewer: as much room)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.ledger = MemoryLedger("host", engine.run_policy().host_budget)
+        self.tier: HostTier | None = None
+
+    def get(self, pol: Policy, pl: Placement) -> HostTier:
+        if self.tier is None:
+            self.tier = HostTier(self.engine.reader, self.ledger, pl.host_experts, pol.io_mode,
+                                 host_memory=cache_memory(jax.devices()[0], use_pinned_host(pol)))
+            if pol.evict_page_cache:
+                self.tier.evict_page_cache()
+        return self.tier
 
 
 class _Session:
-    """Ledgers, tiers, transfers and scheduler of one round; frees everything on exit."""
+    """Device ledger, transfers and scheduler of one round; frees them on exit."""
 
     def __init__(self, engine: Engine, groups: int, batch: int, prompt_len: int, max_new: int,
-                 tracer: Tracer, stats: RunStats) -> None:
+                 tracer: Tracer, stats: RunStats, host: _HostState) -> None:
         self.engine = engine
         self.cfg = cfg = engine.config
         self.policy = pol = engine.run_policy()
@@ -381,6 +404,7 @@ class _Session:
                                                   self.cache_len - prompt_len))
         self.tracer, self.stats = tracer, stats
         self.batch, self.groups = batch, groups
+        self.host_state = host
 
     def __enter__(self) -> _Session:
         from klotski_jax.pipeline.transfers import Transfers
@@ -388,18 +412,13 @@ class _Session:
         cfg, pol, pl = self.cfg, self.policy, self.placement
         baseline = live_device_bytes() if pol.verify_memory else None
         self.device = MemoryLedger("device", pol.device_budget)
-        self.host = MemoryLedger("host", pol.host_budget)
+        self.host = self.host_state.ledger
+        host = self.host_state.get(pol, pl)
         # KV caches: on the device for the whole run, or in host RAM (loaded per layer, in the
         # device ledger as ("kv", layer, group) transfers) when the budget cannot hold them.
         (self.device if pl.kv_on_device else self.host).reserve("kv caches", pl.kv_bytes)
         self.device.reserve("activations", pl.activation_bytes)
         self.device.reserve("globals", device_global_bytes(cfg))
-        host = HostTier(self.engine.reader, self.host, pl.host_experts, pol.io_mode)
-        if pol.evict_page_cache:
-            host.evict_page_cache()
-        if use_pinned_host(pol):
-            pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
-            host.to_host_memory = lambda parts: jax.block_until_ready(jax.device_put(parts, pinned))
         on_device = ("final_norm", "embed" if cfg.tie_word_embeddings else "lm_head")
         globals_dev = jax.device_put({k: host.globals[k] for k in on_device})
         embed_host = None if cfg.tie_word_embeddings else host.globals["embed"]
@@ -435,6 +454,8 @@ class _Session:
 
     def __exit__(self, *exc: Any) -> None:
         self.transfers.close()
+        if not self.placement.kv_on_device:
+            self.host.release("kv caches")
         self.stats.peak_device_bytes = max(self.stats.peak_device_bytes, self.device.peak)
         self.stats.peak_host_bytes = max(self.stats.peak_host_bytes, self.host.peak)
         self.stats.device_budget_bytes = self.policy.device_budget

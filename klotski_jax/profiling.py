@@ -24,9 +24,11 @@ def engine_probe(ckpt_dir: str | os.PathLike[str], repeats: int = 3) -> Probe:
     from klotski_jax.pipeline.policy import Policy
 
     def probe(groups: int, batch: int, device_budget: int | None, prompt_len: int,
-              new_tokens: int) -> tuple[float, float]:
+              new_tokens: int, prefetch_threshold: float = 0.5) -> tuple[float, float]:
+        # Every choice fixed: the planner has nothing to do while it is measured.
         engine = Engine(ckpt_dir, Policy(groups=groups, batch_size=batch,
-                                         device_budget=device_budget))
+                                         device_budget=device_budget,
+                                         prefetch_threshold=prefetch_threshold))
         cfg = engine.config
         rng = np.random.default_rng(0)
         special = {cfg.bos_token_id, cfg.pad_token_id, *cfg.eos_token_ids} - {None}
@@ -47,4 +49,4 @@ def profile_checkpoint(ckpt_dir: str | os.PathLike[str], *, refresh: bool = Fals
     (profile, cache file, whether it was measured now)."""
     options = options or ProfileOptions()
     return get_profile(ckpt_dir, refresh=refresh, options=options,
-                       probe=engine_probe(ckpt_dir, repeats=min(3, options.repeats)))
+                       probe=engine_probe(ckpt_dir, repeats=options.repeats))

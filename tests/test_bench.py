@@ -83,8 +83,19 @@ def test_run_metrics_arithmetic() -> None:
 def bound_inputs(**kw: object) -> bench.BoundInputs:
     base = dict(steps=4, dense_bytes=100, expert_bytes=1000, activated_fraction=0.5,
                 device_room=None, host_room=None, cold_disk=False, direct_io=False,
-                disk_cold_bps=100.0, disk_warm_bps=1000.0, h2d_bps=50.0, compute_s=1.0)
+                disk_cold_bps=100.0, disk_warm_bps=1000.0, h2d_bps=50.0, compute_prefill_s=0.25,
+                compute_decode_s=0.75)
     return bench.BoundInputs(**{**base, **kw})
+
+
+def test_lower_bound_phases_do_not_overlap() -> None:
+    """A disk-bound prefill and a compute-bound decode add up: the decode's compute cannot hide
+    the first reads its prefill waited for."""
+    b = bench.lower_bound(bound_inputs(device_room=0, host_room=None, cold_disk=True,
+                                       h2d_bps=1e9, compute_prefill_s=1.0, compute_decode_s=3.0))
+    assert b["lower_bound_prefill_s"] == pytest.approx(500 / 100)  # the first read of 500 bytes
+    assert b["lower_bound_decode_s"] == pytest.approx(3.0)
+    assert b["lower_bound_s"] == pytest.approx(8.0)  # not max(5, 4)
 
 
 def test_lower_bound_unlimited_is_compute() -> None:
@@ -97,6 +108,7 @@ def test_lower_bound_device_and_disk_terms() -> None:
     # Activated per step: 100 dense + 500 experts; 200 stay on the device -> 400 move per step.
     # Experts beyond device and host room (500 - 200 - 100 = 200) are read again at every step
     # after the first; the first read of the 300 not on the device is cold with --cold-disk.
+    # Prefill: max(disk 3 s, device 8 s); decode: 3 steps of max(disk 0.2 s, device 8 s).
     b = bench.lower_bound(bound_inputs(device_room=200, host_room=100, cold_disk=True))
     assert b["min_bytes_to_device"] == 4 * 400
     assert b["lower_bound_h2d_s"] == pytest.approx(1600 / 50)
@@ -104,6 +116,7 @@ def test_lower_bound_device_and_disk_terms() -> None:
     assert b["lower_bound_disk_s"] == pytest.approx(300 / 100 + 600 / 1000)
     assert b["lower_bound_io_s"] == pytest.approx(32.0)
     assert b["lower_bound_s"] == pytest.approx(32.0)  # I/O-bound: above the compute time
+    assert (b["lower_bound_prefill_s"], b["lower_bound_decode_s"]) == pytest.approx((8.0, 24.0))
     warm = bench.lower_bound(bound_inputs(device_room=200, host_room=100))
     assert warm["lower_bound_disk_s"] == pytest.approx(900 / 1000)  # page cache throughout
     direct = bench.lower_bound(bound_inputs(device_room=200, host_room=100, direct_io=True))

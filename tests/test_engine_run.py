@@ -166,3 +166,16 @@ def test_the_compute_thread_waits_only_where_it_must(ckpt, monkeypatch):
     traced = calls["n"]
     assert plain <= NEW  # one per step (the step's end), none per piece
     assert traced > 10 * NEW
+
+
+def test_rounds_share_the_host_cache(ckpt):
+    """Three rounds read each expert from the checkpoint's files at most once: the host cache
+    lives for the whole generate call (the page cache is evicted once, before the first read)."""
+    cfg = klotski_jax.load(ckpt).config
+    pol = Policy(groups=1, batch_size=2, prefetch_threshold=0.5, evict_page_cache=True)
+    lo = place(cfg, pol, Workload(1, 2, 8, 24)).min_device_bytes
+    out = Engine(ckpt, pol.replace(device_budget=lo)).generate(
+        prompts(6, 8), max_new_tokens=NEW, stop_at_eos=False)
+    every_expert = len(cfg.moe_layer_ids) * cfg.num_experts * cfg.expert_bytes
+    assert out.stats.rounds == 3 and out.stats.expert_loads > cfg.num_experts
+    assert 0 < out.stats.bytes_read_disk <= every_expert

@@ -150,15 +150,19 @@ def test_bypassing_the_ledger_fails_loudly(cases, monkeypatch):
     policy = Policy(groups=2, verify_memory=True)
     policy = policy.replace(device_budget=case.min_budget(policy))
     leaked = []
-    release = transfers_mod.Transfers.release
+    release_all = transfers_mod.Transfers.release_all
+    cached: set[int] = set()
 
-    def leaky_release(self, key, fence=None):
-        fut = self._loads.get(key)
-        if fut is not None and fut.done():
-            leaked.append(fut.result().arrays)  # keeps the device arrays alive
-        release(self, key, fence)
+    def leaky_release(self, keys, fence=None):
+        cached.update(self.host.cached_array_ids())
+        for key in keys:
+            fut = self._loads.get(key)
+            if fut is not None and fut.done():
+                arrays = fut.result().arrays  # kept alive: the device arrays leak
+                leaked.extend(a for a in jax.tree_util.tree_leaves(arrays) if id(a) not in cached)
+        release_all(self, keys, fence)
 
-    monkeypatch.setattr(transfers_mod.Transfers, "release", leaky_release)
+    monkeypatch.setattr(transfers_mod.Transfers, "release_all", leaky_release)
     with pytest.raises(BudgetError, match="bypassed the ledger"):
         Engine(case.ckpt, policy).generate(case.prompts, max_new_tokens=NEW)
     assert leaked

@@ -69,7 +69,9 @@ class Profile:
     expert (get + release). dense_load: (bytes, s) of one layer's dense weights to the device.
     overhead_layer_s / overhead_expert_s: what whole engine steps cost beyond the pieces (the
     scheduler's bookkeeping per layer and per expert computed, cold caches), fitted to timed
-    steps of the real engine; io_interference: the share of I/O-thread time the compute lane
+    steps of the real engine; expert_prefetch_s: what a prefetched expert costs the compute
+    thread beyond expert_release_s (its load queues for memory on an I/O thread: hand-offs
+    between threads), fitted the same way; io_interference: the share of I/O-thread time the compute lane
     loses to it (CPU contention: near 1 on a small CPU box, near 0 on an accelerator).
     bandwidth: bytes/s of the raw edges (disk_to_host, host_to_device, host_copy), for reports.
     """
@@ -91,6 +93,7 @@ class Profile:
     dense_mlp: Samples = ()
     overhead_layer_s: float = 0.0
     overhead_expert_s: float = 0.0
+    expert_prefetch_s: float = 0.0
     io_interference: float = 0.0
     bandwidth: dict[str, float] = dataclasses.field(default_factory=dict)
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)

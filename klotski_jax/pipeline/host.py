@@ -81,7 +81,8 @@ class HostTier:
     """Dense weights (always in host RAM) and experts (host cache or disk) of one checkpoint."""
 
     def __init__(self, reader: CheckpointReader, ledger: MemoryLedger,
-                 host_experts: frozenset[tuple[int, int]] | None, io_mode: str = "buffered"):
+                 host_experts: frozenset[tuple[int, int]] | None, io_mode: str = "buffered",
+                 host_memory: Callable[[dict[str, np.ndarray]], Any] | None = None):
         if io_mode not in IO_MODES:
             raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}")
         self.reader = reader
@@ -99,9 +100,18 @@ class HostTier:
         self._cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
         self._free_staging: list[StagingBuffer] = []
-        # Where cached experts live: numpy by default; the engine swaps in a move to the
-        # accelerator's pinned host memory, from which device transfers are DMA-fast.
-        self.to_host_memory: Callable[[dict[str, np.ndarray]], Any] = lambda parts: parts
+        # What a cached expert becomes: numpy by default; the engine passes a move to the
+        # accelerator's pinned host memory (device transfers are DMA-fast from there) or, on a
+        # CPU backend, device arrays aliasing the cache's own buffers (no copy at any load).
+        self.to_host_memory: Callable[[dict[str, np.ndarray]], Any] = (
+            host_memory or (lambda parts: parts))
+
+    def cached_array_ids(self) -> set[int]:
+        """ids of the jax arrays the cache holds: host memory, whatever their memory kind says
+        (on a CPU backend they alias the cache's buffers as "device" arrays)."""
+        with self._lock:
+            return {id(a) for parts in self._cache.values() for a in parts.values()
+                    if not isinstance(a, np.ndarray)}
 
     def dense_layer_bytes(self, layer: int) -> int:
         return sum(a.nbytes for a in _leaves(self.layers[layer]))

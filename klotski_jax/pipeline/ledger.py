@@ -50,6 +50,11 @@ class MemoryLedger:
     def free(self) -> int | None:
         return None if self.capacity is None else self.capacity - self._used
 
+    @property
+    def waiting(self) -> bool:
+        """Whether a reservation is queued (issued, not yet granted its memory)."""
+        return bool(self._queue)
+
     def holds(self, key: Hashable) -> bool:
         return key in self._held
 

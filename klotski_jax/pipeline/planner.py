@@ -240,9 +240,13 @@ class Planner:
             return None
         full, rest = (1, 0) if req.num_prompts is None else divmod(req.num_prompts, n * b)
         try:
-            steps = [self._steps(req, pl, n, b, k)] * full
+            # The host cache lives for the whole call: only the first round reads every expert
+            # from the files, later ones find the cached ones in RAM.
+            later = self._steps(req, pl, n, b, k, first_round=False) if full > 1 else None
+            steps = [self._steps(req, pl, n, b, k)] + [later] * (full - 1) if full else []
             if rest:
-                steps.append(self._steps(req, pl, math.ceil(rest / b), b, k))
+                steps.append(self._steps(req, pl, math.ceil(rest / b), b, k,
+                                         first_round=not steps))
         except Stuck:  # the FIFO ledger would deadlock: loads queued behind unplaceable ones
             return None
         prefill = sum(s[0][0] for s in steps)
@@ -261,15 +265,16 @@ class Planner:
                 "prefill": expected_distinct(n * b * req.prompt_len, self.routing[0]),
                 "decode": expected_distinct(n * b, self.routing[0])})
 
-    def _steps(self, req: PlanRequest, pl: Placement, n: int, b: int, k: PrefetchRule
-               ) -> list[tuple[float, float]]:
-        """(seconds, bubbles) of the prefill and of two decode steps (the second is steady)."""
+    def _steps(self, req: PlanRequest, pl: Placement, n: int, b: int, k: PrefetchRule,
+               first_round: bool = True) -> list[tuple[float, float]]:
+        """(seconds, bubbles) of the prefill and of two decode steps (the second is steady) of
+        a round; the first round's prefill reads every expert it uses from the files."""
         key = (n, b, k, pl, req.prompt_len, req.cache_len, req.device_budget, req.disk_tier,
-               req.reread_tier)  # everything of req the simulation reads
+               req.reread_tier, first_round)  # everything of req the simulation reads
         if key not in self._sims:
             sim = StepSimulator(self.cfg, self.costs, k, self.expert_slots(req, pl))
             s = req.cache_len
-            prefill = sim.run(self.layers(req, pl, first_read=True, batch=b),
+            prefill = sim.run(self.layers(req, pl, first_read=first_round, batch=b),
                               [StepShape(n, b, req.prompt_len, s)])
             decode = sim.run(self.layers(req, pl, first_read=False, batch=b),
                              [StepShape(n, b, 1, s)] * 2)

@@ -27,6 +27,7 @@ import pathlib
 import re
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,17 +45,20 @@ from klotski_jax.pipeline.costs import Profile, expected_distinct, fit_nonnegati
 from klotski_jax.pipeline.host import HostTier, StagingBuffer, _read_file, aligned_empty
 from klotski_jax.pipeline.hot import PreviousLayerPopularity
 from klotski_jax.pipeline.ledger import MemoryLedger
+from klotski_jax.pipeline.placement import dense_layer_bytes
 from klotski_jax.pipeline.planner import Planner, PlanRequest
 from klotski_jax.pipeline.prior import MachineRates
 from klotski_jax.pipeline.scheduler import Routing
+from klotski_jax.pipeline.simulate import PrefetchRule
 from klotski_jax.pipeline.trace import RunStats, Tracer
-from klotski_jax.pipeline.transfers import Transfers
+from klotski_jax.pipeline.transfers import Transfers, cache_memory
 
 log = logging.getLogger(__name__)
 
-# probe(groups, batch, device_budget, prompt_len, new_tokens) -> (prefill s, decode step s):
-# whole steps of the real engine, warm-up excluded (klotski_jax.profiling.engine_probe).
-Probe = Callable[[int, int, int | None, int, int], tuple[float, float]]
+# probe(groups, batch, device_budget, prompt_len, new_tokens[, prefetch_threshold]) ->
+# (prefill s, decode step s): whole steps of the real engine, warm-up excluded
+# (klotski_jax.profiling.engine_probe).
+Probe = Callable[..., tuple[float, float]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +130,12 @@ def get_profile(ckpt_dir: str | os.PathLike[str], *, refresh: bool = False,
     if cached is not None:
         return cached, path, False
     t0 = time.perf_counter()
+    # The engine steps are timed first, in a fresh process: after the pieces' measurement
+    # (disk reads, evicted page caches, many compiles) they ran up to 40% slower here.
+    steps = None if probe is None else probe_steps(probe, reader.config)
     profile = measure(reader, options or ProfileOptions())
-    if probe is not None:
-        profile = calibrate(profile, reader.config, probe)
+    if steps is not None:
+        profile = calibrate(profile, reader.config, steps)
         profile.meta["elapsed_s"] = round(time.perf_counter() - t0, 2)
     write_profile(profile, path)
     return profile, path, True
@@ -301,6 +308,7 @@ def measure(reader: CheckpointReader, opts: ProfileOptions) -> Profile:
     expert_w = _expert_weights(reader, moe)
     max_rows = min(opts.max_rows, 128) if opts.quick else opts.max_rows
     out["expert"] = [(r, _expert(cfg, expert_w, r, opts)) for r in steps.buckets_upto(max_rows)]
+    out["io_interference"] = _interference(reader, expert_w, opts)
     meta = {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "checkpoint": str(reader.path), "repeats": opts.repeats, "quick": opts.quick,
             "elapsed_s": round(time.perf_counter() - t0, 2), "jax": jax.__version__,
@@ -366,9 +374,16 @@ def _router(cfg: ModelConfig, w: Any, m: int, opts: ProfileOptions) -> float:
     return _median(run, opts)
 
 
-def _random_routing(cfg: ModelConfig, n: int, groups: int = 2, seed: int = 0) -> Routing:
+def _random_routing(cfg: ModelConfig, n: int, groups: int = 2, seed: int = 0,
+                    expert0_rows: int | None = None) -> Routing:
+    """Random top-k routing of n tokens in `groups` groups; with `expert0_rows`, exactly that
+    many tokens (the first ones) pick expert 0."""
     rng = np.random.default_rng(seed)
     experts = np.argsort(rng.random((n, cfg.num_experts)), axis=1)[:, : cfg.top_k]
+    if expert0_rows is not None:
+        others = np.argsort(rng.random((n, cfg.num_experts - 1)), axis=1) + 1
+        experts = others[:, : cfg.top_k].copy()
+        experts[:expert0_rows, 0] = 0
     weights = np.full((n, cfg.top_k), 1.0 / cfg.top_k, np.float32)
     cut = np.array_split(np.arange(n), min(groups, n))
     return Routing([experts[c].astype(np.int32) for c in cut], [weights[c] for c in cut])
@@ -401,25 +416,22 @@ def _expert_weights(reader: CheckpointReader, layer: int) -> dict[str, jax.Array
 def _expert(cfg: ModelConfig, w: dict[str, jax.Array], rows: int, opts: ProfileOptions
             ) -> float:
     """One expert over a full bucket of `rows` tokens, as Scheduler._expert runs it: gather its
-    rows from the routing, pad, convert, run, wait."""
+    rows from the routing, pad, run. The scheduler dispatches a layer's experts back to back
+    and does not wait for each, so a burst of them is timed: the cost per expert."""
     n = max(rows, rows * cfg.num_experts // cfg.top_k)
-    routing = _random_routing(cfg, n)
-    flat = routing.all_experts  # expert 0 gets exactly `rows` tokens
-    flat[:] = np.maximum(flat, 1)
-    flat[:rows, 0] = 0
+    routing = _random_routing(cfg, n, expert0_rows=rows)
     x = jnp.zeros((n, cfg.hidden_size), cfg.dtype)
     acc = [jnp.zeros((n, cfg.hidden_size), jnp.float32)]
-    offsets = routing.offsets
+    burst = 4
 
     def run() -> None:
-        r, wts = routing.rows(0)
-        pr, pw = steps.pad_rows(r, wts)
-        np.diff(np.searchsorted(r, offsets)).tolist()
-        acc[0], _ = steps.expert_apply(acc[0], x, pr, pw,
-                                       w["gate"], w["up"], w["down"])
+        for _ in range(burst):
+            r, wts = routing.rows(0)
+            pr, pw = steps.pad_rows(r, wts)
+            acc[0], _ = steps.expert_apply(acc[0], x, pr, pw, w["gate"], w["up"], w["down"])
         jax.block_until_ready(acc[0])
 
-    return _median(run, opts)
+    return _median(run, opts) / burst
 
 
 def _combine(cfg: ModelConfig, w: Any, m: int, opts: ProfileOptions) -> float:
@@ -463,15 +475,6 @@ def _sample_experts(cfg: ModelConfig, count: int) -> list[tuple[int, int]]:
     return all_[::step][:count]
 
 
-def _pinned_host(tier: HostTier) -> None:
-    """Keep the host cache where the engine keeps it: pinned host memory on GPU/TPU."""
-    device = jax.devices()[0]
-    if device.platform != "cpu" and "pinned_host" in {m.kind for m in
-                                                      device.addressable_memories()}:
-        pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-        tier.to_host_memory = lambda parts: jax.block_until_ready(jax.device_put(parts, pinned))
-
-
 def _load_times(transfers: Transfers, keys: list[Any]) -> tuple[list[float], list[float]]:
     """(I/O time from request to done, compute-side get + release time) of each key, serially."""
     io, side = [], []
@@ -491,8 +494,11 @@ def _transfers(reader: CheckpointReader, opts: ProfileOptions
     """Expert loads from disk (page cache evicted), page cache and host cache, dense layers."""
     cfg = reader.config
     keys = [("expert", i, e) for i, e in _sample_experts(cfg, opts.transfer_samples)]
-    cached = HostTier(reader, MemoryLedger("host", None), None)  # caches every expert
-    _pinned_host(cached)
+    device = jax.devices()[0]  # the cache lives where the engine keeps it (pinned on GPU/TPU)
+    pinned = device.platform != "cpu" and "pinned_host" in {
+        m.kind for m in device.addressable_memories()}
+    cached = HostTier(reader, MemoryLedger("host", None), None,  # caches every expert
+                      host_memory=cache_memory(device, pinned))
     uncached = HostTier(reader, MemoryLedger("host", None), frozenset())  # reads every time
     out: dict[str, Any] = {}
     for name, tier in (("cold", cached), ("host", cached), ("warm", uncached)):
@@ -541,45 +547,153 @@ def _bandwidth(reader: CheckpointReader, tier: HostTier, keys: list[Any],
     return {"disk_to_host_Bps": disk, "host_to_device_Bps": h2d, "host_copy_Bps": copy}
 
 
+def _interference(reader: CheckpointReader, w: dict[str, jax.Array], opts: ProfileOptions,
+                  io_threads: int = 2, window_s: float = 0.4) -> float:
+    """The share of I/O-thread time the compute thread loses to it: a burst of expert
+    computations timed alone, then while `io_threads` threads read expert chunk files from the
+    disk (page cache evicted) into staging buffers as the host tier does. (A slowdown per second
+    of reading: near 1 when both compete for the same few cores, near 0 on an accelerator.)"""
+    cfg = reader.config
+    rows = 256
+    n = rows * cfg.num_experts // cfg.top_k
+    routing = _random_routing(cfg, n, expert0_rows=rows)
+    x = jnp.zeros((n, cfg.hidden_size), cfg.dtype)
+    acc = [jnp.zeros((n, cfg.hidden_size), jnp.float32)]
+    r, wts = routing.rows(0)
+    pr, pw = steps.pad_rows(r, wts)
+
+    def compute(reps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            acc[0], _ = steps.expert_apply(acc[0], x, pr, pw, w["gate"], w["up"], w["down"])
+        jax.block_until_ready(acc[0])
+        return time.perf_counter() - t0
+
+    compute(2)
+    one = min(compute(2) for _ in range(3)) / 2
+    reps = max(4, int(window_s / max(one, 1e-6)))
+    alone = min(compute(reps) for _ in range(2))
+    tier = HostTier(reader, MemoryLedger("host", None), frozenset())  # reads every time
+    tier.evict_page_cache()
+    experts = [(i, e) for e in range(cfg.num_experts) for i in cfg.moe_layer_ids]
+    stop = threading.Event()
+    busy = [0.0] * io_threads
+
+    def read(k: int) -> None:
+        for j in range(k, len(experts), io_threads):
+            if stop.is_set():
+                return
+            t0 = time.perf_counter()
+            _, staging, _, _ = tier.read_expert(*experts[j], tier.take_staging)
+            tier.give_staging(staging)
+            busy[k] += time.perf_counter() - t0
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(io_threads)]
+    for t in threads:
+        t.start()
+    time.sleep(0.01)
+    before = list(busy)
+    together = compute(reps)
+    io = sum(busy) - sum(before)
+    stop.set()
+    for t in threads:
+        t.join()
+    if io <= 0 or not all(t.is_alive() is False for t in threads):
+        return 0.0
+    return float(min(1.0, max(0.0, (together - alone) / io)))
+
+
 # ---- whole-step calibration ---------------------------------------------------------------------
-def calibrate(profile: Profile, cfg: ModelConfig, probe: Probe) -> Profile:
+CALIBRATION_SHAPES = ((1, 1, 16), (2, 4, 16), (1, 8, 64))  # (groups, batch, prompt tokens)
+
+
+CALIBRATION_NEW = 4  # new tokens of each calibration run
+
+Steps = dict[tuple[Any, ...], tuple[float, float]]
+
+
+STREAMED_SHAPE = (2, 4, 16)  # the streamed calibration run: every expert from the host cache
+
+
+def streamed_budget(cfg: ModelConfig) -> int:
+    """A device budget at which, for STREAMED_SHAPE, the dense weights stay resident and every
+    expert streams (from the host cache) through E + top-k slots: what a streamed expert costs
+    the compute thread beyond its computation, without slot starvation."""
+    n, b, p = STREAMED_SHAPE
+    req = PlanRequest(prompt_len=p, gen_len=CALIBRATION_NEW)
+    pl = Planner(cfg, _flat_profile(cfg)).placement(req, n, b, cfg.top_k)
+    slots = cfg.num_experts + cfg.top_k
+    return pl.fixed_device_bytes + sum(dense_layer_bytes(cfg)) + slots * cfg.expert_bytes
+
+
+def probe_steps(probe: Probe, cfg: ModelConfig) -> Steps:
+    """(prefill s, decode step s) of the engine at each CALIBRATION_SHAPE, all resident, and at
+    STREAMED_SHAPE with every expert streamed: loaded when routed (key (n, b, p, "cold")) and
+    prefetched (key (n, b, p, "prefetched"), the whole next layer)."""
+    out: dict[Any, tuple[float, float]] = {
+        (n, b, p): probe(n, b, None, p, CALIBRATION_NEW) for n, b, p in CALIBRATION_SHAPES}
+    n, b, p = STREAMED_SHAPE
+    for name, threshold in (("cold", 1.0), ("prefetched", 0.0)):
+        out[(n, b, p, name)] = probe(n, b, streamed_budget(cfg), p, CALIBRATION_NEW, threshold)
+    return out
+
+
+def _flat_profile(cfg: ModelConfig) -> Profile:
+    """A stand-in profile for placement arithmetic (placement reads no costs)."""
+    one = ((1.0, 1.0),)
+    return Profile(device={}, model_key=model_key(cfg), attention_prefill=((1, 1, 1, 1.0),),
+                   attention_decode=((1, 1, 1, 1.0),), router=one, routing=one, expert=((2, 1.0),),
+                   combine=one, head=one, expert_host_s=0.0, expert_disk_cold_s=0.0,
+                   expert_disk_warm_s=0.0, expert_release_s=0.0, dense_load=one)
+
+
+def calibrate(profile: Profile, cfg: ModelConfig, measured: Steps | Probe) -> Profile:
     """Fit the overheads the pieces miss to timed steps of the real engine.
 
     Per layer and per computed expert: least squares over the prefill and decode residuals
-    (measured - predicted) of two all-resident shapes. I/O interference: where a streaming run
-    (all experts streamed from the host cache) lands between the predictions with none (0) and
-    full (1) interference.
+    (measured - predicted) of a few all-resident shapes (`probe_steps`; a probe is run here).
+    The I/O interference is measured directly (`_interference`), not fitted.
     """
-    zero = dataclasses.replace(profile, overhead_layer_s=0.0, overhead_expert_s=0.0,
-                               io_interference=0.0)
-    k, prompt, new = cfg.top_k, 16, 4
+    if callable(measured):
+        measured = probe_steps(measured, cfg)
+    zero = dataclasses.replace(profile, overhead_layer_s=0.0, overhead_expert_s=0.0)
+    k, new = cfg.top_k, CALIBRATION_NEW
     uniform = [cfg.top_k / cfg.num_experts] * cfg.num_experts
     n_moe = len(cfg.moe_layer_ids)
-    rows, measured = [], {}
-    for n, b in ((1, 1), (2, 4)):
+    rows = []
+    for n, b, prompt in CALIBRATION_SHAPES:
         req = PlanRequest(prompt_len=prompt, gen_len=new, groups=n, batch_size=b, hot_experts=k,
                           disk_tier="page_cache", reread_tier="page_cache")
         pred = Planner(cfg, zero).evaluate(req, n, b, k)
-        prefill, decode = measured[(n, b)] = probe(n, b, None, prompt, new)
+        prefill, decode = measured[(n, b, prompt)]
         for tokens, got, want in ((n * b, decode, pred.predicted_decode_step_s),
                                   (n * b * prompt, prefill, pred.predicted_prefill_s)):
             rows.append((cfg.num_layers, n_moe * expected_distinct(tokens, uniform), got - want))
     layer_s, expert_s = fit_nonnegative(tuple(rows), lambda r: [r[0], r[1]])
     fitted = dataclasses.replace(zero, overhead_layer_s=float(layer_s),
                                  overhead_expert_s=float(expert_s))
-    n, b = 2, 4
-    lo = Planner(cfg, fitted).placement(PlanRequest(prompt_len=prompt, gen_len=new), n, b, k)
-    # Near the minimum (every expert streams), with room for the hot set and one cold expert.
-    budget = None if lo is None else lo.min_device_bytes + (k + 1) * cfg.expert_bytes
-    req = PlanRequest(prompt_len=prompt, gen_len=new, groups=n, batch_size=b, hot_experts=k,
-                      device_budget=budget, disk_tier="page_cache", reread_tier="page_cache")
-    _, streamed = probe(n, b, budget, prompt, new)
-    at = {a: Planner(cfg, dataclasses.replace(fitted, io_interference=a)).evaluate(req, n, b, k)
-          for a in (0.0, 1.0)}
-    span = at[1.0].predicted_decode_step_s - at[0.0].predicted_decode_step_s
-    alpha = (streamed - at[0.0].predicted_decode_step_s) / span if span > 0 else 0.0
+    # What a streamed expert costs the compute thread (request, get, release hand-offs): where
+    # the streamed decode step lands between the predictions with none and with 1 s each; first
+    # loaded when routed, then prefetched (what prefetching adds on top).
+    n, b, prompt = STREAMED_SHAPE
+    req = PlanRequest(prompt_len=prompt, gen_len=new, groups=n, batch_size=b,
+                      device_budget=streamed_budget(cfg), disk_tier="page_cache",
+                      reread_tier="page_cache")
+    release, prefetch = profile.expert_release_s, 0.0
+
+    def solve(field: str, rule: PrefetchRule, measured_s: float, base: Profile) -> float:
+        at = {x: Planner(cfg, dataclasses.replace(base, **{field: x})).evaluate(
+            req, n, b, rule).predicted_decode_step_s for x in (0.0, 1.0)}
+        return (measured_s - at[0.0]) / (at[1.0] - at[0.0]) if at[1.0] > at[0.0] else 0.0
+
+    if (n, b, prompt, "cold") in measured:
+        release = max(release, solve("expert_release_s", PrefetchRule(threshold=1.0),
+                                     measured[(n, b, prompt, "cold")][1], fitted))
+        fitted = dataclasses.replace(fitted, expert_release_s=float(release))
+    if (n, b, prompt, "prefetched") in measured:
+        prefetch = max(0.0, solve("expert_prefetch_s", PrefetchRule(threshold=0.0),
+                                  measured[(n, b, prompt, "prefetched")][1], fitted))
     meta = {**profile.meta, "calibration": {
-        "shapes": {f"{n_}x{b_}": v for (n_, b_), v in measured.items()},
-        "streamed_decode_step_s": streamed, "streamed_device_budget": budget}}
-    return dataclasses.replace(fitted, io_interference=float(min(1.0, max(0.0, alpha))),
-                               meta=meta)
+        "shapes": {"x".join(map(str, key)): v for key, v in measured.items()},
+        "residuals_s": [r[2] for r in rows], "measured_release_s": profile.expert_release_s}}
+    return dataclasses.replace(fitted, expert_prefetch_s=float(prefetch), meta=meta)

@@ -8,7 +8,8 @@ transfer calls `request` / `get` / `release`.
 klotski (per layer): attention for groups 1..n while this layer's hot experts load; router for
 groups 1..n, each immediately issuing loads of its new cold experts (first-seen order); then the
 next layer's dense weights and hot experts are issued; experts run by expert over all groups' tokens,
-hot first, then cold in load order, each released as soon as it is done. The hot experts are
+hot first, then cold in load order, each released as soon as it is done when a load waits for
+memory (else together at the end of the layer, behind one fence). The hot experts are
 those the coming step will route to with probability >= the policy's threshold given the tokens
 in flight (hot.py), or the K predicted hottest with an explicit K.
 
@@ -80,18 +81,27 @@ class Routing:
         flat = np.concatenate(experts)  # [N, top_k]
         self.all_experts = flat
         self.all_weights = np.concatenate(weights)
-        self.counts = np.bincount(flat.reshape(-1), minlength=0)
+        picks = flat.reshape(-1)
+        self.counts = np.bincount(picks, minlength=0)
+        # Every (token, pick) sorted by expert once (stable: tokens ascending within an expert),
+        # so an expert's rows are one slice instead of a scan of all picks per expert.
+        order = np.argsort(picks, kind="stable")
+        self._rows = (order // flat.shape[1]).astype(np.int32)
+        self._weights = self.all_weights.reshape(-1)[order].astype(np.float32)
+        self._start = np.concatenate([[0], np.cumsum(self.counts)])
 
     def rows(self, e: int, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Token rows (into the concatenated tokens) routed to e, and their routing weights."""
-        hit = self.all_experts == e  # [N, top_k]
-        rows, slot = np.nonzero(hit)
+        """Token rows (into the concatenated tokens) routed to e, ascending, and their routing
+        weights."""
+        if e >= len(self.counts):
+            return np.zeros(0, np.int32), np.zeros(0, np.float32)
+        lo, hi = self._start[e], self._start[e + 1]
+        rows, wts = self._rows[lo:hi], self._weights[lo:hi]
         if group is not None:
-            lo = self.offsets[group]
-            hi = lo + len(self.experts[group])
-            keep = (rows >= lo) & (rows < hi)
-            rows, slot = rows[keep], slot[keep]
-        return rows.astype(np.int32), self.all_weights[rows, slot].astype(np.float32)
+            first = self.offsets[group]
+            a, b = np.searchsorted(rows, [first, first + len(self.experts[group])])
+            rows, wts = rows[a:b], wts[a:b]
+        return rows, wts
 
     def first_seen(self, group: int) -> list[int]:
         """Experts of one group in the order its tokens first pick them."""
@@ -124,6 +134,7 @@ class Scheduler:
         self.k = policy.hot_experts if policy.hot_experts is not None else cfg.top_k
         self._hot: dict[int, list[int]] = {}
         self._fence: Any = None  # an output of the latest expert computation (LRU evictions)
+        self._busy: Any = None  # the latest dispatched computation's output (Transfers.get)
         self._predicted: dict[int, list[int]] = {}  # the predictor's full hot set per layer
         self._lru: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
         self._step = ""
@@ -174,7 +185,7 @@ class Scheduler:
             self._request_whole_layer(i)  # flexgen: already issued while the last layer ran
         if schedule is Schedule.SEQUENTIAL:
             for key in self._layer_keys(i):
-                self.transfers.get(key, step=self._step, layer=i)
+                self.transfers.get(key, busy=self._busy, step=self._step, layer=i)
         w = self._dense(i)
         if prefetch and schedule is Schedule.FLEXGEN:
             self._request_whole_layer(nxt)
@@ -199,6 +210,7 @@ class Scheduler:
         piece = _Piece()
         start = time.perf_counter()
         yield piece
+        self._busy = piece.out
         if not self.tracer.enabled:
             return
         jax.block_until_ready(piece.out)
@@ -218,7 +230,8 @@ class Scheduler:
     def _dense(self, i: int) -> Any:
         if self._resident_dense:
             return self._resident_dense[i]
-        return self.transfers.get(("dense", i), step=self._step, layer=i).arrays
+        return self.transfers.get(("dense", i), busy=self._busy, step=self._step,
+                                  layer=i).arrays
 
     def _attention(self, i: int, g: GroupState, w: Any, h: jax.Array, group: int) -> jax.Array:
         kv, key = g.cache.kv[i], None
@@ -227,7 +240,8 @@ class Scheduler:
             self.transfers.request(key, step=self._step, layer=i, group=group)
             if group + 1 < len(self._groups):
                 self.transfers.request(("kv", i, self._groups[group + 1].index), layer=i)
-            kv = self.transfers.get(key, step=self._step, layer=i, group=group).arrays
+            kv = self.transfers.get(key, busy=self._busy, step=self._step, layer=i,
+                                    group=group).arrays
         with self._compute("attention", layer=i, group=group) as c:
             # NumPy arguments go straight to the jitted functions (their C++ fast path): a
             # jnp.asarray per argument costs a primitive dispatch each, which on a small model
@@ -269,7 +283,7 @@ class Scheduler:
         """acc += expert e's weighted output over its rows; self._fence becomes an output of
         this computation (acc itself is donated to the next one, so it cannot be a fence)."""
         key = ("expert", i, e)
-        w = self.transfers.get(key, step=self._step, layer=i, expert=e).arrays
+        w = self.transfers.get(key, busy=self._busy, step=self._step, layer=i, expert=e).arrays
         r, ww = steps.pad_rows(rows, wts)
         per = ({"tokens_per_group": np.diff(np.searchsorted(rows, self._offsets)).tolist()
                 + [int((rows >= self._offsets[-1]).sum())]} if self.tracer.enabled else {})
@@ -332,13 +346,11 @@ class Scheduler:
 
     def _release_layer(self, i: int, fence: Any) -> None:
         """Free layer i's streamed weights once `fence` (the layer's outputs) is computed."""
-        if not self._resident_dense:
-            self.transfers.release(("dense", i), fence=fence)
-        if self.policy.schedule is Schedule.LRU:
-            return
-        for e in range(self.cfg.num_experts):
-            if self.transfers.issued(("expert", i, e)):
-                self.transfers.release(("expert", i, e), fence=fence)
+        keys: list[Hashable] = [] if self._resident_dense else [("dense", i)]
+        if self.policy.schedule is not Schedule.LRU:
+            keys += [("expert", i, e) for e in range(self.cfg.num_experts)
+                     if self.transfers.issued(("expert", i, e))]
+        self.transfers.release_all(keys, fence=fence)
 
     # ---- MoE phases ---------------------------------------------------------------------------
     def _moe_klotski(self, i: int, w: Any, h: list[jax.Array], prefetch: bool
@@ -379,11 +391,17 @@ class Scheduler:
             order = sorted(routed)
         x_all = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
         acc = steps.zero_accumulator(x_all.shape)
+        done: list[Hashable] = []  # computed streamed experts not yet released
         for e in order:
             rows, wts = routing.rows(e)
             acc = self._expert(i, e, x_all, rows, wts, acc)
             if e not in resident:
-                self.transfers.release(("expert", i, e), fence=self._fence)
+                done.append(("expert", i, e))
+                if self.ledger.waiting:  # a load needs memory: free what is done right away
+                    self.transfers.release_all(done, fence=self._fence)
+                    done = []
+        # Nothing waits for memory: the rest goes at once, behind one fence.
+        self.transfers.release_all(done, fence=self._fence)
         return self._finish(i, w, h, xs, acc, routing)
 
     def _score_prediction(self, i: int, routing: Routing, hot: list[int]) -> None:
@@ -511,7 +529,7 @@ class Scheduler:
     def verify_memory(self, live_refs: Any = None) -> None:
         """Fail loudly if live device arrays exceed the budget (accounting bypassed)."""
         budget = self.policy.device_budget
-        live = live_device_bytes()
+        live = live_device_bytes(exclude=self.transfers.host.cached_array_ids())
         if self._live_baseline is None:
             raise BudgetError("verify_memory needs the live device bytes from before the run")
         used = live - self._live_baseline
@@ -521,10 +539,13 @@ class Scheduler:
                 f"bytes (ledger: {self.ledger.used} bytes reserved): something bypassed the ledger")
 
 
-def live_device_bytes() -> int:
-    """Bytes of all live jax arrays in device memory (not pinned/unpinned host memory)."""
+def live_device_bytes(exclude: set[int] = frozenset()) -> int:
+    """Bytes of all live jax arrays in device memory (not pinned/unpinned host memory), but
+    those whose id is in `exclude` (the host cache's arrays, host memory on a CPU backend)."""
     total = 0
     for a in jax.live_arrays():
+        if id(a) in exclude:
+            continue
         try:
             kind = a.sharding.memory_kind
         except Exception:  # noqa: BLE001  (deleted or exotic arrays)

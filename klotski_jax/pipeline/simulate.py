@@ -263,6 +263,7 @@ class StepSimulator:
                  cold: list[tuple[int, Load]]) -> None:
         c = self.costs
         release, extra = c.profile.expert_release_s, c.profile.overhead_expert_s
+        prefetched = release + c.profile.expert_prefetch_s
         for e, load_s in enumerate(layer.load_s):
             if load_s == 0:  # resident: no load, computed first
                 routed, compute = c.expert_expectation(tokens, layer.probs[e])
@@ -270,7 +271,7 @@ class StepSimulator:
         for e, load in [*hot.items(), *cold]:
             routed, compute = c.expert_expectation(tokens, layer.probs[e])
             tl.need(load)
-            tl.t += compute + extra * routed + release * (1.0 if e in hot else routed)
+            tl.t += compute + extra * routed + (prefetched if e in hot else release * routed)
             load.release = tl.t
 
 

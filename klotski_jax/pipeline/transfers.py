@@ -9,9 +9,12 @@ are on the device. `get` blocks the compute thread until a load is done and book
 bubble. `release` frees the weights' reservation and staging buffer once the last computation
 that read them has finished (its fence): a staging buffer that a device array may alias is never
 refilled while a computation reads it, and the ledger never shows memory free that XLA still
-holds. The compute thread does not wait for the fence: a releaser thread does, so jitted steps
-stay asynchronously dispatched (XLA's async dispatch keeps working on GPU/TPU, and on CPU the
-compute thread runs ahead of the computations instead of waiting after each one).
+holds. The compute thread does not wait for the fence when it releases: the release is kept
+pending, in order, and done by the compute thread itself as soon as its fence is computed (it
+looks at every request and get), or when it would otherwise block in `get`: before waiting for a
+load it completes the pending releases (that load may be waiting for their memory). So jitted
+steps stay asynchronously dispatched (XLA's async dispatch keeps working on GPU/TPU, and on CPU
+the compute thread runs ahead of the computations), with no thread hand-off per release.
 
 Each load reserves its bytes under its own ledger key (the weight's key and a load number), so a
 key can be loaded again (the next step's use of an expert) while the release of its previous
@@ -20,12 +23,13 @@ load still waits for its fence.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import itertools
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
@@ -63,9 +67,8 @@ class Transfers:
         # device budget: a KV load must never queue behind (or wait for the memory of) expert
         # prefetches that compute can only consume after the attention that needs the KV.
         self._kv_pool = concurrent.futures.ThreadPoolExecutor(1, "klotski-kv")
-        # Waits for fences and frees what they guarded, in release order, off the compute thread.
-        self._releaser = concurrent.futures.ThreadPoolExecutor(1, "klotski-release")
-        self._releases: list[concurrent.futures.Future[None]] = []
+        # Releases whose fence was not computed yet, in release order: (fence, loads).
+        self._pending: collections.deque[tuple[Any, list[OnDevice]]] = collections.deque()
         self._serial = itertools.count()
         self.kv_ledger: MemoryLedger | None = None
         self._loads: dict[Hashable, concurrent.futures.Future[OnDevice]] = {}
@@ -74,6 +77,12 @@ class Transfers:
         self.kv_caches: dict[int, Any] = {}
         self._lock = threading.Lock()
         self._ctx = threading.local()  # the (step, layer) the compute thread is in, for traces
+
+    def _on_device(self, parts: dict[str, Any]) -> bool:
+        """Whether cached parts are already arrays in this device's memory (a CPU backend's
+        host cache aliases its buffers): a load hands them out as they are."""
+        return all(isinstance(a, jax.Array) and a.sharding == self._to_device
+                   for a in parts.values())
 
     def put(self, tree: Any) -> Any:
         """Host arrays to the device, as a load puts them (the compiled steps' input layout)."""
@@ -101,6 +110,7 @@ class Transfers:
 
     def request(self, key: Hashable, **trace_args: Any) -> concurrent.futures.Future[OnDevice]:
         """Issue a load of key (no-op if already issued); its ledger place is taken now."""
+        self._poll()
         with self._lock:
             fut = self._loads.get(key)
             if fut is None:
@@ -128,7 +138,7 @@ class Transfers:
         if not self.ledger.try_reserve(lkey, nbytes):
             return None
         start = time.perf_counter()
-        arrays = jax.device_put(parts, self._to_device)
+        arrays = parts if self._on_device(parts) else jax.device_put(parts, self._to_device)
         end = time.perf_counter()
         self.stats.bytes_to_device += nbytes
         self.stats.expert_loads += 1
@@ -140,9 +150,17 @@ class Transfers:
         fut.set_result(OnDevice(key, arrays, nbytes, None, ledger_key=lkey))
         return fut
 
-    def get(self, key: Hashable, **trace_args: Any) -> OnDevice:
-        """The loaded weights of key, issuing the load if needed; waiting counts as a bubble."""
+    def get(self, key: Hashable, busy: Any = None, **trace_args: Any) -> OnDevice:
+        """The loaded weights of key, issuing the load if needed; waiting counts as a bubble.
+
+        `busy`: the latest computation the caller dispatched. With asynchronous dispatch the
+        device may still be working while the caller waits for a load: it waits for `busy`
+        first, so that only the time the device had nothing to do counts as a bubble."""
         fut = self.request(key, **trace_args)
+        if not fut.done() and busy is not None:
+            jax.block_until_ready(busy)
+        while not fut.done() and self._pending:  # the load may wait for this memory
+            self._complete_one()
         if not fut.done():
             start = time.perf_counter()
             concurrent.futures.wait([fut])
@@ -160,20 +178,24 @@ class Transfers:
     def release(self, key: Hashable, fence: Any = None) -> None:
         """Drop key from the device once `fence` (an output of the last computation that read
         it) is computed. Returns at once: the releaser thread waits for the fence."""
-        if key in self._pinned:
-            return
-        with self._lock:
-            fut = self._loads.pop(key)
-        loaded = fut.result()
-        if fence is None or _ready(fence):
-            self._free(loaded)
-            return
-        self._reap()
-        self._releases.append(self._releaser.submit(self._free_after, loaded, fence))
+        self.release_all([key], fence)
 
-    def _free_after(self, loaded: OnDevice, fence: Any) -> None:
-        jax.block_until_ready(fence)
-        self._free(loaded)
+    def release_all(self, keys: list[Hashable], fence: Any = None) -> None:
+        """`release` of several keys behind one fence (one hand-off to the releaser)."""
+        loaded = []
+        for key in keys:
+            if key in self._pinned:
+                continue
+            with self._lock:
+                fut = self._loads.pop(key)
+            loaded.append(fut.result())
+        if not loaded:
+            return
+        if fence is None or _ready(fence):
+            for x in loaded:
+                self._free(x)
+            return
+        self._pending.append((fence, loaded))
 
     def _free(self, loaded: OnDevice) -> None:
         if loaded.staging is not None:
@@ -181,19 +203,21 @@ class Transfers:
         loaded.arrays = None
         self._lanes(loaded.key)[0].release(loaded.ledger_key)
 
-    def _reap(self) -> None:
-        """Drop finished releases; re-raise a failed one on the compute thread."""
-        done = [f for f in self._releases if f.done()]
-        if done:
-            self._releases = [f for f in self._releases if not f.done()]
-            for f in done:
-                f.result()
+    def _poll(self) -> None:
+        """Complete the pending releases whose fence is computed (in order)."""
+        while self._pending and _ready(self._pending[0][0]):
+            self._complete_one()
+
+    def _complete_one(self) -> None:
+        fence, loaded = self._pending.popleft()
+        jax.block_until_ready(fence)
+        for x in loaded:
+            self._free(x)
 
     def settle(self) -> None:
-        """Wait until every deferred release is done (the ledgers then show what is held)."""
-        for f in self._releases:
-            f.result()
-        self._releases = []
+        """Complete every pending release (the ledgers then show what is held)."""
+        while self._pending:
+            self._complete_one()
 
     def discard(self, key: Hashable) -> None:
         """Release key without waiting for it: freed by the I/O thread once its load is done."""
@@ -217,7 +241,7 @@ class Transfers:
         self._pinned.clear()
         for fut in self._loads.values():
             fut.cancel()
-        self._releaser.shutdown(wait=True)  # fences of finished or failed steps: all computed
+        self.settle()  # fences of finished or failed steps: all computed
         self.ledger.abort()
         if self.kv_ledger is not None:
             self.kv_ledger.abort()
@@ -258,6 +282,21 @@ class Transfers:
                         disk_bytes=disk, host_cache_hit=hit,
                         waited_for_memory_ms=(got_memory - start) * 1e3, **trace_args)
         return OnDevice(key, arrays, nbytes, staging, ledger_key=place[1])
+
+
+def cache_memory(device: jax.Device, pinned: bool
+                 ) -> Callable[[dict[str, np.ndarray]], Any] | None:
+    """What the host expert cache keeps (HostTier's `host_memory`): arrays in pinned host
+    memory when `pinned` (GPU/TPU: device transfers are DMA-fast from there); on a CPU backend
+    otherwise device arrays that alias the cache's aligned NumPy buffers (the CPU device's
+    memory is host RAM: a load then hands them out without a copy or a put); None: NumPy."""
+    if pinned:
+        sharding = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+    elif device.platform == "cpu":
+        sharding = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
+    else:
+        return None
+    return lambda parts: jax.block_until_ready(jax.device_put(parts, sharding))
 
 
 def _ready(fence: Any) -> bool:
