@@ -293,7 +293,9 @@ class Bench:
         if key not in self._engines:
             self._engines[key] = Engine(self.ckpt, v.policy(self.configs[c]))
         tracer = None
-        if self.tracer is None and r == 0 and c == 0 and v.label == self._traced_label():
+        # The trace (for the plot and --trace) comes from the untimed warm-up run: tracing
+        # times each piece to its end, which a timed run should not pay.
+        if self.tracer is None and r < 0 and c == 0 and v.label == self._traced_label():
             tracer = self.tracer = Tracer()
         io0 = storage_read_bytes()
         gen = self._engines[key].generate(self.prompts[c], max_new_tokens=self.configs[c].gen_len,

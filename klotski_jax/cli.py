@@ -21,24 +21,22 @@ EXIT_USER_ERROR = 2
 
 
 # ---- option types: argparse rejects bad values with exit status 2 -------------------------------
-def _positive_int(text: str) -> int:
+def _int_at_least(minimum: int, text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(1, text)
 
 
 def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _int_at_least(0, text)
 
 
 def _positive_float(text: str) -> float:
@@ -393,7 +391,8 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--markdown", metavar="FILE",
                    help="the table with the date, machine and command (a results file)")
     p.add_argument("--plot", metavar="FILE.png", help="throughput and a decode-step timeline")
-    p.add_argument("--trace", metavar="FILE", help="Chrome trace of one klotski run")
+    p.add_argument("--trace", metavar="FILE",
+                   help="Chrome trace of the (untimed) warm-up klotski run")
     p.add_argument("--sample", type=int, default=0, metavar="N",
                    help="print N generated text samples (klotski, first budgets) at the end")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or status lines")

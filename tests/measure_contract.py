@@ -38,6 +38,8 @@ import conftest  # noqa: E402,F401  (JAX on CPU, highest float32 precision, comp
 import contract  # noqa: E402
 import numpy as np  # noqa: E402
 
+from klotski_jax.bench_hf import left_pad as hf_left_pad  # noqa: E402
+
 KERNELS = ("as-is", "split2", "split3", "split5", "upcast", "noexcess")
 POLICIES = [
     *[dict(schedule="klotski", multi_batch=m, hot_only_prefetch=h, reorder=r)
@@ -60,14 +62,9 @@ TEXTS_LONG = [
 
 
 def left_pad(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token-id prompts -> left-padded ids and mask [B, S]."""
-    s = max(map(len, prompts))
-    ids = np.full((len(prompts), s), pad, np.int32)
-    mask = np.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, s - len(p):] = p
-        mask[r, s - len(p):] = 1
-    return ids, mask
+    """Token-id prompts -> left-padded ids and mask [B, S] (int32)."""
+    ids, mask = hf_left_pad(prompts, pad)
+    return ids.astype(np.int32), mask.astype(np.int32)
 
 
 def prepare(out: pathlib.Path, quick: bool) -> dict[str, tuple[pathlib.Path, list[str]]]:

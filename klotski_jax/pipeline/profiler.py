@@ -109,12 +109,16 @@ def load_cached(cfg: ModelConfig) -> Profile | None:
 
 def write_profile(profile: Profile, path: str | os.PathLike[str]) -> pathlib.Path:
     """Write a profile atomically (temp file + rename)."""
-    path = pathlib.Path(path)
+    return _write_text(pathlib.Path(path), profile.to_json())
+
+
+def _write_text(path: pathlib.Path, text: str) -> pathlib.Path:
+    """Write a cache file atomically (temp file + rename; readable by all, as any cache)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.chmod(tmp, 0o644)
     with os.fdopen(fd, "w") as f:
-        f.write(profile.to_json())
+        f.write(text)
     os.replace(tmp, path)
     return path
 
@@ -158,13 +162,9 @@ def machine_rates(*, refresh: bool = False) -> tuple[MachineRates, bool]:
         except (OSError, ValueError, TypeError, KeyError) as e:
             if path.exists():
                 log.warning("ignoring unreadable machine rates %s: %s", path, e)
-    rates = measure_rates(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(rates.to_json())
-    os.replace(tmp, path)
+    rates = measure_rates(path.parent)
+    _write_text(path, rates.to_json())
     return rates, True
 
 
