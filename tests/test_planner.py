@@ -340,5 +340,5 @@ def test_constants_match_the_jax_side():
     from klotski_jax.models.reference import CACHE_ROUND
     from klotski_jax.pipeline import costs, planner, steps
 
-    assert planner.CACHE_ROUND == CACHE_ROUND and costs.MIN_BUCKET == steps.MIN_BUCKET
+    assert planner.CACHE_ROUND == CACHE_ROUND and steps.bucket is costs.bucket
     assert all(costs.bucket(n) == steps.bucket(n) for n in range(1, 300))

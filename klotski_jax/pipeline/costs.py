@@ -13,7 +13,7 @@ reads one and turns its samples into cost functions:
 
 Attention, router, combine and head are fitted with small non-negative linear models (a fixed
 cost plus per-token terms), so the planner can ask for shapes that were not measured; expert
-compute is looked up per power-of-two bucket, exactly as the scheduler pads it.
+compute is looked up per padding bucket (`bucket`), exactly as the scheduler pads it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from klotski_jax.config import ModelConfig
 
 PROFILE_FORMAT = "klotski-jax-profile"
 PROFILE_VERSION = 1
-MIN_BUCKET = 2  # must equal pipeline.steps.MIN_BUCKET (checked by a test)
+MIN_BUCKET = 2  # a one-row matmul takes a slower XLA CPU kernel (`layers.linear` doubles it anyway)
+FINE_BUCKETS_FROM = 64  # above this, buckets also at 1.5 x a power of two
 
 # ModelConfig fields that change a measured cost (shapes and dtype, not token ids or eps).
 SHAPE_FIELDS = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -51,8 +52,25 @@ def model_key(cfg: ModelConfig) -> str:
 
 
 def bucket(n: int) -> int:
-    """The scheduler's padded row count for n tokens (pipeline.steps.bucket, without JAX)."""
-    return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+    """The padded row count of an expert computation over n tokens (the scheduler pads to it,
+    so a run compiles a handful of shapes during warm-up and never again): the next power of
+    two, at least MIN_BUCKET; above FINE_BUCKETS_FROM also 1.5 x a power of two (96, 192, 384,
+    768, 1536, ...), so a large prefill pads at most a third of an expert's rows instead of
+    nearly half of them."""
+    p = max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+    return p * 3 // 4 if p > FINE_BUCKETS_FROM and p * 3 // 4 >= n else p
+
+
+def buckets_upto(n: int) -> list[int]:
+    """Every bucket a count in 1..n can map to, ascending (for warm-up and the profile)."""
+    out, b = [], MIN_BUCKET
+    top = bucket(n)
+    while b < top:
+        out.append(b)
+        if b >= FINE_BUCKETS_FROM and b + b // 2 < top:
+            out.append(b + b // 2)
+        b *= 2
+    return [*out, top]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,9 +224,12 @@ class CostModel:
 
     def _expert_bucket(self, size: int) -> float:
         pts = self._expert
-        for b_, s_ in pts:
-            if b_ >= size:
+        for j, (b_, s_) in enumerate(pts):
+            if b_ == size or (b_ > size and j == 0):
                 return s_
+            if b_ > size:  # a bucket the profile did not measure: between its neighbours
+                b0, s0 = pts[j - 1]
+                return s0 + (s_ - s0) * (size - b0) / (b_ - b0)
         if len(pts) == 1:
             return pts[0][1] * size / pts[0][0]
         (b0, s0), (b1, s1) = pts[-2], pts[-1]
@@ -244,13 +265,13 @@ def _binomial_cost(n: int, p: float, cost: Callable[[int], float]) -> tuple[floa
     if p >= 1:
         return 1.0, cost(n)
     mean, sd = n * p, math.sqrt(n * p * (1 - p))
-    if sd > 30:  # X >= 1 with certainty; cost is constant per bucket (b/2, b]
+    if sd > 30:  # X >= 1 with certainty; cost is constant per bucket (previous bucket, b]
         cdf = lambda x: 0.5 * (1 + math.erf((x + 0.5 - mean) / (sd * math.sqrt(2))))
         lo, hi = max(1, int(mean - 12 * sd)), min(n, int(mean + 12 * sd) + 1)
-        total, size = 0.0, bucket(lo)
-        while size // 2 < hi:
-            total += (cdf(min(size, n)) - cdf(size // 2)) * cost(size)
-            size *= 2
+        total, below, size = 0.0, lo - 1, bucket(lo)
+        while below < hi:
+            total += (cdf(min(size, n)) - cdf(below)) * cost(size)
+            below, size = size, bucket(size + 1)
         return 1.0, total
     lo, hi = max(1, int(mean - 12 * sd) - 1), min(n, int(mean + 12 * sd) + 2)
     log_p, log_q = math.log(p), math.log1p(-p)

@@ -24,11 +24,11 @@ import json
 from typing import Any
 
 from klotski_jax.config import ModelConfig
-from klotski_jax.pipeline.costs import Profile, model_key
+from klotski_jax.pipeline.costs import Profile, buckets_upto, model_key
 
 RATES_FORMAT = "klotski-jax-machine-rates"
 RATES_VERSION = 1
-EXPERT_BUCKETS = tuple(1 << i for i in range(1, 13))  # 2 .. 4096 rows
+EXPERT_BUCKETS = tuple(buckets_upto(4096))  # every padding bucket of 2 .. 4096 rows
 
 
 @dataclasses.dataclass(frozen=True)

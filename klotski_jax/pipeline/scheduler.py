@@ -14,8 +14,9 @@ those the coming step will route to with probability >= the policy's threshold g
 in flight (hot.py), or the K predicted hottest with an explicit K.
 
 The compute thread waits for a result only where the schedule needs a value on the host: the
-routing of each group, the step's logits and, with a trace, the end of each timed piece. Releases
-wait for their fence on the transfers' releaser thread, so jitted steps dispatch asynchronously.
+routing of each group, the step's logits and, with a trace, the end of each timed piece.
+Releases stay pending until their fence is computed (Transfers), so jitted steps dispatch
+asynchronously.
 flexgen: the whole layer (dense + all experts) is on the device before compute; the whole next
 layer is prefetched meanwhile; groups run one after another.
 sequential: like flexgen with one group and no prefetch. lru: one group, experts loaded on demand

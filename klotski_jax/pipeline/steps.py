@@ -2,8 +2,9 @@
 
 The expert phase works on all tokens of all groups at once: X [N, d] is the concatenated MoE input,
 and each expert gathers its rows of X, runs its FFN, and scatter-adds its weighted output into a
-float32 accumulator [N, d]. Row counts are padded to power-of-two buckets (min 2) so that a run
-compiles a handful of shapes during warm-up and never again.
+float32 accumulator [N, d]. Row counts are padded to buckets (powers of two, and 1.5 times them
+above 64 rows: `costs.bucket`) so that a run compiles a handful of shapes during warm-up and
+never again.
 """
 
 from __future__ import annotations
@@ -16,22 +17,7 @@ import numpy as np
 
 from klotski_jax.config import ModelConfig
 from klotski_jax.models import layers
-
-MIN_BUCKET = 2  # a one-row matmul takes a slower XLA CPU kernel (`layers.linear` doubles it anyway)
-
-
-def bucket(n: int) -> int:
-    """The padded row count for n tokens: the next power of two, at least MIN_BUCKET."""
-    return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
-
-
-def buckets_upto(n: int) -> list[int]:
-    """Every bucket a count in 1..n can map to (for warm-up)."""
-    out, b = [], MIN_BUCKET
-    while b < bucket(n):
-        out.append(b)
-        b *= 2
-    return [*out, bucket(n)]
+from klotski_jax.pipeline.costs import bucket, buckets_upto  # declared once (no JAX there)
 
 
 def pad_rows(rows: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

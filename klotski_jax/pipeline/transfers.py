@@ -177,11 +177,11 @@ class Transfers:
 
     def release(self, key: Hashable, fence: Any = None) -> None:
         """Drop key from the device once `fence` (an output of the last computation that read
-        it) is computed. Returns at once: the releaser thread waits for the fence."""
+        it) is computed. Returns at once: the release stays pending until the fence is done."""
         self.release_all([key], fence)
 
     def release_all(self, keys: list[Hashable], fence: Any = None) -> None:
-        """`release` of several keys behind one fence (one hand-off to the releaser)."""
+        """`release` of several keys behind one fence (one pending release)."""
         loaded = []
         for key in keys:
             if key in self._pinned:
