@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import threading
+import traceback
 
 import jax
 import numpy as np
@@ -144,12 +146,15 @@ def test_single_group_baselines_fit_their_batch_to_the_budget(ckpt):
 
 def test_the_compute_thread_waits_only_where_it_must(ckpt, monkeypatch):
     """Without a trace a step blocks on device results about once (its logits) besides the
-    routing; with a trace every piece is timed to its end."""
+    routing; with a trace every piece is timed to its end. (Setting up the host tier, once per
+    call and not per step, may wait for its copies: not counted.)"""
     calls = collections.Counter()
     real = jax.block_until_ready
 
     def counting(x):
-        if threading.current_thread() is threading.main_thread():  # not I/O or release threads
+        frames = traceback.extract_stack(limit=6)
+        setup = any(f.filename.endswith(os.path.join("pipeline", "host.py")) for f in frames)
+        if threading.current_thread() is threading.main_thread() and not setup:  # not I/O
             calls["n"] += 1
         return real(x)
 

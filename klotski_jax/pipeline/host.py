@@ -32,6 +32,13 @@ def aligned_empty(nbytes: int, align: int = ALIGN) -> np.ndarray:
 
 
 
+def aligned_copy(a: np.ndarray, align: int = ALIGN) -> np.ndarray:
+    """A copy of `a` in a buffer whose data pointer is a multiple of `align`."""
+    out = aligned_empty(a.nbytes, align).view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 class StagingBuffer:
     """An aligned buffer holding one expert's three parts, each at an aligned offset."""
 
@@ -93,25 +100,28 @@ class HostTier:
         self.dtype = cfg.np_dtype
         self.part_shapes = {p: expert_part_shape(cfg, p) for p in EXPERT_PARTS}
         self.part_bytes = {p: int(np.prod(s)) * cfg.itemsize for p, s in self.part_shapes.items()}
-        dense = reader.all_dense()
+        # Dense arrays in page-aligned buffers: `jax.device_put` of an aligned buffer aliases it
+        # on a CPU backend, where an unaligned one is copied (at well under 1 GB/s).
+        dense = {k: aligned_copy(v) for k, v in reader.all_dense().items()}
         ledger.reserve("dense", sum(a.nbytes for a in dense.values()))
+        # What a cached expert and the dense layers become: numpy by default; the engine passes a
+        # move to the accelerator's pinned host memory (device transfers are DMA-fast from there)
+        # or, on a CPU backend, device arrays aliasing these buffers (no copy at any load).
+        self.to_host_memory: Callable[[Any], Any] = host_memory or (lambda parts: parts)
         self.globals = {k: v for k, v in dense.items() if not k.startswith("layers.")}
-        self.layers = [layer_tree(dense, i) for i in range(cfg.num_layers)]
+        self.layers = [self.to_host_memory(layer_tree(dense, i)) for i in range(cfg.num_layers)]
         self._cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
         self._free_staging: list[StagingBuffer] = []
-        # What a cached expert becomes: numpy by default; the engine passes a move to the
-        # accelerator's pinned host memory (device transfers are DMA-fast from there) or, on a
-        # CPU backend, device arrays aliasing the cache's own buffers (no copy at any load).
-        self.to_host_memory: Callable[[dict[str, np.ndarray]], Any] = (
-            host_memory or (lambda parts: parts))
 
     def cached_array_ids(self) -> set[int]:
-        """ids of the jax arrays the cache holds: host memory, whatever their memory kind says
-        (on a CPU backend they alias the cache's buffers as "device" arrays)."""
+        """ids of the jax arrays the tier holds (cached experts, dense layers): host memory,
+        whatever their memory kind says (on a CPU backend they alias host buffers as "device"
+        arrays)."""
         with self._lock:
-            return {id(a) for parts in self._cache.values() for a in parts.values()
-                    if not isinstance(a, np.ndarray)}
+            experts = [a for parts in self._cache.values() for a in parts.values()]
+        return {id(a) for a in [*experts, *(x for t in self.layers for x in _leaves(t))]
+                if not isinstance(a, np.ndarray)}
 
     def dense_layer_bytes(self, layer: int) -> int:
         return sum(a.nbytes for a in _leaves(self.layers[layer]))

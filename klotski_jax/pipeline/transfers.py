@@ -78,11 +78,11 @@ class Transfers:
         self._lock = threading.Lock()
         self._ctx = threading.local()  # the (step, layer) the compute thread is in, for traces
 
-    def _on_device(self, parts: dict[str, Any]) -> bool:
-        """Whether cached parts are already arrays in this device's memory (a CPU backend's
-        host cache aliases its buffers): a load hands them out as they are."""
+    def _on_device(self, parts: Any) -> bool:
+        """Whether host-tier arrays are already arrays in this device's memory (on a CPU
+        backend the tier aliases its buffers): a load hands them out as they are."""
         return all(isinstance(a, jax.Array) and a.sharding == self._to_device
-                   for a in parts.values())
+                   for a in jax.tree_util.tree_leaves(parts))
 
     def put(self, tree: Any) -> Any:
         """Host arrays to the device, as a load puts them (the compiled steps' input layout)."""
@@ -124,16 +124,20 @@ class Transfers:
 
     def _put_cached(self, key: Hashable, lkey: Hashable, nbytes: int,
                     trace_args: dict[str, Any]) -> concurrent.futures.Future[OnDevice] | None:
-        """A host-cached expert whose memory is free now, with no load queued before it, is put
-        on the device right here: `jax.device_put` only starts the copy (an alias of the host
-        buffer on CPU, an asynchronous DMA from pinned memory on GPU/TPU), so handing it to an
-        I/O thread would only add a thread hop, which on a small CPU box costs the compute
-        thread more than the copy. Traced on the lane "io-host". None: load it the usual way."""
-        if key[0] != "expert":
+        """A host-cached expert (or a layer's dense weights) whose memory is free now, with no
+        load queued before it, is put on the device right here: `jax.device_put` only starts
+        the copy (an alias of the host buffer on CPU, an asynchronous DMA from pinned memory on
+        GPU/TPU), so handing it to an I/O thread would only add a thread hop, which on a small
+        CPU box costs the compute thread more than the copy. Traced on the lane "io-host".
+        None: load it the usual way."""
+        if key[0] == "expert":
+            parts = self.host.cached(key[1], key[2])
+        elif key[0] == "dense":
+            parts = self.host.layers[key[1]]
+        else:
             return None
-        parts = self.host.cached(key[1], key[2])
         if parts is None or (self.device.platform != "cpu" and any(
-                isinstance(a, np.ndarray) for a in parts.values())):
+                isinstance(a, np.ndarray) for a in jax.tree_util.tree_leaves(parts))):
             return None  # a GPU/TPU copy from pageable NumPy memory blocks: a thread's job
         if not self.ledger.try_reserve(lkey, nbytes):
             return None
@@ -141,9 +145,10 @@ class Transfers:
         arrays = parts if self._on_device(parts) else jax.device_put(parts, self._to_device)
         end = time.perf_counter()
         self.stats.bytes_to_device += nbytes
-        self.stats.expert_loads += 1
-        self.stats.bytes_read_host += nbytes
-        self.tracer.add("io-host", "load expert", start, end, key=str(key), bytes=nbytes,
+        if key[0] == "expert":
+            self.stats.expert_loads += 1
+            self.stats.bytes_read_host += nbytes
+        self.tracer.add("io-host", f"load {key[0]}", start, end, key=str(key), bytes=nbytes,
                         disk_bytes=0, host_cache_hit=True, waited_for_memory_ms=0.0,
                         **trace_args)
         fut: concurrent.futures.Future[OnDevice] = concurrent.futures.Future()
