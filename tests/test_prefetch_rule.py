@@ -191,6 +191,7 @@ def test_prior_profile_follows_the_roofline():
         50e-6 + cfg.expert_bytes / 1e9 + cfg.expert_bytes / 20e9)
     assert costs.expert_load("host") < costs.expert_load("page_cache") < costs.expert_load("disk")
     assert prof.io_interference == 0.5 and math.isfinite(costs.head(8))
+    assert prof.expert_prefetch_s == rates().load_s  # prefetching is not free: a hand-off
     plan = Planner(cfg, prof).plan(PlanRequest(prompt_len=64, gen_len=8, num_prompts=8,
                                                device_budget=None))
     assert plan.predicted_throughput_tokens_per_s > 0

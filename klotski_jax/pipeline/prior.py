@@ -10,7 +10,7 @@ predicts every cost the planner needs from the model's shapes with a roofline:
   (a decode step's projections stream their weights; a prefill's are FLOP-bound);
   attention adds its score and value FLOPs and reads the KV cache once;
   a transfer costs `load_s` (the I/O thread's hand-off) plus bytes at the disk / page-cache /
-  host-to-device bandwidth of its tier.
+  host-to-device bandwidth of its tier; a prefetched expert costs one more hand-off.
 
 The prior is only as good as a roofline: it ignores cache effects, fusion and the shapes XLA
 handles badly. It exists to choose a sensible layout on a first run; `klotski profile` measures
@@ -166,6 +166,11 @@ def prior_profile(cfg: ModelConfig, rates: MachineRates) -> Profile:
         expert_disk_cold_s=roof.load(eb, rates.disk_cold_bps),
         expert_disk_warm_s=roof.load(eb, rates.disk_warm_bps),
         expert_release_s=2 * rates.dispatch_s,
+        # A prefetched expert is issued before the memory it needs is free, so its load queues
+        # on an I/O thread instead of being put inline when routed: at least one more thread
+        # hand-off. Priced at zero, every prefetch looks free and the planner prefetches whole
+        # layers even where loads cost nothing (host-cached experts on a CPU backend).
+        expert_prefetch_s=rates.load_s,
         dense_load=tuple((n, roof.load(n)) for n in dense) + ((2 * dense[-1],
                                                                 roof.load(2 * dense[-1])),),
         dense_mlp=tuple((m, roof.dense_mlp(m)) for m in tokens) if not all(cfg.moe_layers)
