@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from klotski_jax.pipeline.hot import (
     uniform_use,
     use_from_pick_probs,
 )
-from klotski_jax.pipeline.planner import Planner, PlanRequest
+from klotski_jax.pipeline.planner import PRIOR_TIE, TIE, Planner, PlanRequest, pick
 from klotski_jax.pipeline.policy import Policy, PolicyError
 from klotski_jax.pipeline.prefetcher import CorrelationPrefetcher
 from klotski_jax.pipeline.prior import MachineRates, is_prior, prior_profile
@@ -195,3 +196,19 @@ def test_prior_profile_follows_the_roofline():
     plan = Planner(cfg, prof).plan(PlanRequest(prompt_len=64, gen_len=8, num_prompts=8,
                                                device_budget=None))
     assert plan.predicted_throughput_tokens_per_s > 0
+    assert Planner(cfg, prof).prior and not Planner(cfg, flat_profile()).prior
+
+
+def test_near_ties_go_to_fewer_rounds():
+    """32 prompts: 15 groups of 2 in two rounds predicted 1% faster than 2 groups of 16 in one.
+    Measured costs decide at 0.5%; under the rough prior the one-round plan wins the tie."""
+    def plan(n, b, rounds, tput):
+        return types.SimpleNamespace(groups=n, batch_size=b, rounds=rounds,
+                                     predicted_throughput_tokens_per_s=tput)
+
+    two_rounds, one_round = plan(15, 2, 2, 34.8), plan(2, 16, 1, 34.5)
+    assert pick([two_rounds, one_round], TIE) is two_rounds
+    assert pick([two_rounds, one_round], PRIOR_TIE) is one_round
+    # Among equals, fewer sequences, then fewer groups.
+    assert pick([plan(2, 16, 1, 50.0), plan(1, 16, 1, 50.0)], TIE).groups == 1
+    assert pick([plan(4, 8, 1, 50.0), plan(2, 8, 1, 50.1)], TIE).groups == 2

@@ -112,16 +112,25 @@ class HostTier:
         self.layers = [self.to_host_memory(layer_tree(dense, i)) for i in range(cfg.num_layers)]
         self._cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
+        self._making = 0  # bytes of cached experts being made, not yet in _cache
         self._free_staging: list[StagingBuffer] = []
 
     def cached_array_ids(self) -> set[int]:
         """ids of the jax arrays the tier holds (cached experts, dense layers): host memory,
         whatever their memory kind says (on a CPU backend they alias host buffers as "device"
         arrays)."""
+        return self.host_arrays()[0]
+
+    def host_arrays(self) -> tuple[set[int], int]:
+        """(`cached_array_ids`, bytes of cached experts an I/O thread is making right now).
+        One consistent view: an array the tier made before it is either among the ids or
+        among the bytes still being made, never neither."""
         with self._lock:
             experts = [a for parts in self._cache.values() for a in parts.values()]
-        return {id(a) for a in [*experts, *(x for t in self.layers for x in _leaves(t))]
-                if not isinstance(a, np.ndarray)}
+            making = self._making
+        ids = {id(a) for a in [*experts, *(x for t in self.layers for x in _leaves(t))]
+               if not isinstance(a, np.ndarray)}
+        return ids, making
 
     def dense_layer_bytes(self, layer: int) -> int:
         return sum(a.nbytes for a in _leaves(self.layers[layer]))
@@ -161,16 +170,20 @@ class HostTier:
             cache_it = ((self.host_experts is None or (layer, e) in self.host_experts)
                         and not self.ledger.holds(key)
                         and self.ledger.try_reserve(key, staged_expert_bytes(self.cfg)))
-        disk = sum(self.part_bytes.values())
+            disk = sum(self.part_bytes.values())
+            self._making += disk if cache_it else 0
         if cache_it:
             try:
                 parts = self.to_host_memory(
                     self._read_into(layer, e, StagingBuffer(self.part_bytes)))
             except BaseException:
+                with self._lock:
+                    self._making -= disk
                 self.ledger.release(key)
                 raise
             with self._lock:
                 self._cache[(layer, e)] = parts
+                self._making -= disk
             return parts, None, disk, False
         staging = take_staging()
         return self._read_into(layer, e, staging), staging, disk, False

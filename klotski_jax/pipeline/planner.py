@@ -37,11 +37,16 @@ from klotski_jax.pipeline.costs import CostModel, Profile, expected_distinct
 from klotski_jax.pipeline.ledger import BudgetError
 from klotski_jax.pipeline.placement import Placement, Workload, dense_layer_bytes, place
 from klotski_jax.pipeline.policy import Policy, PolicyError
+from klotski_jax.pipeline.prior import is_prior
 from klotski_jax.pipeline.simulate import LayerPlan, PrefetchRule, StepShape, StepSimulator, Stuck
 
 PREFETCH_THRESHOLDS = (0.0, 0.2, 0.5, 0.8, 0.95, 1.0)
 CACHE_ROUND = 32  # must equal models.reference.CACHE_ROUND (checked by a test)
 TIE = 0.005  # plans within 0.5% of the best throughput count as ties
+# ... within 3% under the roofline prior, whose predictions are rough: among plans it cannot tell
+# apart, the one with fewer rounds and fewer groups (fewer jitted calls, which it prices least
+# well) is the safer choice.
+PRIOR_TIE = 0.03
 WAIT_BUBBLES = 0.05  # decode bubbles above this with (4)-(7) holding: the timeline binds
 
 
@@ -163,6 +168,7 @@ class Planner:
                  base: Policy | None = None) -> None:
         self.cfg = cfg
         self.costs = CostModel(profile)
+        self.prior = is_prior(profile)
         e, k = cfg.num_experts, cfg.top_k
         n_moe = len(cfg.moe_layer_ids)
         if routing is None:
@@ -181,11 +187,7 @@ class Planner:
                  if (p := self.evaluate(req, n, b, k)) is not None]
         if not plans:
             raise BudgetError(self._infeasible_message(req))
-        top = max(p.predicted_throughput_tokens_per_s for p in plans)
-        near = [p for p in plans if p.predicted_throughput_tokens_per_s >= top * (1 - TIE)]
-        best = min(near, key=lambda p: (p.groups * p.batch_size, p.groups,
-                                        -p.predicted_throughput_tokens_per_s))
-        return self._explain(req, best)
+        return self._explain(req, pick(plans, PRIOR_TIE if self.prior else TIE))
 
     def candidates(self, req: PlanRequest) -> list[tuple[int, int, PrefetchRule]]:
         """(n, b, prefetch rule) the search visits."""
@@ -430,6 +432,16 @@ class Planner:
             if value is not None and (best is None or value < best):
                 best = value
         return best
+
+
+def pick(plans: Sequence[Plan], tie: float) -> Plan:
+    """The plan to run: of those within `tie` (a fraction) of the best predicted throughput,
+    the one with the fewest rounds (a short last round repeats every per-step cost for a few
+    prompts), then the fewest sequences, then the fewest groups, then the fastest."""
+    top = max(p.predicted_throughput_tokens_per_s for p in plans)
+    near = [p for p in plans if p.predicted_throughput_tokens_per_s >= top * (1 - tie)]
+    return min(near, key=lambda p: (p.rounds, p.groups * p.batch_size, p.groups,
+                                    -p.predicted_throughput_tokens_per_s))
 
 
 def _rule(k: PrefetchRule | int) -> PrefetchRule:
