@@ -264,7 +264,8 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--host-budget", metavar="SIZE", help="host RAM cap (same forms)")
     p.add_argument("--groups", type=_positive_int, default=None, metavar="N",
                    help="batch groups n sharing each loaded layer (klotski, flexgen; default: "
-                        "the planner's choice with a cached profile, else 2)")
+                        "the planner's choice for klotski, over the cached profile or else "
+                        "the roofline prior; 2 for flexgen)")
     p.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
                    help="sequences per group (default: the planner's choice, else prompts split "
                         "evenly over the groups)")
