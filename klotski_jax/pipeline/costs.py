@@ -89,8 +89,9 @@ class Profile:
     scheduler's bookkeeping per layer and per expert computed, cold caches), fitted to timed
     steps of the real engine; expert_prefetch_s: what a prefetched expert costs the compute
     thread beyond expert_release_s (its load queues for memory on an I/O thread: hand-offs
-    between threads), fitted the same way; io_interference: the share of I/O-thread time the compute lane
-    loses to it (CPU contention: near 1 on a small CPU box, near 0 on an accelerator).
+    between threads), fitted the same way; io_interference: the share of I/O-thread time the
+    compute lane loses to it (CPU contention: near 1 on a small CPU box, near 0 on an
+    accelerator).
     bandwidth: bytes/s of the raw edges (disk_to_host, host_to_device, host_copy), for reports.
     """
 

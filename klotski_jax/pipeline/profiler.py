@@ -45,8 +45,9 @@ from klotski_jax.pipeline.costs import Profile, expected_distinct, fit_nonnegati
 from klotski_jax.pipeline.host import HostTier, StagingBuffer, _read_file, aligned_empty
 from klotski_jax.pipeline.hot import PreviousLayerPopularity
 from klotski_jax.pipeline.ledger import MemoryLedger
-from klotski_jax.pipeline.placement import dense_layer_bytes
+from klotski_jax.pipeline.placement import Workload, dense_layer_bytes, place
 from klotski_jax.pipeline.planner import Planner, PlanRequest
+from klotski_jax.pipeline.policy import Policy
 from klotski_jax.pipeline.prior import MachineRates
 from klotski_jax.pipeline.scheduler import Routing
 from klotski_jax.pipeline.simulate import PrefetchRule
@@ -598,7 +599,7 @@ def _interference(reader: CheckpointReader, w: dict[str, jax.Array], opts: Profi
     stop.set()
     for t in threads:
         t.join()
-    if io <= 0 or not all(t.is_alive() is False for t in threads):
+    if io <= 0:
         return 0.0
     return float(min(1.0, max(0.0, (together - alone) / io)))
 
@@ -621,7 +622,8 @@ def streamed_budget(cfg: ModelConfig) -> int:
     the compute thread beyond its computation, without slot starvation."""
     n, b, p = STREAMED_SHAPE
     req = PlanRequest(prompt_len=p, gen_len=CALIBRATION_NEW)
-    pl = Planner(cfg, _flat_profile(cfg)).placement(req, n, b, cfg.top_k)
+    pl = place(cfg, Policy(groups=n, batch_size=b, hot_experts=cfg.top_k),
+               Workload(n, b, p, req.cache_len - p))
     slots = cfg.num_experts + cfg.top_k
     return pl.fixed_device_bytes + sum(dense_layer_bytes(cfg)) + slots * cfg.expert_bytes
 
@@ -636,15 +638,6 @@ def probe_steps(probe: Probe, cfg: ModelConfig) -> Steps:
     for name, threshold in (("cold", 1.0), ("prefetched", 0.0)):
         out[(n, b, p, name)] = probe(n, b, streamed_budget(cfg), p, CALIBRATION_NEW, threshold)
     return out
-
-
-def _flat_profile(cfg: ModelConfig) -> Profile:
-    """A stand-in profile for placement arithmetic (placement reads no costs)."""
-    one = ((1.0, 1.0),)
-    return Profile(device={}, model_key=model_key(cfg), attention_prefill=((1, 1, 1, 1.0),),
-                   attention_decode=((1, 1, 1, 1.0),), router=one, routing=one, expert=((2, 1.0),),
-                   combine=one, head=one, expert_host_s=0.0, expert_disk_cold_s=0.0,
-                   expert_disk_warm_s=0.0, expert_release_s=0.0, dense_load=one)
 
 
 def calibrate(profile: Profile, cfg: ModelConfig, measured: Steps | Probe) -> Profile:

@@ -291,7 +291,8 @@ class Transfers:
 
 def cache_memory(device: jax.Device, pinned: bool
                  ) -> Callable[[dict[str, np.ndarray]], Any] | None:
-    """What the host expert cache keeps (HostTier's `host_memory`): arrays in pinned host
+    """What the host tier keeps its cached experts and dense layers as (HostTier's
+    `host_memory`): arrays in pinned host
     memory when `pinned` (GPU/TPU: device transfers are DMA-fast from there); on a CPU backend
     otherwise device arrays that alias the cache's aligned NumPy buffers (the CPU device's
     memory is host RAM: a load then hands them out without a copy or a put); None: NumPy."""
