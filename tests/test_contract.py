@@ -145,19 +145,19 @@ def _most_routed_expert(model: klotski_jax.Model, ids: np.ndarray, mask: np.ndar
     attention, then its router), so that zeroing it is a bug the batch really exercises."""
     import jax.numpy as jnp
 
-    from klotski_jax.models import layers
-    from klotski_jax.models.reference import KVCache, positions_from_mask
+    from klotski_jax.models import blocks
+    from klotski_jax.models.reference import KVCache, positions_from_mask, pure_state
 
     assert layer == 0, "only the first layer's input is the embedding"
     cfg, s = model.config, ids.shape[1]
     cache = KVCache.create(cfg, len(ids), -(-s // 32) * 32)
     cache.valid[:, :s] = mask > 0
-    w = model.layer_weights[layer]
-    h = layers.embed(model.embed_w, jnp.asarray(ids))
-    h, _ = layers.attention_block(w, h, jnp.asarray(positions_from_mask(mask)), cache.kv[layer],
+    w = pure_state(model.layers[layer])
+    h = blocks.embed(model.embed[...], jnp.asarray(ids))
+    h, _ = blocks.attention_block(w, h, jnp.asarray(positions_from_mask(mask)), cache.kv[layer],
                                   jnp.asarray(0, jnp.int32), jnp.asarray(cache.valid), cfg=cfg,
                                   window=cfg.sliding_windows[layer])
-    _, _, experts = layers.router_block(w, h.reshape(-1, cfg.hidden_size), cfg=cfg)
+    _, _, experts = blocks.router_block(w, h.reshape(-1, cfg.hidden_size), cfg=cfg)
     routed = np.asarray(experts)[(mask > 0).reshape(-1)]
     return int(np.bincount(routed.ravel(), minlength=cfg.num_experts).argmax())
 

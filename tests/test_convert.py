@@ -179,7 +179,7 @@ def test_expert_chunk_file_is_raw_expert_bytes(hf: HFCache, tmp_path) -> None:
                 want = disk[f"model.layers.{layer}.mlp.experts.{e}.{hf_name}.weight"]
                 assert raw == want.astype("<f4").tobytes()
                 assert raw == reader.expert(layer, part, e).tobytes()
-    zarr = json.loads((reader.path / "experts/layers.1.experts.up/zarr.json").read_text())
+    zarr = json.loads((reader.path / "experts/layers.1.moe.experts.up/zarr.json").read_text())
     assert zarr["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}]
     assert zarr["chunk_grid"]["configuration"]["chunk_shape"] == [
         1, cfg.expert_intermediate_size, cfg.hidden_size]
@@ -211,7 +211,7 @@ def test_reader_api_and_tokenizer(hf: HFCache, tmp_path) -> None:
                                      cfg.expert_intermediate_size)
     np.testing.assert_array_equal(reader.expert(2, "down", 3), experts["down"][3])
     with pytest.raises(KeyError):
-        reader.dense("layers.0.experts.gate")
+        reader.dense("layers.0.moe.experts.gate")
     with pytest.raises(IndexError):
         reader.expert(0, "gate", cfg.num_experts)
 
@@ -462,9 +462,9 @@ def test_reader_rejects_bad_manifests(hf: HFCache, tmp_path) -> None:
     path.write_text(json.dumps(good))
     reader = CheckpointReader(out)
     reader.expert_chunk_path(1, "up", 2).unlink()
-    with pytest.raises(CorruptFileError, match="layers.1.experts.up"):
+    with pytest.raises(CorruptFileError, match="layers.1.moe.experts.up"):
         reader.expert(1, "up", 2)
-    with pytest.raises(CorruptFileError, match="layers.1.experts.up"):
+    with pytest.raises(CorruptFileError, match="layers.1.moe.experts.up"):
         reader.experts(1)
     assert reader.expert(1, "up", 1).shape == (48, 32)
 

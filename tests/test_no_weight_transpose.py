@@ -14,11 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from klotski_jax.config import Family, ModelConfig, QKNorm
-from klotski_jax.models import layers
+from klotski_jax.models import blocks
 from klotski_jax.models.reference import KVCache
 from klotski_jax.models.specs import layer_tree, weight_specs
+from klotski_jax.pipeline import steps
 
 _OP = re.compile(r"= [a-z0-9]+\[([0-9,]*)\]\{[^}]*\} (transpose|copy)\(")
 
@@ -61,16 +63,19 @@ def test_steps_do_not_copy_weights(dtype, tokens):
     pos = jnp.zeros((b, tokens), jnp.int32)
     cache = KVCache.create(cfg, b, 32)
     w0, w1 = layer_tree(flat, 0), layer_tree(flat, 1)
-    e = w0["experts"]
+    e = w0["moe"]["experts"]
+    expert = nnx.State({p: e[p][0] for p in ("gate", "up", "down")})
     x = jnp.zeros((tokens, cfg.hidden_size), dtype)
+    rows = jnp.zeros((max(tokens, 2),), jnp.int32)
     lowered = {
-        "attention": layers.attention_block.lower(
+        "attention": blocks.attention_block.lower(
             w1, h, pos, cache.kv[1], jnp.int32(0), jnp.ones((b, 32), bool), cfg=cfg, window=7),
-        "expert_ffn": layers.expert_ffn.lower(e["gate"][0], e["up"][0], e["down"][0], x),
-        "moe_reference": layers.moe_block_reference.lower(w0, h, cfg=cfg),
-        "dense_mlp": layers.dense_mlp_block.lower(w1, h, cfg=cfg),
-        "router": layers.router_block.lower(w0, x, cfg=cfg),
-        "lm_head": layers.lm_head.lower(flat["final_norm"], flat["lm_head"], h, cfg=cfg),
+        "expert": steps.expert_apply.lower(jnp.zeros((tokens, cfg.hidden_size), jnp.float32), x,
+                                           rows, jnp.zeros(rows.shape, jnp.float32), expert),
+        "moe_reference": blocks.moe_block_reference.lower(w0, h, cfg=cfg),
+        "dense_mlp": blocks.dense_mlp_block.lower(w1, h, cfg=cfg),
+        "router": blocks.router_block.lower(w0, x, cfg=cfg),
+        "lm_head": blocks.lm_head.lower(flat["final_norm"], flat["lm_head"], h, cfg=cfg),
     }
     for step, low in lowered.items():
         hits = weight_sized_copies(low.compile().as_text(), shapes)

@@ -34,4 +34,5 @@ def load(ckpt_dir: str | os.PathLike) -> Model:
     reader = CheckpointReader(ckpt_dir)
     log.info("loading %s (%s, %d layers)", reader.path, reader.config.family.value,
              reader.config.num_layers)
-    return Model(reader.config, reader.read_all(), tokenizer=load_tokenizer(reader.tokenizer_dir))
+    return Model.from_weights(reader.config, reader.read_all(),
+                             tokenizer=load_tokenizer(reader.tokenizer_dir))

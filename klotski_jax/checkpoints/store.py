@@ -34,7 +34,7 @@ import tensorstore as ts
 from klotski_jax.checkpoints.errors import CorruptFileError
 from klotski_jax.checkpoints.manifest import TOKENIZER_DIR, has_tokenizer, read_manifest
 from klotski_jax.config import ModelConfig
-from klotski_jax.models.specs import EXPERT_PARTS, Kind, weight_specs
+from klotski_jax.models.specs import EXPERT_PARTS, Kind, expert_name, weight_specs
 
 # ---- specs: plain JSON ------------------------------------------------------------------------
 
@@ -78,11 +78,6 @@ def write_context_spec() -> dict[str, Any]:
 
 def read_context_spec() -> dict[str, Any]:
     return {}
-
-
-def expert_name(layer: int, part: str) -> str:
-    """Flat name of the expert array of (layer, part), as in specs.weight_specs."""
-    return f"layers.{layer}.experts.{part}"
 
 
 def chunk_relpath(e: int, ndim: int = 3) -> str:

@@ -1,9 +1,11 @@
-"""The math of one decoder layer, as pure jitted functions over explicit weights.
+"""The math of the model's blocks, as pure functions over explicit arrays.
 
-Weights are arguments, never closures, so the pipeline can call the same compiled step with any
-layer's (or any expert's) buffers without recompiling. All projections keep HF's (out, in)
-orientation and contract with `einsum("...d,fd->...f")`: `x @ w.T` would make XLA copy the whole
-weight when there is one token row (stack-facts.md).
+The NNX modules (models/modules.py) call these with their parameters; the jitted steps
+(models/blocks.py) merge a streamed `nnx.State` into those modules, so weights are arguments,
+never closures, and the pipeline can call the same compiled step with any layer's (or any
+expert's) buffers without recompiling. All projections keep HF's (out, in) orientation and
+contract with `einsum("...d,fd->...f")`: `x @ w.T` makes XLA materialise a transposed copy of
+the whole weight when there is one token row (tests/test_no_weight_transpose.py guards this).
 
 Einsum letters: b batch, t new tokens (queries), s cache slots (keys), d hidden, k KV heads,
 g query heads per KV head, h head_dim, f FFN width, e experts, n flattened tokens, v vocab.
@@ -11,14 +13,13 @@ g query heads per KV head, h head_dim, f FFN width, e experts, n flattened token
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from klotski_jax.config import ModelConfig, QKNorm
+from klotski_jax.config import ModelConfig
 
 Weights = dict[str, Any]
 
@@ -80,24 +81,6 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 # ---- attention ----------------------------------------------------------------------------
 
-def _qkv(w: Weights, x: jax.Array, positions: jax.Array, cfg: ModelConfig
-         ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    b, t, _ = x.shape
-    q = linear(x, w["q"], w.get("q_bias"))
-    k = linear(x, w["k"], w.get("k_bias"))
-    v = linear(x, w["v"], w.get("v_bias"))
-    if cfg.qk_norm is QKNorm.FULL:
-        q, k = rms_norm(q, w["q_norm"], cfg.rms_norm_eps), rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
-    if cfg.clip_qkv is not None:
-        q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
-    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.qk_norm is QKNorm.HEAD:
-        q, k = rms_norm(q, w["q_norm"], cfg.rms_norm_eps), rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
-    return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
-
-
 def attention_mask(write_index: jax.Array, t: int, kv_valid: jax.Array,
                    window: int | None) -> jax.Array:
     """[b, t, s] bool: query t (cache slot write_index + t) may see slot s.
@@ -126,54 +109,16 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array
     return out.reshape(b, t, cfg.q_size)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "window"), donate_argnames=("kv",))
-def attention_block(w: Weights, h: jax.Array, positions: jax.Array, kv: tuple[jax.Array, jax.Array],
-                    write_index: jax.Array, kv_valid: jax.Array, *, cfg: ModelConfig,
-                    window: int | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """h + Attention(RMSNorm(h)) for new tokens h [b, t, d]; writes their K/V at write_index.
-
-    w: the layer's weights (uses "attn_norm" and "attn"); kv: this layer's (K, V) caches
-    [b, s, k, h], donated and updated in place; kv_valid [b, s]: slots that hold real tokens.
-    """
-    x = rms_norm(h, w["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = _qkv(w["attn"], x, positions, cfg)
-    k_cache = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, write_index, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, write_index, 0, 0))
-    mask = attention_mask(write_index, h.shape[1], kv_valid, window)
-    out = linear(attend(q, k_cache, v_cache, mask, cfg), w["attn"]["o"], w["attn"].get("o_bias"))
-    return h + out, (k_cache, v_cache)
-
-
 # ---- MoE pieces ---------------------------------------------------------------------------
 
-def route(w_router: jax.Array, x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """Softmax-then-top-k router. x [n, d] -> (weights [n, top_k] float32, experts [n, top_k])."""
-    probs = jax.nn.softmax(linear(x, w_router).astype(F32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, cfg.top_k)
-    if cfg.norm_topk_prob:
+def route(logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
+    """Softmax-then-top-k routing of router logits [n, E] -> (weights [n, top_k] float32,
+    experts [n, top_k] int32); weights renormalised to sum 1 if norm_topk_prob."""
+    probs = jax.nn.softmax(logits.astype(F32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return weights, experts.astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def router_block(w: Weights, h: jax.Array, *, cfg: ModelConfig
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The MoE input and its routing: h [n, d] -> (x = RMSNorm(h) [n, d], weights, experts)."""
-    x = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
-    weights, experts = route(w["router"], x, cfg)
-    return x, weights, experts
-
-
-@jax.jit
-def expert_ffn(w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, x: jax.Array) -> jax.Array:
-    """One expert over the tokens routed to it: x [n, d] -> [n, d] (HF-layout weights)."""
-    return swiglu(x, w_gate, w_up, w_down)
-
-
-def shared_expert(w: Weights, x: jax.Array) -> jax.Array:
-    """Qwen2-MoE shared expert: sigmoid(gate_logit(x)) * SwiGLU(x); x [n, d]."""
-    gate = jax.nn.sigmoid(linear(x, w["gate_logit"]))  # [n, 1]
-    return gate * swiglu(x, w["gate"], w["up"], w["down"])
 
 
 def combine_dense(experts: Weights, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
@@ -223,36 +168,3 @@ def combine_grouped(experts: Weights, x: jax.Array, weights: jax.Array, idx: jax
     y = jnp.einsum("bsf,bdf->bsd", hid, experts["down"][block_expert]).reshape(-1, d)
     out = jnp.zeros((n + 1, d), F32).at[rows].add(y.astype(F32) * row_w[:, None])
     return out[:n].astype(x.dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def moe_block_reference(w: Weights, h: jax.Array, *, cfg: ModelConfig) -> jax.Array:
-    """h + MoE(RMSNorm(h)) with every expert resident; h [b, t, d]."""
-    b, t, d = h.shape
-    x, weights, idx = router_block(w, h.reshape(b * t, d), cfg=cfg)
-    out = combine_dense(w["experts"], x, weights, idx)
-    if "shared" in w:
-        out = out + shared_expert(w["shared"], x)
-    return h + out.reshape(b, t, d)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def dense_mlp_block(w: Weights, h: jax.Array, *, cfg: ModelConfig) -> jax.Array:
-    """h + SwiGLU(RMSNorm(h)) for the dense (non-MoE) layers of Qwen-MoE models."""
-    x = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
-    m = w["mlp"]
-    return h + swiglu(x, m["gate"], m["up"], m["down"])
-
-
-# ---- ends of the model --------------------------------------------------------------------
-
-@jax.jit
-def embed(w_embed: jax.Array, token_ids: jax.Array) -> jax.Array:
-    """token_ids [b, t] -> hidden [b, t, d]."""
-    return jnp.take(w_embed, token_ids, axis=0)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def lm_head(w_norm: jax.Array, w_head: jax.Array, h: jax.Array, *, cfg: ModelConfig) -> jax.Array:
-    """Final RMSNorm and vocabulary projection: h [b, t, d] -> float32 logits [b, t, v]."""
-    return linear(rms_norm(h, w_norm, cfg.rms_norm_eps), w_head).astype(F32)

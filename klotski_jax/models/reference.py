@@ -1,8 +1,9 @@
-"""The reference model: every weight resident, layer by layer, with a KV cache.
+"""The reference model: the NNX `MoEModel` with every weight resident, run with a KV cache.
 
 This is the oracle every schedule of the pipeline is tested against, and the simplest runnable
 path for users who want to check a conversion. It drives the same jitted per-layer steps
-(models/layers.py) that the pipeline uses, one layer at a time, with the weights as arguments.
+(models/blocks.py) that the pipeline uses, one layer at a time, passing each layer's `nnx.State`
+as an argument.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from klotski_jax.config import ModelConfig
-from klotski_jax.models import layers
-from klotski_jax.models.specs import layer_tree, weight_specs
+from klotski_jax.models import blocks
+from klotski_jax.models.modules import MoEModel
+from klotski_jax.models.specs import weight_specs
 
 CACHE_ROUND = 32  # cache lengths are rounded up to this, so nearby lengths share compiles
 
@@ -61,42 +64,71 @@ class KVCache:
         return cls(kv=kv, valid=np.zeros((batch, max_len), bool))
 
 
-class Model:
-    """An MoE model with all weights on the device. Built by `klotski_jax.load(ckpt_dir)`."""
+def pure_state(module: nnx.Module) -> nnx.State:
+    """A module's parameters as an `nnx.State` of plain arrays (nested dicts inside), the form
+    the pipeline streams: the jitted steps see one pytree structure from both."""
+    return nnx.State(nnx.state(module, nnx.Param).to_pure_dict())
 
-    def __init__(self, config: ModelConfig, weights: Mapping[str, Any], tokenizer: Any = None):
+
+def state_from_flat(abstract: nnx.Module, flat: Mapping[str, Any], dtype: Any) -> nnx.State:
+    """The `nnx.State` of `abstract` (a module from `nnx.eval_shape`) filled from flat names:
+    each parameter's path joined with "." is its name in `flat` (models/specs.py)."""
+    state = nnx.state(abstract, nnx.Param)
+    for path, var in state.flat_state():
+        name = ".".join(str(k) for k in path)
+        value = jnp.asarray(np.asarray(flat[name]), dtype)
+        if value.shape != var.value.shape:
+            raise ValueError(f"{name}: shape {value.shape}, the model needs {var.value.shape}")
+        var.value = value
+    return state
+
+
+class Model(MoEModel):
+    """An MoE model with all weights on the device. Built by `klotski_jax.load(ckpt_dir)` (or
+    `Model.from_weights`); `Model(cfg, rngs=nnx.Rngs(seed))` is a randomly initialised one."""
+
+    tokenizer: Any = None  # the checkpoint's HF tokenizer, when it has one
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.cfg
+
+    @classmethod
+    def from_weights(cls, config: ModelConfig, weights: Mapping[str, Any],
+                     tokenizer: Any = None) -> Model:
+        """The model with the given arrays (flat names of models/specs.py), cast to the
+        config's dtype; nothing is randomly initialised on the way."""
         missing = [s.name for s in weight_specs(config) if s.name not in weights]
         if missing:
             raise ValueError(f"weights are missing {len(missing)} arrays, e.g. {missing[:3]}")
-        self.config = config
-        self.tokenizer = tokenizer
-        dtype = jnp.dtype(config.dtype)
-        dev = {name: jnp.asarray(np.asarray(w), dtype) for name, w in weights.items()}
-        self.embed_w = dev["embed"]
-        self.final_norm = dev["final_norm"]
-        self.head_w = dev["embed"] if config.tie_word_embeddings else dev["lm_head"]
-        self.layer_weights = [layer_tree(dev, i) for i in range(config.num_layers)]
+        abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+        graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
+        model = nnx.merge(graphdef, state_from_flat(abstract, weights, jnp.dtype(config.dtype)),
+                          rest)
+        model.tokenizer = tokenizer
+        return model
 
     # ---- one forward step over new tokens ---------------------------------------------------
     def forward(self, token_ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> jax.Array:
         """Run new tokens [B, T] (slots cache.length..+T, validity already set) -> logits."""
-        cfg, h = self.config, layers.embed(self.embed_w, jnp.asarray(token_ids))
+        cfg, h = self.cfg, blocks.embed(self.embed[...], jnp.asarray(token_ids))
         pos, valid = jnp.asarray(positions), jnp.asarray(cache.valid)
         write = jnp.asarray(cache.length, jnp.int32)
-        for i, w in enumerate(self.layer_weights):
-            h, cache.kv[i] = layers.attention_block(
+        for i, layer in enumerate(self.layers):
+            w = pure_state(layer)
+            h, cache.kv[i] = blocks.attention_block(
                 w, h, pos, cache.kv[i], write, valid, cfg=cfg, window=cfg.sliding_windows[i])
             if cfg.moe_layers[i]:
-                h = layers.moe_block_reference(w, h, cfg=cfg)
+                h = blocks.moe_block_reference(w, h, cfg=cfg)
             else:
-                h = layers.dense_mlp_block(w, h, cfg=cfg)
+                h = blocks.dense_mlp_block(w, h, cfg=cfg)
         cache.length += token_ids.shape[1]
-        return layers.lm_head(self.final_norm, self.head_w, h, cfg=cfg)
+        return blocks.lm_head(self.final_norm[...], self.head_weight(), h, cfg=cfg)
 
     def logits(self, token_ids: Any, attention_mask: Any | None = None) -> np.ndarray:
         """Float32 logits [B, S, V] for a (left-padded) batch; positions follow the mask."""
         ids, mask = prepare_batch(token_ids, attention_mask)
-        cache = KVCache.create(self.config, ids.shape[0], _round_up(ids.shape[1]))
+        cache = KVCache.create(self.cfg, ids.shape[0], _round_up(ids.shape[1]))
         cache.valid[:, : ids.shape[1]] = mask > 0
         return np.asarray(self.forward(ids, positions_from_mask(mask), cache))
 
@@ -111,7 +143,7 @@ class Model:
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         b, s = ids.shape
-        cache = KVCache.create(self.config, b, _round_up(s + max_new_tokens))
+        cache = KVCache.create(self.cfg, b, _round_up(s + max_new_tokens))
         cache.valid[:, :s] = mask > 0
         pos = positions_from_mask(mask)
         out = [ids]

@@ -2,7 +2,8 @@
 
 `weight_specs(cfg)` lists each array with its flat name, shape (HF (out, in) orientation) and kind.
 Conversion checks, the on-disk store schema, random init for tests and the shape tests all derive
-from this list, so a new quirk is added in exactly one place.
+from this list, so a new quirk is added in exactly one place. A flat name is the array's NNX
+module path joined with "." (models/modules.py; a test checks the two agree).
 
 Flat names (i = layer index):
   embed [V, D]; final_norm [D]; lm_head [V, D] (untied only)
@@ -10,10 +11,10 @@ Flat names (i = layer index):
   layers.i.attn.{q [Hq*hd, D], k [Hkv*hd, D], v [Hkv*hd, D], o [D, Hq*hd]}
   layers.i.attn.{q_bias, k_bias, v_bias, o_bias}          (when the family has them)
   layers.i.attn.{q_norm, k_norm} [hd] or [Hq*hd]/[Hkv*hd] (Qwen3 per head / OLMoE full)
-  layers.i.router [E, D]                                   (MoE layers)
-  layers.i.shared.{gate, up [Is, D], down [D, Is], gate_logit [1, D]} (Qwen2-MoE shared expert)
+  layers.i.moe.router.weight [E, D]                        (MoE layers)
+  layers.i.moe.shared.{gate, up [Is, D], down [D, Is], gate_logit [1, D]} (Qwen2-MoE)
+  layers.i.moe.experts.{gate, up [E, I, D], down [E, D, I]} (kind "expert": one chunk per expert)
   layers.i.mlp.{gate, up [Id, D], down [D, Id]}            (dense layers)
-  layers.i.experts.{gate, up [E, I, D], down [E, D, I]}    (kind "expert": one chunk per expert)
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import dataclasses
 import enum
 from collections.abc import Mapping
 from typing import Any, TypeVar
+
+from flax import nnx
 
 from klotski_jax.config import ModelConfig, QKNorm
 
@@ -76,14 +79,14 @@ def layer_specs(cfg: ModelConfig, i: int) -> list[ArraySpec]:
         specs += [("attn.q_norm", (cfg.q_size,)), ("attn.k_norm", (cfg.kv_size,))]
     out = [ArraySpec(p + n, s, Kind.DENSE, i) for n, s in specs]
     if cfg.moe_layers[i]:
-        out.append(ArraySpec(p + "router", (cfg.num_experts, d), Kind.DENSE, i))
+        out.append(ArraySpec(p + "moe.router.weight", (cfg.num_experts, d), Kind.DENSE, i))
         if cfg.shared_expert_intermediate_size:
             s = cfg.shared_expert_intermediate_size
-            out += [ArraySpec(p + "shared.gate", (s, d), Kind.DENSE, i),
-                    ArraySpec(p + "shared.up", (s, d), Kind.DENSE, i),
-                    ArraySpec(p + "shared.down", (d, s), Kind.DENSE, i),
-                    ArraySpec(p + "shared.gate_logit", (1, d), Kind.DENSE, i)]
-        out += [ArraySpec(p + f"experts.{part}", (cfg.num_experts, *expert_part_shape(cfg, part)),
+            out += [ArraySpec(p + "moe.shared.gate", (s, d), Kind.DENSE, i),
+                    ArraySpec(p + "moe.shared.up", (s, d), Kind.DENSE, i),
+                    ArraySpec(p + "moe.shared.down", (d, s), Kind.DENSE, i),
+                    ArraySpec(p + "moe.shared.gate_logit", (1, d), Kind.DENSE, i)]
+        out += [ArraySpec(p + f"moe.experts.{part}", (cfg.num_experts, *expert_part_shape(cfg, part)),
                           Kind.EXPERT, i) for part in EXPERT_PARTS]
     else:
         m = cfg.dense_intermediate_size
@@ -109,8 +112,9 @@ def total_bytes(cfg: ModelConfig, kind: Kind | None = None) -> int:
     return sum(s.size for s in weight_specs(cfg) if kind is None or s.kind is kind) * cfg.itemsize
 
 
-def layer_tree(flat: Mapping[str, A], i: int) -> dict[str, Any]:
-    """The nested weights of layer i from flat names: "layers.i.attn.q" -> tree["attn"]["q"]."""
+def layer_tree(flat: Mapping[str, A], i: int) -> nnx.State:
+    """Layer i's `nnx.State` from flat names ("layers.i.attn.q" -> state["attn"]["q"]): the
+    state of a `DecoderLayer`, of its dense part when `flat` holds no routed experts."""
     prefix = f"layers.{i}."
     tree: dict[str, Any] = {}
     for name, value in flat.items():
@@ -121,4 +125,9 @@ def layer_tree(flat: Mapping[str, A], i: int) -> dict[str, Any]:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return tree
+    return nnx.State(tree)
+
+
+def expert_name(layer: int, part: str) -> str:
+    """The flat name of layer `layer`'s stacked routed-expert array `part` (gate/up/down)."""
+    return f"layers.{layer}.moe.experts.{part}"

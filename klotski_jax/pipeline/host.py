@@ -14,7 +14,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
 
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.models.specs import EXPERT_PARTS, expert_part_shape, layer_tree
@@ -188,7 +190,9 @@ class HostTier:
         staging = take_staging()
         return self._read_into(layer, e, staging), staging, disk, False
 
-    def _read_into(self, layer: int, e: int, staging: StagingBuffer) -> dict[str, np.ndarray]:
+    def _read_into(self, layer: int, e: int, staging: StagingBuffer) -> nnx.State:
+        """Expert e of `layer` read into `staging`: its `modules.Expert` state {gate, up, down}
+        of arrays viewing the buffer."""
         out = {}
         for part in EXPERT_PARTS:
             region = staging.region(part)
@@ -199,7 +203,7 @@ class HostTier:
                 _read_file(self.reader.expert_chunk_path(layer, part, e), region,
                            staging.region(part, padded=True), self.io_mode == "direct")
             out[part] = np.frombuffer(region, self.dtype).reshape(self.part_shapes[part])
-        return out
+        return nnx.State(out)
 
     def evict_page_cache(self) -> int:
         """Drop the store's expert files from the OS page cache (a true disk tier for benchmarks).
@@ -223,8 +227,5 @@ class HostTier:
         return count
 
 
-def _leaves(tree: dict[str, Any]) -> list[np.ndarray]:
-    out = []
-    for v in tree.values():
-        out.extend(_leaves(v) if isinstance(v, dict) else [v])
-    return out
+def _leaves(tree: Any) -> list[Any]:
+    return jax.tree_util.tree_leaves(tree)

@@ -1,6 +1,6 @@
 """The profiler: measure a model's costs on the actual default JAX device (`klotski profile`).
 
-Every compute piece runs the jitted step the scheduler runs (models/layers.py, pipeline/steps.py)
+Every compute piece runs the jitted step the scheduler runs (models/blocks.py, pipeline/steps.py)
 with the model's real weights and shapes, plus the host-side work the scheduler does around it
 (array conversions, routing bookkeeping, row gathering and padding), so the times are what the
 pipeline pays. Each shape is warmed up (compiled) first; a time is the median of `repeats` runs.
@@ -35,11 +35,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.config import ModelConfig
-from klotski_jax.models import layers
-from klotski_jax.models.specs import layer_tree
+from klotski_jax.models import blocks, layers
+from klotski_jax.models.specs import EXPERT_PARTS, layer_tree
 from klotski_jax.pipeline import steps
 from klotski_jax.pipeline.costs import Profile, expected_distinct, fit_nonnegative, model_key
 from klotski_jax.pipeline.host import HostTier, StagingBuffer, _read_file, aligned_empty
@@ -355,7 +356,7 @@ def _attention(cfg: ModelConfig, w: Any, layer: int, b: int, t: int, s: int,
     valid = np.ones((b, s), bool)
 
     def run() -> None:
-        out, kv[0] = layers.attention_block(
+        out, kv[0] = blocks.attention_block(
             w, h, positions, kv[0], np.int32(0), valid,
             cfg=cfg, window=cfg.sliding_windows[layer])
         jax.block_until_ready(out)
@@ -410,11 +411,12 @@ def _routing(cfg: ModelConfig, n: int, opts: ProfileOptions) -> float:
     return _median(run, opts)
 
 
-def _expert_weights(reader: CheckpointReader, layer: int) -> dict[str, jax.Array]:
-    return {p: jax.device_put(reader.expert(layer, p, 0)) for p in ("gate", "up", "down")}
+def _expert_weights(reader: CheckpointReader, layer: int) -> nnx.State:
+    """Expert 0 of `layer` on the device, as the `nnx.State` a load gives the scheduler."""
+    return nnx.State({p: jax.device_put(reader.expert(layer, p, 0)) for p in EXPERT_PARTS})
 
 
-def _expert(cfg: ModelConfig, w: dict[str, jax.Array], rows: int, opts: ProfileOptions
+def _expert(cfg: ModelConfig, w: nnx.State, rows: int, opts: ProfileOptions
             ) -> float:
     """One expert over a full bucket of `rows` tokens, as Scheduler._expert runs it: gather its
     rows from the routing, pad, run. The scheduler dispatches a layer's experts back to back
@@ -429,7 +431,7 @@ def _expert(cfg: ModelConfig, w: dict[str, jax.Array], rows: int, opts: ProfileO
         for _ in range(burst):
             r, wts = routing.rows(0)
             pr, pw = steps.pad_rows(r, wts)
-            acc[0], _ = steps.expert_apply(acc[0], x, pr, pw, w["gate"], w["up"], w["down"])
+            acc[0], _ = steps.expert_apply(acc[0], x, pr, pw, w)
         jax.block_until_ready(acc[0])
 
     return _median(run, opts) / burst
@@ -446,7 +448,7 @@ def _combine(cfg: ModelConfig, w: Any, m: int, opts: ProfileOptions) -> float:
 
 def _dense_mlp(cfg: ModelConfig, w: Any, m: int, opts: ProfileOptions) -> float:
     h = jnp.zeros((m, 1, cfg.hidden_size), cfg.dtype)
-    return _median(lambda: jax.block_until_ready(layers.dense_mlp_block(w, h, cfg=cfg)), opts)
+    return _median(lambda: jax.block_until_ready(blocks.dense_mlp_block(w, h, cfg=cfg)), opts)
 
 
 def _head(cfg: ModelConfig, reader: CheckpointReader, b: int, opts: ProfileOptions) -> float:
@@ -459,7 +461,7 @@ def _head(cfg: ModelConfig, reader: CheckpointReader, b: int, opts: ProfileOptio
 
     def run() -> None:
         if cfg.tie_word_embeddings:
-            h = layers.embed(head, tokens)
+            h = blocks.embed(head, tokens)
         else:
             h = jax.device_put(np.take(embed, tokens, axis=0))
         logits = steps.last_token_logits(norm, head, h, cfg=cfg)
@@ -566,7 +568,7 @@ def _interference(reader: CheckpointReader, w: dict[str, jax.Array], opts: Profi
     def compute(reps: int) -> float:
         t0 = time.perf_counter()
         for _ in range(reps):
-            acc[0], _ = steps.expert_apply(acc[0], x, pr, pw, w["gate"], w["up"], w["down"])
+            acc[0], _ = steps.expert_apply(acc[0], x, pr, pw, w)
         jax.block_until_ready(acc[0])
         return time.perf_counter() - t0
 

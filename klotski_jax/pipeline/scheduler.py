@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from klotski_jax.config import ModelConfig
-from klotski_jax.models import layers
+from klotski_jax.models import blocks
 from klotski_jax.models.reference import KVCache
 from klotski_jax.pipeline import steps
 from klotski_jax.pipeline.hot import HotPredictor, prefetch_order, score_hot_set
@@ -170,7 +170,7 @@ class Scheduler:
         for g in groups:
             g.cache.length += g.tokens.shape[1]
         if all_positions:
-            out = [layers.lm_head(self.norm_w, self.head_w, x, cfg=cfg) for x in h]
+            out = [blocks.lm_head(self.norm_w, self.head_w, x, cfg=cfg) for x in h]
         else:
             out = [steps.last_token_logits(self.norm_w, self.head_w, x, cfg=cfg) for x in h]
         if not self.tracer.enabled:  # no per-piece timing: the step's time minus its waits
@@ -193,7 +193,7 @@ class Scheduler:
         h = [self._attention(i, g, w, x, gi) for gi, (g, x) in enumerate(zip(groups, h))]
         if not self.cfg.moe_layers[i]:
             with self._compute("dense mlp", layer=i) as c:
-                h = c.out = [layers.dense_mlp_block(w, x, cfg=self.cfg) for x in h]
+                h = c.out = [blocks.dense_mlp_block(w, x, cfg=self.cfg) for x in h]
             if prefetch and schedule is Schedule.KLOTSKI:
                 self._prefetch(nxt, self._tokens_at(nxt))
         elif schedule is Schedule.KLOTSKI:
@@ -225,7 +225,7 @@ class Scheduler:
 
     def _embed(self, tokens: np.ndarray) -> jax.Array:
         if self.embed_host is None:
-            return layers.embed(self.head_w, tokens)  # tied: the head is the table
+            return blocks.embed(self.head_w, tokens)  # tied: the head is the table
         return jax.device_put(np.take(self.embed_host, tokens, axis=0))
 
     def _dense(self, i: int) -> Any:
@@ -247,7 +247,7 @@ class Scheduler:
             # NumPy arguments go straight to the jitted functions (their C++ fast path): a
             # jnp.asarray per argument costs a primitive dispatch each, which on a small model
             # was a fifth of a decode step.
-            h, new_kv = layers.attention_block(
+            h, new_kv = blocks.attention_block(
                 w, h, g.positions, kv, np.int32(g.cache.length), g.cache.valid,
                 cfg=self.cfg, window=self.cfg.sliding_windows[i])
             c.out = h
@@ -289,8 +289,7 @@ class Scheduler:
         per = ({"tokens_per_group": np.diff(np.searchsorted(rows, self._offsets)).tolist()
                 + [int((rows >= self._offsets[-1]).sum())]} if self.tracer.enabled else {})
         with self._compute("expert", layer=i, expert=e, tokens=len(rows), **per, **trace) as c:
-            acc, self._fence = steps.expert_apply(acc, x_all, r, ww,
-                                                  w["gate"], w["up"], w["down"])
+            acc, self._fence = steps.expert_apply(acc, x_all, r, ww, w)
             c.out = self._fence
         self.stats.expert_computes += 1
         return acc
@@ -499,12 +498,12 @@ class Scheduler:
         for g in groups:
             b, slots = len(g.tokens), g.cache.valid.shape[1]
             tokens = np.zeros((b, t), np.int32)
-            h = layers.embed(self.head_w, tokens) if self.embed_host is None else jnp.zeros(
+            h = blocks.embed(self.head_w, tokens) if self.embed_host is None else jnp.zeros(
                 (b, t, cfg.hidden_size), dt)
             host_kv = isinstance(g.cache.kv[i][0], np.ndarray)
             kv = (tuple(jnp.zeros((b, slots, cfg.num_kv_heads, cfg.head_dim), dt) for _ in "kv")
                   if host_kv else g.cache.kv[i])
-            h, new_kv = layers.attention_block(
+            h, new_kv = blocks.attention_block(
                 w, h, tokens, kv, np.int32(0), np.ones((b, slots), bool), cfg=cfg,
                 window=cfg.sliding_windows[i])
             if host_kv:
@@ -514,7 +513,7 @@ class Scheduler:
             if cfg.moe_layers[i]:
                 pairs.append((h, steps.route_group(w, h, cfg=cfg)[0]))
             else:
-                h = layers.dense_mlp_block(w, h, cfg=cfg)
+                h = blocks.dense_mlp_block(w, h, cfg=cfg)
             jax.block_until_ready(steps.last_token_logits(self.norm_w, self.head_w, h, cfg=cfg))
         for part in [pairs] if self.policy.multi_batch else [[p] for p in pairs]:
             if not part:

@@ -1,4 +1,4 @@
-"""Jitted compute pieces the schedules add on top of models/layers.py.
+"""Jitted compute pieces the schedules add on top of models/blocks.py.
 
 The expert phase works on all tokens of all groups at once: X [N, d] is the concatenated MoE input,
 and each expert gathers its rows of X, runs its FFN, and scatter-adds its weighted output into a
@@ -10,13 +10,15 @@ never again.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from klotski_jax.config import ModelConfig
-from klotski_jax.models import layers
+from klotski_jax.models import blocks
 from klotski_jax.pipeline.costs import bucket, buckets_upto  # declared once (no JAX there)
 
 
@@ -39,13 +41,13 @@ def zero_accumulator(shape: tuple[int, ...]) -> jax.Array:
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def expert_apply(acc: jax.Array, x: jax.Array, rows: jax.Array, weights: jax.Array,
-                 w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]:
-    """acc[rows] += weights * Expert(x[rows]); acc [N, d] float32 (donated), rows [bucket].
+                 expert: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """acc[rows] += weights * Expert(x[rows]); acc [N, d] float32 (donated), rows [bucket];
+    expert: one expert's `nnx.State` {gate, up, down}, merged into `modules.Expert` here.
 
     Also returns a scalar computed by the same execution: the fence that says the expert's
     weights are no longer read (acc cannot be one: the next expert's call donates it)."""
-    y = layers.swiglu(x[rows], w_gate, w_up, w_down)  # [bucket >= 2, d]
+    y = blocks.merge_expert(expert)(x[rows])  # [bucket >= 2, d]
     return acc.at[rows].add(y.astype(jnp.float32) * weights[:, None]), y[0, 0]
 
 
@@ -54,11 +56,12 @@ def warm_up_experts(cfg: ModelConfig, n_rows: int) -> None:
     sends a new number of tokens to an expert mid-run never triggers a compile."""
     d, f, dt = cfg.hidden_size, cfg.expert_intermediate_size, jnp.dtype(cfg.dtype)
     x = jnp.zeros((n_rows, d), dt)
-    w_in, w_out = jnp.zeros((f, d), dt), jnp.zeros((d, f), dt)
+    expert = nnx.State({"gate": jnp.zeros((f, d), dt), "up": jnp.zeros((f, d), dt),
+                        "down": jnp.zeros((d, f), dt)})
     for size in buckets_upto(n_rows):
         acc = jnp.zeros((n_rows, d), jnp.float32)
         jax.block_until_ready(expert_apply(acc, x, jnp.zeros(size, jnp.int32),
-                                           jnp.zeros(size, jnp.float32), w_in, w_in, w_out))
+                                           jnp.zeros(size, jnp.float32), expert))
 
 
 @functools.partial(jax.jit, static_argnames=("t",))
@@ -72,25 +75,24 @@ def cache_slots(cache: jax.Array, start: jax.Array, *, t: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def finish_moe(w: layers.Weights, h: jax.Array, x: jax.Array, acc: jax.Array, offset: jax.Array,
-               *, cfg: ModelConfig) -> jax.Array:
-    """h + routed output (this group's rows of acc) + shared expert; h [b, t, d], x [b*t, d]."""
+def finish_moe(w: blocks.LayerState, h: jax.Array, x: jax.Array, acc: jax.Array,
+               offset: jax.Array, *, cfg: ModelConfig) -> jax.Array:
+    """h + routed output (this group's rows of acc) + shared expert; h [b, t, d], x [b*t, d];
+    w: the layer's dense-part state."""
     b, t, d = h.shape
     out = jax.lax.dynamic_slice_in_dim(acc, offset, b * t).astype(h.dtype)
-    if "shared" in w:
-        out = out + layers.shared_expert(w["shared"], x)
-    return h + out.reshape(b, t, d)
+    return h + blocks.finish_moe_output(w, out, x, cfg).reshape(b, t, d)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def route_group(w: layers.Weights, h: jax.Array, *, cfg: ModelConfig
+def route_group(w: blocks.LayerState, h: jax.Array, *, cfg: ModelConfig
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One group's MoE input and routing: h [b, t, d] -> (x [b*t, d], weights, experts)."""
-    return layers.router_block(w, h.reshape(-1, h.shape[-1]), cfg=cfg)
+    return blocks.router_block(w, h.reshape(-1, h.shape[-1]), cfg=cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def last_token_logits(w_norm: jax.Array, w_head: jax.Array, h: jax.Array, *, cfg: ModelConfig
                       ) -> jax.Array:
     """Float32 logits of the last position only: h [b, t, d] -> [b, v]."""
-    return layers.lm_head(w_norm, w_head, h[:, -1:], cfg=cfg)[:, 0]
+    return blocks.lm_head(w_norm, w_head, h[:, -1:], cfg=cfg)[:, 0]

@@ -79,9 +79,10 @@ def _dense_key(adapter: FamilyAdapter, name: str, moe: str) -> str:
         return base + "post_attention_layernorm.weight"
     if group == "attn":
         return base + "self_attn." + _ATTN[leaf]
-    if rest == "router":
+    if rest == "moe.router.weight":
         return base + moe + ".gate.weight"
-    if group == "shared":
+    if rest.startswith("moe.shared."):
+        leaf = rest.rsplit(".", 1)[1]
         return base + moe + (".shared_expert_gate.weight" if leaf == "gate_logit"
                              else ".shared_expert." + _MLP[leaf])
     if group == "mlp":

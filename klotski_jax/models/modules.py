@@ -1,0 +1,267 @@
+"""The model's building blocks as Flax NNX modules.
+
+Every family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) is built from the same blocks; a family
+differs from another by its `ModelConfig` (biases, q/k norms, clip_qkv, sliding windows, shared
+experts, dense layers), never by a copy of a block.
+
+Each `nnx.Param` is named so that its NNX path, joined with ".", is the array's flat name in
+`models/specs.py` (`layers.3.attn.q`, `layers.3.moe.router.weight`, `layers.3.moe.experts.up`):
+one name per array, in the checkpoint, the orbax dense tree, the expert store and the modules.
+Parameters keep HF's (out, in) orientation; the math is the pure functions of models/layers.py.
+
+The hot path stays functional: the pipeline does not call these modules with their parameters
+attached. It streams `nnx.State` pytrees (a layer's dense part, one expert) as arguments of
+jitted steps, which `nnx.merge` them into the modules below at trace time (models/blocks.py).
+The dense part of a layer is a `DecoderLayer` built with `routed=False`: its MoE block has a
+router and shared expert but no routed experts, which live in the expert store one by one.
+
+Module tree (i = layer; `mlp` on dense layers, `moe` on MoE layers):
+  MoEModel: embed [V, D], layers[i]: DecoderLayer, final_norm [D], lm_head [V, D] (untied)
+  DecoderLayer: attn_norm [D], attn: Attention, mlp_norm [D], mlp: DenseMLP | moe: MoEBlock
+  MoEBlock: router: Router, experts: RoutedExperts (routed=True), shared: SharedExpert | None
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from klotski_jax.config import ModelConfig, QKNorm
+from klotski_jax.models import layers
+
+F32 = jnp.float32
+INIT_STD = 0.02  # HF's initializer_range for every family's random init
+
+
+def _matrix(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> nnx.Param:
+    return nnx.Param((INIT_STD * jax.random.normal(rngs.params(), shape, F32)).astype(dtype))
+
+
+def _ones(shape: tuple[int, ...], dtype: Any) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, dtype))
+
+
+def _zeros(shape: tuple[int, ...], dtype: Any) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype))
+
+
+def _value(p: nnx.Param | None) -> jax.Array | None:
+    return None if p is None else p[...]
+
+
+class Attention(nnx.Module):
+    """Grouped-query RoPE attention with the families' variants, over a KV cache.
+
+    Params q [Hq*hd, D], k/v [Hkv*hd, D], o [D, Hq*hd]; q/k/v biases (Qwen2-MoE), an o bias;
+    q/k RMSNorm per head [hd] (Qwen3-MoE) or over the projection (OLMoE); clip_qkv (OLMoE).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any):
+        self.cfg = cfg
+        d, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
+        self.q, self.k = _matrix(rngs, (q, d), dtype), _matrix(rngs, (kv, d), dtype)
+        self.v, self.o = _matrix(rngs, (kv, d), dtype), _matrix(rngs, (d, q), dtype)
+        self.q_bias = _zeros((q,), dtype) if cfg.qkv_bias else None
+        self.k_bias = _zeros((kv,), dtype) if cfg.qkv_bias else None
+        self.v_bias = _zeros((kv,), dtype) if cfg.qkv_bias else None
+        self.o_bias = _zeros((d,), dtype) if cfg.o_bias else None
+        norm = {QKNorm.HEAD: (cfg.head_dim, cfg.head_dim), QKNorm.FULL: (q, kv)}.get(cfg.qk_norm)
+        self.q_norm = None if norm is None else _ones((norm[0],), dtype)
+        self.k_norm = None if norm is None else _ones((norm[1],), dtype)
+
+    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [b, t, D] (normed) -> q [b, t, Hq, hd], k and v [b, t, Hkv, hd], RoPE applied."""
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        b, t, _ = x.shape
+        q = layers.linear(x, self.q[...], _value(self.q_bias))
+        k = layers.linear(x, self.k[...], _value(self.k_bias))
+        v = layers.linear(x, self.v[...], _value(self.v_bias))
+        if cfg.qk_norm is QKNorm.FULL:
+            q, k = layers.rms_norm(q, self.q_norm[...], eps), layers.rms_norm(k, self.k_norm[...], eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm is QKNorm.HEAD:
+            q, k = layers.rms_norm(q, self.q_norm[...], eps), layers.rms_norm(k, self.k_norm[...], eps)
+        return layers.rope(q, positions, cfg.rope_theta), layers.rope(k, positions, cfg.rope_theta), v
+
+    def __call__(self, x: jax.Array, positions: jax.Array, kv: tuple[jax.Array, jax.Array],
+                 write_index: jax.Array, kv_valid: jax.Array, window: int | None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Attention of new tokens x [b, t, D] (normed), writing their K/V at write_index.
+
+        kv: this layer's (K, V) caches [b, s, Hkv, hd]; kv_valid [b, s]: slots with real tokens.
+        Returns the projected output [b, t, D] and the updated caches.
+        """
+        q, k, v = self.qkv(x, positions)
+        k_cache = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, write_index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, write_index, 0, 0))
+        mask = layers.attention_mask(write_index, x.shape[1], kv_valid, window)
+        out = layers.attend(q, k_cache, v_cache, mask, self.cfg)
+        return layers.linear(out, self.o[...], _value(self.o_bias)), (k_cache, v_cache)
+
+
+class Router(nnx.Module):
+    """Softmax-then-top-k router; weight [E, D] (HF's `gate`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any):
+        self.cfg = cfg
+        self.weight = _matrix(rngs, (cfg.num_experts, cfg.hidden_size), dtype)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """x [n, D] -> float32 router logits [n, E] (what HF's gate returns)."""
+        return layers.linear(x, self.weight[...]).astype(F32)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [n, D] -> (routing weights [n, top_k] float32, experts [n, top_k] int32)."""
+        return layers.route(self.logits(x), self.cfg.top_k, self.cfg.norm_topk_prob)
+
+
+class Expert(nnx.Module):
+    """One routed expert (SwiGLU): gate, up [I, D], down [D, I].
+
+    The unit the pipeline streams: its `nnx.State` is what one expert's load moves. Built from
+    its two sizes only, so one graph definition serves every layer and model."""
+
+    def __init__(self, hidden: int, intermediate: int, *, rngs: nnx.Rngs, dtype: Any):
+        d, f = hidden, intermediate
+        self.gate, self.up = _matrix(rngs, (f, d), dtype), _matrix(rngs, (f, d), dtype)
+        self.down = _matrix(rngs, (d, f), dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [n, D] -> [n, D]."""
+        return layers.swiglu(x, self.gate[...], self.up[...], self.down[...])
+
+
+class RoutedExperts(nnx.Module):
+    """All routed experts of a layer, stacked: gate, up [E, I, D], down [E, D, I].
+
+    Used where every expert is resident (the reference model, training); the expert store keeps
+    the same arrays with one chunk per expert, and `expert_state(j)` is expert j's `Expert`
+    state."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any):
+        e, d, f = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+        self.gate, self.up = _matrix(rngs, (e, f, d), dtype), _matrix(rngs, (e, f, d), dtype)
+        self.down = _matrix(rngs, (e, d, f), dtype)
+
+    def expert_state(self, j: int) -> nnx.State:
+        """Expert j's parameters, as the state of an `Expert` module."""
+        return nnx.State({"gate": self.gate[j], "up": self.up[j], "down": self.down[j]})
+
+    def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
+        """sum_k weights[n, k] * Expert_{idx[n, k]}(x[n]) with every expert on every token."""
+        w = {"gate": self.gate[...], "up": self.up[...], "down": self.down[...]}
+        return layers.combine_dense(w, x, weights, idx)
+
+    def grouped(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
+        """The same sum computing only each token's top-k experts (training's fast path)."""
+        w = {"gate": self.gate[...], "up": self.up[...], "down": self.down[...]}
+        return layers.combine_grouped(w, x, weights, idx)
+
+
+class SharedExpert(nnx.Module):
+    """Qwen2-MoE's shared expert with its sigmoid gate: sigmoid(gate_logit(x)) * SwiGLU(x).
+
+    gate, up [Is, D], down [D, Is], gate_logit [1, D]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any):
+        d, s = cfg.hidden_size, cfg.shared_expert_intermediate_size
+        self.gate, self.up = _matrix(rngs, (s, d), dtype), _matrix(rngs, (s, d), dtype)
+        self.down, self.gate_logit = _matrix(rngs, (d, s), dtype), _matrix(rngs, (1, d), dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [n, D] -> [n, D]."""
+        gate = jax.nn.sigmoid(layers.linear(x, self.gate_logit[...]))  # [n, 1]
+        return gate * layers.swiglu(x, self.gate[...], self.up[...], self.down[...])
+
+
+class DenseMLP(nnx.Module):
+    """The SwiGLU MLP of a dense (non-MoE) layer: gate, up [Id, D], down [D, Id]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any):
+        d, m = cfg.hidden_size, cfg.dense_intermediate_size
+        self.gate, self.up = _matrix(rngs, (m, d), dtype), _matrix(rngs, (m, d), dtype)
+        self.down = _matrix(rngs, (d, m), dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layers.swiglu(x, self.gate[...], self.up[...], self.down[...])
+
+
+class MoEBlock(nnx.Module):
+    """Router, routed experts (absent in a layer's dense part) and the optional shared expert."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any, routed: bool = True):
+        self.router = Router(cfg, rngs=rngs, dtype=dtype)
+        self.experts = RoutedExperts(cfg, rngs=rngs, dtype=dtype) if routed else None
+        self.shared = (SharedExpert(cfg, rngs=rngs, dtype=dtype)
+                       if cfg.shared_expert_intermediate_size else None)
+
+    def finish(self, routed_out: jax.Array, x: jax.Array) -> jax.Array:
+        """The block's output: the routed experts' sum [n, D] plus the shared expert of x."""
+        return routed_out if self.shared is None else routed_out + self.shared(x)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [n, D] (normed) -> MoE(x) [n, D] with every routed expert resident."""
+        weights, idx = self.router(x)
+        return self.finish(self.experts(x, weights, idx), x)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm decoder layer: h + Attention(RMSNorm(h)), then h + FFN(RMSNorm(h)), where the
+    FFN is a `MoEBlock` (`moe`) on MoE layers and a `DenseMLP` (`mlp`) on the others."""
+
+    def __init__(self, cfg: ModelConfig, index: int, *, rngs: nnx.Rngs, dtype: Any = None,
+                 routed: bool = True):
+        # `index` only picks MoE or dense: layers of one kind share a graph definition (and so
+        # the compiled steps); a layer's sliding window is an argument of `attention`.
+        dtype = jnp.dtype(cfg.dtype) if dtype is None else dtype
+        self.cfg = cfg
+        self.attn_norm = _ones((cfg.hidden_size,), dtype)
+        self.attn = Attention(cfg, rngs=rngs, dtype=dtype)
+        self.mlp_norm = _ones((cfg.hidden_size,), dtype)
+        moe = cfg.moe_layers[index]
+        self.moe = MoEBlock(cfg, rngs=rngs, dtype=dtype, routed=routed) if moe else None
+        self.mlp = None if moe else DenseMLP(cfg, rngs=rngs, dtype=dtype)
+
+    def attention(self, h: jax.Array, positions: jax.Array, kv: tuple[jax.Array, jax.Array],
+                  write_index: jax.Array, kv_valid: jax.Array, window: int | None
+                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """h + Attention(RMSNorm(h)) for new tokens h [b, t, D], and the updated (K, V)."""
+        out, kv = self.attn(layers.rms_norm(h, self.attn_norm[...], self.cfg.rms_norm_eps),
+                            positions, kv, write_index, kv_valid, window)
+        return h + out, kv
+
+    def ffn_input(self, h: jax.Array) -> jax.Array:
+        """RMSNorm(h): the input of the MoE block or MLP."""
+        return layers.rms_norm(h, self.mlp_norm[...], self.cfg.rms_norm_eps)
+
+    def feed_forward(self, h: jax.Array) -> jax.Array:
+        """h + FFN(RMSNorm(h)) with every weight resident; h [b, t, D]."""
+        b, t, d = h.shape
+        x = self.ffn_input(h.reshape(b * t, d))
+        out = self.mlp(x) if self.moe is None else self.moe(x)
+        return h + out.reshape(b, t, d)
+
+
+class MoEModel(nnx.Module):
+    """The whole decoder: embedding, layers, final norm and the LM head (tied or not)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = None):
+        dtype = jnp.dtype(cfg.dtype) if dtype is None else dtype
+        self.cfg = cfg
+        self.embed = _matrix(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs, dtype=dtype)
+                                for i in range(cfg.num_layers)])
+        self.final_norm = _ones((cfg.hidden_size,), dtype)
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else _matrix(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
+
+    def head_weight(self) -> jax.Array:
+        """The vocabulary projection [V, D]: the embedding when tied."""
+        return self.embed[...] if self.lm_head is None else self.lm_head[...]
