@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from klotski_jax.config import ModelConfig
+from klotski_jax.constants import CACHE_ROUND
 from klotski_jax.models import layers
 from klotski_jax.models.specs import layer_tree, weight_specs
-
-CACHE_ROUND = 32  # cache lengths are rounded up to this, so nearby lengths share compiles
 
 
 def positions_from_mask(mask: np.ndarray) -> np.ndarray:

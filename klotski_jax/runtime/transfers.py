@@ -35,9 +35,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from klotski_jax.pipeline.host import HostTier, StagingBuffer
-from klotski_jax.pipeline.ledger import MemoryLedger
-from klotski_jax.pipeline.trace import RunStats, Tracer
+from klotski_jax.runtime.host import HostTier, StagingBuffer
+from klotski_jax.runtime.ledger import MemoryLedger
+from klotski_jax.runtime.trace import RunStats, Tracer
 
 
 @dataclasses.dataclass
