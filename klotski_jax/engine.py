@@ -423,11 +423,12 @@ class _Session:
         on_device = ("final_norm", "embed" if cfg.tie_word_embeddings else "lm_head")
         globals_dev = jax.device_put({k: host.globals[k] for k in on_device})
         embed_host = None if cfg.tie_word_embeddings else host.globals["embed"]
-        self.transfers = Transfers(host, self.device, io_threads=pol.io_threads,
-                                   tracer=self.tracer, stats=self.stats)
+        kv_window = None
         if not pl.kv_on_device:
             self.device.reserve("kv window", pl.kv_device_bytes)
-            self.transfers.kv_ledger = MemoryLedger("device kv window", pl.kv_device_bytes)
+            kv_window = MemoryLedger("device kv window", pl.kv_device_bytes)
+        self.transfers = Transfers(host, self.device, io_threads=pol.io_threads,
+                                   tracer=self.tracer, stats=self.stats, kv_ledger=kv_window)
         self.scheduler = Scheduler(cfg, pol, pl, self.transfers,
                                    self.engine._predictor_factory(cfg), globals_dev, embed_host,
                                    self.tracer,

@@ -17,4 +17,8 @@ decode) seconds), prefill and decode throughput apart, I/O wait and its share of
 bytes read from the chunk files and moved to the device, memory peaks, and an efficiency figure:
 a lower bound for this machine over the measured time (`lower_bound`). One JSON line per
 (schedule, configuration), a Markdown table, and optionally a plot (bench/plot.py) and a trace.
+
+Modules, each importing only those before it: options (schedules, presets, configurations, run
+order), metrics, bounds (the lower bound), hf (the HF peer), report (Markdown), plot, runner
+(`Bench` and `run_bench`, the entry point of `klotski bench`).
 """
