@@ -50,7 +50,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())
