@@ -285,7 +285,7 @@ def measure_export(opts: Options, hf_dir: pathlib.Path, train_windows: np.ndarra
     import jax.numpy as jnp
 
     import klotski_jax
-    from klotski_jax.bench import SAMPLE_REPETITION_PENALTY
+    from klotski_jax.bench.options import SAMPLE_REPETITION_PENALTY
     from klotski_jax.checkpoints.store import CheckpointReader
     from klotski_jax.demo import PROMPTS
     from klotski_jax.engine import Engine

@@ -18,6 +18,8 @@ ENGINE_SCHEDULES = ("klotski", "flexgen", "lru", "sequential")
 HF_SCHEDULE = "hf-accelerate"
 SCHEDULES = (*ENGINE_SCHEDULES, HF_SCHEDULE)
 RESIDENT = "resident"  # klotski with unlimited budgets: every weight on the device
+# The text sample after the table: a tiny model loops under plain greedy decoding.
+SAMPLE_REPETITION_PENALTY = 1.3
 
 # The paper's ablation ladder (section 6): each rung turns one idea of klotski on.
 ABLATION_LADDER: tuple[tuple[str, dict[str, bool]], ...] = (

@@ -26,6 +26,7 @@ from klotski_jax.bench.options import (
     HF_SCHEDULE,
     PRESETS,
     RESIDENT,
+    SAMPLE_REPETITION_PENALTY,
     BenchConfig,
     BenchOptions,
     Variant,
@@ -338,9 +339,6 @@ def describe_workload(bench: Bench) -> str:
     sweep = f", groups swept over {list(o.sweep_groups)}" if o.sweep_groups else ""
     return (f"workload: {c.num_prompts} prompts x {c.prompt_len} tokens -> {c.gen_len} new "
             f"tokens{sweep}{source}")
-
-
-SAMPLE_REPETITION_PENALTY = 1.3
 
 
 def sample_texts(bench: Bench, n: int) -> list[tuple[str, str]] | str:

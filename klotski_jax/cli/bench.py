@@ -29,8 +29,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 def _cmd(args: argparse.Namespace) -> int:
     import shlex
 
-    from klotski_jax.bench.options import BenchOptions
-    from klotski_jax.bench.runner import SAMPLE_REPETITION_PENALTY, run_bench
+    from klotski_jax.bench.options import SAMPLE_REPETITION_PENALTY, BenchOptions
+    from klotski_jax.bench.runner import run_bench
 
     if not args.verbose:  # one "placement" info line per run would bury the table
         logging.getLogger("klotski_jax.engine").setLevel(logging.WARNING)
