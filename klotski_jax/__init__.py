@@ -14,8 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from klotski_jax.config import ModelConfig
-
-__version__ = "0.1.0"
+from klotski_jax.constants import __version__
 
 _LAZY = {
     "convert": ("klotski_jax.checkpoints.convert", "convert"),
@@ -24,12 +23,12 @@ _LAZY = {
     "Model": ("klotski_jax.models.reference", "Model"),
     "Engine": ("klotski_jax.engine", "Engine"),
     "Generation": ("klotski_jax.engine", "Generation"),
-    "Policy": ("klotski_jax.pipeline.policy", "Policy"),
-    "PolicyError": ("klotski_jax.pipeline.policy", "PolicyError"),
-    "Schedule": ("klotski_jax.pipeline.policy", "Schedule"),
-    "parse_size": ("klotski_jax.pipeline.policy", "parse_size"),
-    "RunStats": ("klotski_jax.pipeline.trace", "RunStats"),
-    "Tracer": ("klotski_jax.pipeline.trace", "Tracer"),
+    "Policy": ("klotski_jax.planning.policy", "Policy"),
+    "PolicyError": ("klotski_jax.planning.policy", "PolicyError"),
+    "Schedule": ("klotski_jax.planning.policy", "Schedule"),
+    "parse_size": ("klotski_jax.planning.policy", "parse_size"),
+    "RunStats": ("klotski_jax.runtime.trace", "RunStats"),
+    "Tracer": ("klotski_jax.runtime.trace", "Tracer"),
 }
 
 __all__ = ["ModelConfig", "__version__", *_LAZY]

@@ -95,7 +95,8 @@ def run_demo(cache_dir: str | os.PathLike[str] | None = None, max_new_tokens: in
     import jax
 
     import klotski_jax
-    from klotski_jax.checkpoints.default_model import cache_root, default_checkpoint
+    from klotski_jax.checkpoints.default_model import default_checkpoint
+    from klotski_jax.constants import cache_root
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

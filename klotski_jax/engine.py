@@ -24,19 +24,20 @@ import numpy as np
 
 from klotski_jax.checkpoints.loader import load_tokenizer
 from klotski_jax.checkpoints.store import CheckpointReader
-from klotski_jax.models.reference import CACHE_ROUND, KVCache, positions_from_mask
-from klotski_jax.pipeline.costs import Profile
-from klotski_jax.pipeline.host import HostTier
-from klotski_jax.pipeline.hot import HotPredictor, PreviousLayerPopularity
-from klotski_jax.pipeline.ledger import BudgetError, MemoryLedger
-from klotski_jax.pipeline.placement import Placement, Workload, device_global_bytes, place
-from klotski_jax.pipeline.planner import Plan, Planner, PlanRequest
-from klotski_jax.pipeline.policy import Policy, PolicyError, Schedule
-from klotski_jax.pipeline.prefetcher import CorrelationPrefetcher, CorrelationTable, TableError
-from klotski_jax.pipeline.prior import is_prior
-from klotski_jax.pipeline.scheduler import GroupState, Scheduler, live_device_bytes
-from klotski_jax.pipeline.trace import RunStats, Tracer
-from klotski_jax.pipeline.transfers import cache_memory
+from klotski_jax.constants import BudgetError, cache_len
+from klotski_jax.models.reference import KVCache, positions_from_mask
+from klotski_jax.planning.costs import Profile
+from klotski_jax.planning.hot import HotPredictor, PreviousLayerPopularity
+from klotski_jax.planning.placement import Placement, Workload, device_global_bytes, place
+from klotski_jax.planning.planner import Plan, Planner, PlanRequest
+from klotski_jax.planning.policy import Policy, PolicyError, Schedule
+from klotski_jax.planning.prefetcher import CorrelationPrefetcher, CorrelationTable, TableError
+from klotski_jax.planning.prior import is_prior
+from klotski_jax.runtime.host import HostTier
+from klotski_jax.runtime.ledger import MemoryLedger
+from klotski_jax.runtime.scheduler import GroupState, Scheduler, live_device_bytes
+from klotski_jax.runtime.trace import RunStats, Tracer
+from klotski_jax.runtime.transfers import cache_memory
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class Engine:
         With the multi-batch klotski schedule and the workload known (prompt length and new
         tokens), the planner chooses what the policy leaves open (groups, batch size, the
         prefetch threshold) from the costs of this model on this device: its measured profile
-        (`klotski profile`) when one is cached, else the roofline prior of `pipeline/prior.py`
+        (`klotski profile`) when one is cached, else the roofline prior of `planning/prior.py`
         over machine rates measured once in about a second. Otherwise DEFAULT_GROUPS groups
         with the prompts split evenly. The plan is kept in `self.plan`.
         """
@@ -193,7 +194,7 @@ class Engine:
     def _fitting_batch(self, groups: int, batch: int, prompt_len: int, max_new: int) -> int:
         """The largest batch <= `batch` whose placement fits the budgets (more rounds instead of
         a BudgetError), or `batch` itself when none does (its error names the minimum)."""
-        cache = -(-(prompt_len + max_new) // CACHE_ROUND) * CACHE_ROUND
+        cache = cache_len(prompt_len + max_new)
         for b in range(batch, 0, -1):
             try:
                 place(self.config, self.policy, Workload(groups, b, prompt_len,
@@ -210,8 +211,8 @@ class Engine:
         """What the planner predicts with: the given or cached profile of this model on this
         device, else the roofline prior over this machine's rates (measured and cached on
         first use)."""
-        from klotski_jax.pipeline.prior import prior_profile
-        from klotski_jax.pipeline.profiler import load_cached, machine_rates
+        from klotski_jax.planning.prior import prior_profile
+        from klotski_jax.profiler import load_cached, machine_rates
 
         profile = self._profile or load_cached(self.config)
         if profile is None:
@@ -399,7 +400,7 @@ class _Session:
         self.engine = engine
         self.cfg = cfg = engine.config
         self.policy = pol = engine.run_policy()
-        self.cache_len = -(-(prompt_len + max_new) // CACHE_ROUND) * CACHE_ROUND
+        self.cache_len = cache_len(prompt_len + max_new)
         self.placement = place(cfg, pol, Workload(groups, batch, prompt_len,
                                                   self.cache_len - prompt_len))
         self.tracer, self.stats = tracer, stats
@@ -407,7 +408,7 @@ class _Session:
         self.host_state = host
 
     def __enter__(self) -> _Session:
-        from klotski_jax.pipeline.transfers import Transfers
+        from klotski_jax.runtime.transfers import Transfers
 
         cfg, pol, pl = self.cfg, self.policy, self.placement
         baseline = live_device_bytes() if pol.verify_memory else None
@@ -422,11 +423,12 @@ class _Session:
         on_device = ("final_norm", "embed" if cfg.tie_word_embeddings else "lm_head")
         globals_dev = jax.device_put({k: host.globals[k] for k in on_device})
         embed_host = None if cfg.tie_word_embeddings else host.globals["embed"]
-        self.transfers = Transfers(host, self.device, io_threads=pol.io_threads,
-                                   tracer=self.tracer, stats=self.stats)
+        kv_window = None
         if not pl.kv_on_device:
             self.device.reserve("kv window", pl.kv_device_bytes)
-            self.transfers.kv_ledger = MemoryLedger("device kv window", pl.kv_device_bytes)
+            kv_window = MemoryLedger("device kv window", pl.kv_device_bytes)
+        self.transfers = Transfers(host, self.device, io_threads=pol.io_threads,
+                                   tracer=self.tracer, stats=self.stats, kv_ledger=kv_window)
         self.scheduler = Scheduler(cfg, pol, pl, self.transfers,
                                    self.engine._predictor_factory(cfg), globals_dev, embed_host,
                                    self.tracer,

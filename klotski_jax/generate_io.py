@@ -19,11 +19,14 @@ import dataclasses
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from klotski_jax.pipeline.policy import parse_size
+from klotski_jax.checkpoints.manifest import read_manifest
+from klotski_jax.config import ModelConfig
+from klotski_jax.models.specs import total_bytes
+from klotski_jax.planning.policy import parse_size
+from klotski_jax.util import write_atomic
 
 PROMPT_KEYS = ("prompt", "prompt_token_ids")
 
@@ -112,6 +115,12 @@ def check_prompts(records: Sequence[PromptRecord], vocab_size: int, tokenizer: b
                              f"{bad[:5]}")
 
 
+def checkpoint_weight_bytes(ckpt: str | os.PathLike[str]) -> int:
+    """The weight bytes of a converted checkpoint (what a '30%' budget is a share of), from its
+    manifest's config: no weight file is opened."""
+    return total_bytes(ModelConfig.from_dict(read_manifest(ckpt)["config"]))
+
+
 def resolve_size(text: str | None, *, weight_bytes: int) -> int | None:
     """A SIZE option ('512MB', '2GiB', '30%' of the weight bytes) in bytes; None: unlimited."""
     if text is None or text.strip().lower() in ("none", "unlimited", "inf"):
@@ -131,29 +140,6 @@ def results(records: Sequence[PromptRecord], token_ids: Sequence[Sequence[int]],
     return out
 
 
-def write_atomic(path: str | os.PathLike[str], text: str) -> pathlib.Path:
-    """Write text to path via a temp file in the same directory and a rename."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, _file_mode())  # mkstemp creates 0600; outputs get the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _file_mode() -> int:
-    """0o666 less the process umask: the mode open() would have given a new file."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def write_jsonl(path: str | os.PathLike[str], objects: Iterable[dict[str, Any]]) -> pathlib.Path:
     """One JSON object per line (UTF-8, not ASCII-escaped), written atomically."""
     return write_atomic(path, "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objects))
@@ -164,6 +150,7 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> pathlib.Path:
     return write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-__all__ = ["InputError", "PromptRecord", "check_prompts", "check_record", "prompts_from_args",
+__all__ = ["InputError", "PromptRecord", "check_prompts", "check_record", "checkpoint_weight_bytes",
+           "prompts_from_args",
            "read_prompts", "resolve_size", "results", "write_atomic", "write_json",
            "write_jsonl"]

@@ -129,7 +129,7 @@ def machine() -> dict[str, Any]:
     """The bench's machine description (nproc, CPU, load, versions) plus torch's thread count."""
     import torch
 
-    from klotski_jax.bench_runner import machine_info
+    from klotski_jax.bench.runner import machine_info
 
     return {**machine_info(), "torch_threads": torch.get_num_threads()}
 
@@ -180,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opts = parse_args(argv)
     if opts.hf_dir is None:
-        from klotski_jax.checkpoints.default_model import cache_root, default_checkpoint
+        from klotski_jax.checkpoints.default_model import default_checkpoint
+        from klotski_jax.constants import cache_root
 
         default_checkpoint()
         hf_dir, model_name = cache_root() / "default-hf", "embedded default model"

@@ -285,12 +285,12 @@ def measure_export(opts: Options, hf_dir: pathlib.Path, train_windows: np.ndarra
     import jax.numpy as jnp
 
     import klotski_jax
-    from klotski_jax.bench import SAMPLE_REPETITION_PENALTY
+    from klotski_jax.bench.options import SAMPLE_REPETITION_PENALTY
     from klotski_jax.checkpoints.store import CheckpointReader
     from klotski_jax.demo import PROMPTS
     from klotski_jax.engine import Engine
     from klotski_jax.models import training as T
-    from klotski_jax.pipeline.policy import Policy
+    from klotski_jax.planning.policy import Policy
 
     ckpt = klotski_jax.convert(hf_dir, opts.run_dir / "export-f32", dtype="float32",
                                overwrite=True, progress=False)

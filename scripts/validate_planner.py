@@ -89,8 +89,8 @@ def run_config(cfg: Config, ckpt: pathlib.Path, args: argparse.Namespace, planne
                weight_bytes: int) -> dict[str, Any]:
     """Plan with b fixed, then predict and measure every feasible n of one configuration."""
     from klotski_jax.generate_io import resolve_size
-    from klotski_jax.pipeline.planner import PlanRequest
-    from klotski_jax.pipeline.policy import Policy
+    from klotski_jax.planning.planner import PlanRequest
+    from klotski_jax.planning.policy import Policy
 
     dev = resolve_size(cfg.device_budget, weight_bytes=weight_bytes)
     host = resolve_size(cfg.host_budget, weight_bytes=weight_bytes)
@@ -174,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from klotski_jax.checkpoints.default_model import default_checkpoint
     from klotski_jax.checkpoints.store import CheckpointReader
+    from klotski_jax.engine_profile import profile_checkpoint
     from klotski_jax.models.specs import total_bytes
-    from klotski_jax.pipeline.planner import Planner
-    from klotski_jax.pipeline.prefetcher import CorrelationTable
-    from klotski_jax.profiling import profile_checkpoint
+    from klotski_jax.planning.planner import Planner
+    from klotski_jax.planning.prefetcher import CorrelationTable
 
     ckpt = pathlib.Path(args.ckpt) if args.ckpt else default_checkpoint()
     cfg = CheckpointReader(ckpt).config

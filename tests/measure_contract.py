@@ -38,7 +38,7 @@ import conftest  # noqa: E402,F401  (JAX on CPU, highest float32 precision, comp
 import contract  # noqa: E402
 import numpy as np  # noqa: E402
 
-from klotski_jax.bench_hf import left_pad as hf_left_pad  # noqa: E402
+from klotski_jax.bench.hf import left_pad as hf_left_pad  # noqa: E402
 
 KERNELS = ("as-is", "split2", "split3", "split5", "upcast", "noexcess")
 POLICIES = [
@@ -157,8 +157,8 @@ def reference_logits(kernel: str, out: pathlib.Path, models: dict[str, Any]) -> 
 def engine_runs(models: dict[str, Any], refs: dict[str, Any]) -> list[dict[str, Any]]:
     """Engine.logits of every policy x groups x budget vs every kernel's reference."""
     from klotski_jax.engine import Engine
-    from klotski_jax.pipeline.placement import Workload, place
-    from klotski_jax.pipeline.policy import Policy
+    from klotski_jax.planning.placement import Workload, place
+    from klotski_jax.planning.policy import Policy
 
     rows = []
     for name, (ckpt, batches) in models.items():

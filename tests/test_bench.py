@@ -17,14 +17,15 @@ import time
 import pytest
 from cli_helpers import run_cli
 
-from klotski_jax import bench, bench_hf
-from klotski_jax.bench_runner import machine_info
-from klotski_jax.pipeline.policy import PolicyError
-from klotski_jax.pipeline.trace import Tracer
+from klotski_jax.bench import bounds, metrics, options, report
+from klotski_jax.bench import hf as bench_hf
+from klotski_jax.bench.runner import machine_info
+from klotski_jax.planning.policy import PolicyError
+from klotski_jax.runtime.trace import Tracer
 
 TINY_ARGS = ["--prompt-len", "8", "--gen-len", "3", "--num-prompts", "2", "--repeats", "1",
              "--device-budget", "90%", "-q"]
-ROW_KEYS = (*bench.FIELDS, "total_s", "prefill_s", "decode_s", "generated_tokens", "groups",
+ROW_KEYS = (*options.FIELDS, "total_s", "prefill_s", "decode_s", "generated_tokens", "groups",
             "batch_size", "prompt_len", "gen_len", "num_prompts", "device_budget_bytes",
             "host_budget_bytes", "cold_disk", "io_mode", "repeats", "preset", "machine", "date",
             "command", "lower_bound", "bandwidths", "skipped", "same_tokens_as_resident")
@@ -59,7 +60,7 @@ def bench_guaranteed_agreement(ckpt: pathlib.Path, row: dict) -> float:
     model = klotski_jax.load(ckpt)
     cfg = model.config
     special = {cfg.bos_token_id, cfg.pad_token_id, *cfg.eos_token_ids} - {None}
-    ids = np.asarray(bench.synthetic_prompts(row["num_prompts"], row["prompt_len"],
+    ids = np.asarray(options.synthetic_prompts(row["num_prompts"], row["prompt_len"],
                                              cfg.vocab_size, sorted(special), row["seed"]), np.int32)
     tol = contract.tolerance(cfg.dtype)
     ref = contract.reference_greedy(model, ids, np.ones_like(ids), row["gen_len"], tol)
@@ -70,28 +71,28 @@ def bench_guaranteed_agreement(ckpt: pathlib.Path, row: dict) -> float:
 def test_run_metrics_arithmetic() -> None:
     stats = {"prefill_s": 0.5, "decode_s": 1.5, "generated_tokens": 40, "prompt_tokens": 64,
              "io_wait_s": 0.5}
-    m = bench.run_metrics(stats, sequences=4)
+    m = metrics.run_metrics(stats, sequences=4)
     assert m["total_s"] == 2.0
     assert m["throughput_tokens_per_s"] == 20.0  # generated / (prefill + decode)
     assert m["prefill_tokens_per_s"] == 128.0  # prompt tokens / prefill
     assert m["decode_tokens_per_s"] == 24.0  # (40 - 4 first tokens) / decode
     assert m["io_wait_fraction"] == 0.25
-    zero = bench.run_metrics({**stats, "prefill_s": 0.0, "decode_s": 0.0}, 4)
+    zero = metrics.run_metrics({**stats, "prefill_s": 0.0, "decode_s": 0.0}, 4)
     assert zero["throughput_tokens_per_s"] == 0.0 and zero["io_wait_fraction"] == 0.0
 
 
-def bound_inputs(**kw: object) -> bench.BoundInputs:
+def bound_inputs(**kw: object) -> bounds.BoundInputs:
     base = dict(steps=4, dense_bytes=100, expert_bytes=1000, activated_fraction=0.5,
                 device_room=None, host_room=None, cold_disk=False, direct_io=False,
                 disk_cold_bps=100.0, disk_warm_bps=1000.0, h2d_bps=50.0, compute_prefill_s=0.25,
                 compute_decode_s=0.75)
-    return bench.BoundInputs(**{**base, **kw})
+    return bounds.BoundInputs(**{**base, **kw})
 
 
 def test_lower_bound_phases_do_not_overlap() -> None:
     """A disk-bound prefill and a compute-bound decode add up: the decode's compute cannot hide
     the first reads its prefill waited for."""
-    b = bench.lower_bound(bound_inputs(device_room=0, host_room=None, cold_disk=True,
+    b = bounds.lower_bound(bound_inputs(device_room=0, host_room=None, cold_disk=True,
                                        h2d_bps=1e9, compute_prefill_s=1.0, compute_decode_s=3.0))
     assert b["lower_bound_prefill_s"] == pytest.approx(500 / 100)  # the first read of 500 bytes
     assert b["lower_bound_decode_s"] == pytest.approx(3.0)
@@ -99,7 +100,7 @@ def test_lower_bound_phases_do_not_overlap() -> None:
 
 
 def test_lower_bound_unlimited_is_compute() -> None:
-    b = bench.lower_bound(bound_inputs())
+    b = bounds.lower_bound(bound_inputs())
     assert b["lower_bound_io_s"] == 0.0 and b["min_bytes_to_device"] == 0
     assert b["lower_bound_s"] == b["lower_bound_compute_s"] == 1.0
 
@@ -109,7 +110,7 @@ def test_lower_bound_device_and_disk_terms() -> None:
     # Experts beyond device and host room (500 - 200 - 100 = 200) are read again at every step
     # after the first; the first read of the 300 not on the device is cold with --cold-disk.
     # Prefill: max(disk 3 s, device 8 s); decode: 3 steps of max(disk 0.2 s, device 8 s).
-    b = bench.lower_bound(bound_inputs(device_room=200, host_room=100, cold_disk=True))
+    b = bounds.lower_bound(bound_inputs(device_room=200, host_room=100, cold_disk=True))
     assert b["min_bytes_to_device"] == 4 * 400
     assert b["lower_bound_h2d_s"] == pytest.approx(1600 / 50)
     assert b["min_bytes_read_disk"] == 300 + 3 * 200
@@ -117,16 +118,16 @@ def test_lower_bound_device_and_disk_terms() -> None:
     assert b["lower_bound_io_s"] == pytest.approx(32.0)
     assert b["lower_bound_s"] == pytest.approx(32.0)  # I/O-bound: above the compute time
     assert (b["lower_bound_prefill_s"], b["lower_bound_decode_s"]) == pytest.approx((8.0, 24.0))
-    warm = bench.lower_bound(bound_inputs(device_room=200, host_room=100))
+    warm = bounds.lower_bound(bound_inputs(device_room=200, host_room=100))
     assert warm["lower_bound_disk_s"] == pytest.approx(900 / 1000)  # page cache throughout
-    direct = bench.lower_bound(bound_inputs(device_room=200, host_room=100, direct_io=True))
+    direct = bounds.lower_bound(bound_inputs(device_room=200, host_room=100, direct_io=True))
     assert direct["lower_bound_disk_s"] == pytest.approx(900 / 100)  # O_DIRECT: every read cold
 
 
 def test_aggregate_medians_and_spread() -> None:
     runs = [{"throughput_tokens_per_s": t, "bytes_read_disk": b, "schedule": "x", "ok": True}
             for t, b in ((10.0, 100), (30.0, 300), (20.0, 201))]
-    row = bench.aggregate(runs)
+    row = metrics.aggregate(runs)
     assert row["throughput_tokens_per_s"] == 20.0
     assert row["bytes_read_disk"] == 201 and isinstance(row["bytes_read_disk"], int)
     assert row["throughput_per_repeat"] == [10.0, 30.0, 20.0]
@@ -136,7 +137,7 @@ def test_aggregate_medians_and_spread() -> None:
 
 # ---- plan -------------------------------------------------------------------------------------
 def test_run_order_alternates_and_rotates() -> None:
-    order = bench.run_order(2, ["a", "b", "c"], repeats=3)
+    order = options.run_order(2, ["a", "b", "c"], repeats=3)
     assert order[:3] == [(0, "a", -1), (0, "b", -1), (0, "c", -1)]  # warm-ups first
     timed = [label for c, label, r in order if c == 0 and r >= 0]
     assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
@@ -145,36 +146,36 @@ def test_run_order_alternates_and_rotates() -> None:
 
 
 def test_variants_ablation_ladder() -> None:
-    labels = [v.label for v in bench.variants(["flexgen"], ablation=True)]
+    labels = [v.label for v in options.variants(["flexgen"], ablation=True)]
     assert labels == ["flexgen", "klotski simple", "klotski +multi-batch", "klotski +hot-only",
                       "klotski", "resident"]
-    simple = bench.variants(["klotski"], ablation=True)[1]
+    simple = options.variants(["klotski"], ablation=True)[1]
     assert dict(simple.overrides) == {"multi_batch": False, "hot_only_prefetch": False,
                                       "reorder": False}
-    assert [v.label for v in bench.variants(["klotski"], ablation=True)].count("klotski") == 1
+    assert [v.label for v in options.variants(["klotski"], ablation=True)].count("klotski") == 1
 
 
 def test_configurations_sweep_and_policy() -> None:
-    opts = bench.BenchOptions(ckpt="x", sweep_groups=(1, 2, 4), batch_size=3)
-    configs = bench.configurations(opts, bench.PRESETS["cpu"], 1000, None)
+    opts = options.BenchOptions(ckpt="x", sweep_groups=(1, 2, 4), batch_size=3)
+    configs = options.configurations(opts, options.PRESETS["cpu"], 1000, None)
     assert [(c.groups, c.batch_size, c.num_prompts) for c in configs] == [(1, 3, 3), (2, 3, 6),
                                                                          (4, 3, 12)]
-    resident = bench.Variant(bench.RESIDENT, "klotski").policy(configs[0])
+    resident = options.Variant(options.RESIDENT, "klotski").policy(configs[0])
     assert resident.device_budget is None and resident.host_budget is None
-    assert bench.Variant("klotski", "klotski").policy(configs[1]).device_budget == 1000
+    assert options.Variant("klotski", "klotski").policy(configs[1]).device_budget == 1000
 
 
 def test_options_are_validated() -> None:
     with pytest.raises(PolicyError, match="--schedules"):
-        bench.BenchOptions(schedules=("klotski", "deepspeed"))
+        options.BenchOptions(schedules=("klotski", "deepspeed"))
     with pytest.raises(PolicyError, match="repeats"):
-        bench.BenchOptions(repeats=0)
+        options.BenchOptions(repeats=0)
 
 
 def test_synthetic_prompts_are_seeded_and_avoid_special_tokens() -> None:
-    a = bench.synthetic_prompts(5, 7, 10, [0, 1, 2], seed=3)
-    assert a == bench.synthetic_prompts(5, 7, 10, [0, 1, 2], seed=3)
-    assert a[:2] == bench.synthetic_prompts(2, 7, 10, [0, 1, 2], seed=3)  # prefixes agree
+    a = options.synthetic_prompts(5, 7, 10, [0, 1, 2], seed=3)
+    assert a == options.synthetic_prompts(5, 7, 10, [0, 1, 2], seed=3)
+    assert a[:2] == options.synthetic_prompts(2, 7, 10, [0, 1, 2], seed=3)  # prefixes agree
     assert all(len(p) == 7 and min(p) >= 3 and max(p) < 10 for p in a)
 
 
@@ -219,7 +220,7 @@ def fake_rows() -> list[dict]:
 
 
 def test_markdown_table() -> None:
-    table = bench.markdown_table(fake_rows())
+    table = report.markdown_table(fake_rows())
     lines = table.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| schedule"))
     assert len(lines[header].split("|")) == len(lines[header + 2].split("|"))
@@ -243,7 +244,7 @@ def fake_tracer() -> Tracer:
 
 
 def test_plot_file(tmp_path: pathlib.Path) -> None:
-    from klotski_jax.bench_plot import decode_window, plot
+    from klotski_jax.bench.plot import decode_window, plot
 
     rows = fake_rows()
     swept = [{**r, "groups_option": n} for n in (1, 2) for r in rows]
@@ -301,7 +302,7 @@ def test_cli_bench_without_torch_and_small_budget(
     # 40% is below sequential's minimum (one whole layer of experts streams) even for a batch of 1
     assert "below the minimum" in rows["sequential"]["skipped"]
     for r in (rows["hf-accelerate"], rows["sequential"]):
-        assert all(r[f] is None for f in bench.FIELDS[1:])
+        assert all(r[f] is None for f in options.FIELDS[1:])
     assert rows["resident"]["skipped"] is None
     assert "skipped: needs torch and accelerate" in out or "hf-accelerate | skipped" in out
     # At 50% a batch of 2 does not fit sequential's minimum, a batch of 1 does: two rounds of 1.
@@ -333,10 +334,10 @@ def test_cli_bench_prompts_file(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
 
 def test_cli_bench_profile_first(tiny_ckpt: pathlib.Path, capsys: pytest.CaptureFixture[str],
                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from klotski_jax import profiling
+    from klotski_jax import engine_profile
 
     calls = []
-    monkeypatch.setattr(profiling, "profile_checkpoint",
+    monkeypatch.setattr(engine_profile, "profile_checkpoint",
                         lambda ckpt: calls.append(ckpt) or (None, pathlib.Path("p.json"), True))
     rc, _, err = run_cli(["bench", str(tiny_ckpt), "--profile", "--schedules", "lru", "--repeats",
                       "1", "--gen-len", "2", "--num-prompts", "2", "--prompt-len", "4"], capsys)

@@ -26,7 +26,8 @@ import klotski_jax
 from klotski_jax import cli
 from klotski_jax import generate_io as gio
 from klotski_jax.models.specs import total_bytes
-from klotski_jax.pipeline.policy import PolicyError, parse_size
+from klotski_jax.planning.policy import PolicyError, parse_size
+from klotski_jax.util import NoBar, progress
 
 PROMPTS = ["The with statement is used to", "A class", "In Python, a list comprehension"]
 NEW = 4
@@ -202,9 +203,9 @@ def test_progress_bar_on_a_tty(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
     assert cli.main(["generate", str(tiny_ckpt), "--input", str(src), "--max-new-tokens", "3",
                      "--output", str(tmp_path / "o.jsonl")]) == 0
     assert "generating" in err.getvalue() and "/6 " in err.getvalue()
-    assert cli._progress_bar(6, quiet=True)[0] is None
+    assert isinstance(progress(6, unit="tok", quiet=True), NoBar)
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    assert cli._progress_bar(6, quiet=False)[0] is None
+    assert isinstance(progress(6, unit="tok", quiet=False), NoBar)
 
 
 # ---- sizes -----------------------------------------------------------------------------------

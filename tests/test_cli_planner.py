@@ -21,9 +21,9 @@ from cli_helpers import run_cli
 import klotski_jax
 from klotski_jax import cli
 from klotski_jax.engine import Engine
-from klotski_jax.pipeline.costs import Profile
-from klotski_jax.pipeline.policy import Policy
-from klotski_jax.pipeline.prefetcher import META_FILE, TABLE_FILE, CorrelationPrefetcher
+from klotski_jax.planning.costs import Profile
+from klotski_jax.planning.policy import Policy
+from klotski_jax.planning.prefetcher import META_FILE, TABLE_FILE, CorrelationPrefetcher
 
 NEW = 4
 PLAN_FIELDS = ("groups", "batch_size", "hot_experts", "placement", "predicted_prefill_s",

@@ -20,7 +20,7 @@ import pytest
 import klotski_jax
 from klotski_jax.engine import Engine
 from klotski_jax.models.specs import total_bytes
-from klotski_jax.pipeline.policy import Policy
+from klotski_jax.planning.policy import Policy
 
 TEXTS = ["The with statement is used to", "A class", "In Python, a list comprehension",
          "Exceptions are raised when an error occurs and the interpreter stops the current block",

@@ -21,10 +21,10 @@ from hf_models import save_hf_model
 
 import klotski_jax
 from klotski_jax.engine import Engine, prompt_bucket
-from klotski_jax.pipeline import scheduler as scheduler_mod
-from klotski_jax.pipeline.placement import Workload, place
-from klotski_jax.pipeline.policy import Policy
-from klotski_jax.pipeline.trace import Tracer
+from klotski_jax.planning.placement import Workload, place
+from klotski_jax.planning.policy import Policy
+from klotski_jax.runtime import scheduler as scheduler_mod
+from klotski_jax.runtime.trace import Tracer
 
 NEW = 4
 
@@ -153,7 +153,7 @@ def test_the_compute_thread_waits_only_where_it_must(ckpt, monkeypatch):
 
     def counting(x):
         frames = traceback.extract_stack(limit=6)
-        setup = any(f.filename.endswith(os.path.join("pipeline", "host.py")) for f in frames)
+        setup = any(f.filename.endswith(os.path.join("runtime", "host.py")) for f in frames)
         if threading.current_thread() is threading.main_thread() and not setup:  # not I/O
             calls["n"] += 1
         return real(x)

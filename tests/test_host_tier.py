@@ -20,18 +20,18 @@ from hf_models import save_hf_model
 
 import klotski_jax
 from klotski_jax.checkpoints.store import CheckpointReader
+from klotski_jax.constants import ALIGN
 from klotski_jax.models.specs import EXPERT_PARTS, Kind, expert_part_shape, total_bytes
-from klotski_jax.pipeline import host as host_mod
-from klotski_jax.pipeline.host import HostTier, StagingBuffer, aligned_empty
-from klotski_jax.pipeline.ledger import MemoryLedger
-from klotski_jax.pipeline.placement import (
-    ALIGN,
+from klotski_jax.planning.placement import (
     Workload,
     dense_layer_bytes,
     place,
     staged_expert_bytes,
 )
-from klotski_jax.pipeline.policy import IO_MODES, Policy
+from klotski_jax.planning.policy import IO_MODES, Policy
+from klotski_jax.runtime import host as host_mod
+from klotski_jax.runtime.host import HostTier, StagingBuffer, aligned_empty
+from klotski_jax.runtime.ledger import MemoryLedger
 
 DTYPES = ["float32", "bfloat16"]
 

@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from klotski_jax.pipeline.ledger import BudgetError, MemoryLedger
-from klotski_jax.pipeline.policy import PolicyError
+from klotski_jax.constants import BudgetError
+from klotski_jax.planning.policy import PolicyError
+from klotski_jax.runtime.ledger import MemoryLedger
 
 SETTLE_S = 0.1  # long enough for a waiter that could proceed to do so
 

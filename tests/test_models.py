@@ -162,3 +162,26 @@ def test_projection_rows_agree_whatever_the_row_count(d, f):
         np.testing.assert_allclose(one.reshape(1, f), full_proj[m - 1:m], rtol=0,
                                    atol=ROW_TOL * np.abs(full_proj[m - 1:m]).max(),
                                    err_msg=f"row {m - 1}")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_modules_are_nnx_and_their_paths_are_the_flat_names(name):
+    """Every declared array is exactly one `nnx.Param` of the NNX model, at the path its flat
+    name spells; a layer's dense part (routed=False) holds all but the routed experts."""
+    from flax import nnx
+    from hf_models import make_hf_model
+
+    from klotski_jax.models.modules import DecoderLayer, MoEModel
+    from klotski_jax.models.specs import Kind, weight_specs
+
+    cfg = ModelConfig.from_hf_config(make_hf_model(name).config.to_dict())
+    model = nnx.eval_shape(lambda: MoEModel(cfg, rngs=nnx.Rngs(0)))
+    params = {".".join(map(str, p)): v.value.shape
+              for p, v in nnx.state(model, nnx.Param).flat_state()}
+    assert params == {s.name: s.shape for s in weight_specs(cfg)}
+    for i in range(cfg.num_layers):
+        dense = nnx.eval_shape(lambda i=i: DecoderLayer(cfg, i, rngs=nnx.Rngs(0), routed=False))
+        names = {f"layers.{i}." + ".".join(map(str, p))
+                 for p, _ in nnx.state(dense, nnx.Param).flat_state()}
+        assert names == {s.name for s in weight_specs(cfg)
+                         if s.layer == i and s.kind is Kind.DENSE}

@@ -20,12 +20,12 @@ import pytest
 from hf_models import CONFIGS, save_hf_model
 
 import klotski_jax
+from klotski_jax.constants import BudgetError
 from klotski_jax.engine import Engine, prompt_bucket
-from klotski_jax.pipeline import transfers as transfers_mod
-from klotski_jax.pipeline.ledger import BudgetError
-from klotski_jax.pipeline.placement import Workload, place
-from klotski_jax.pipeline.policy import Policy, Schedule
-from klotski_jax.pipeline.trace import Tracer
+from klotski_jax.planning.placement import Workload, place
+from klotski_jax.planning.policy import Policy, Schedule
+from klotski_jax.runtime import transfers as transfers_mod
+from klotski_jax.runtime.trace import Tracer
 
 NEW = 6
 LENGTHS = (7, 11, 5, 9, 6)  # left-padded to 11; groups of different sizes

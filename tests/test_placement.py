@@ -13,21 +13,19 @@ import re
 import pytest
 
 from klotski_jax.config import Family, ModelConfig, QKNorm
+from klotski_jax.constants import ALIGN, BudgetError, round_up
 from klotski_jax.models.specs import Kind, total_bytes, weight_specs
-from klotski_jax.pipeline.ledger import BudgetError
-from klotski_jax.pipeline.placement import (
-    ALIGN,
+from klotski_jax.planning.placement import (
     Workload,
     activation_bytes,
     dense_layer_bytes,
     device_global_bytes,
     global_bytes,
     place,
-    round_up,
     staged_expert_bytes,
     streaming_need,
 )
-from klotski_jax.pipeline.policy import IO_MODES, Policy, PolicyError, Schedule, parse_size
+from klotski_jax.planning.policy import IO_MODES, Policy, PolicyError, Schedule, parse_size
 
 MB = 10**6
 

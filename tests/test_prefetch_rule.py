@@ -19,18 +19,18 @@ import numpy as np
 import pytest
 from test_planner import flat_profile, tiny
 
-from klotski_jax.pipeline.costs import CostModel
-from klotski_jax.pipeline.hot import (
+from klotski_jax.planning.costs import CostModel
+from klotski_jax.planning.hot import (
     PreviousLayerPopularity,
     prefetch_order,
     uniform_use,
     use_from_pick_probs,
 )
-from klotski_jax.pipeline.planner import PRIOR_TIE, TIE, Planner, PlanRequest, pick
-from klotski_jax.pipeline.policy import Policy, PolicyError
-from klotski_jax.pipeline.prefetcher import CorrelationPrefetcher
-from klotski_jax.pipeline.prior import MachineRates, is_prior, prior_profile
-from klotski_jax.pipeline.simulate import PrefetchRule, StepShape, StepSimulator
+from klotski_jax.planning.planner import PRIOR_TIE, TIE, Planner, PlanRequest, pick
+from klotski_jax.planning.policy import Policy, PolicyError
+from klotski_jax.planning.prefetcher import CorrelationPrefetcher
+from klotski_jax.planning.prior import MachineRates, is_prior, prior_profile
+from klotski_jax.planning.simulate import PrefetchRule, StepShape, StepSimulator
 
 E, K = 8, 2
 

@@ -13,8 +13,8 @@ import json
 import numpy as np
 import pytest
 
-from klotski_jax.pipeline.hot import score_hot_set
-from klotski_jax.pipeline.prefetcher import (
+from klotski_jax.planning.hot import score_hot_set
+from klotski_jax.planning.prefetcher import (
     META_FILE,
     TABLE_FILE,
     CorrelationPrefetcher,

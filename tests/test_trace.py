@@ -17,7 +17,7 @@ import pytest
 import klotski_jax
 from klotski_jax import cli
 from klotski_jax.models.specs import total_bytes
-from klotski_jax.pipeline.trace import Tracer
+from klotski_jax.runtime.trace import Tracer
 
 EVENT_KEYS = ("name", "ph", "ts", "dur", "pid", "tid")
 PROMPTS = ["The with statement is used to", "A class"]

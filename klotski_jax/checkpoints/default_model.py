@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from klotski_jax.config import ModelConfig
+from klotski_jax.constants import cache_root
 from klotski_jax.models.families import ExpertSource, TensorSource, hf_sources
 from klotski_jax.models.specs import expert_part_shape, weight_specs
 
@@ -189,16 +190,6 @@ def write_hf_checkpoint(out_dir: pathlib.Path, hf_config: Mapping[str, Any],
 
 # ---- cache -------------------------------------------------------------------------------------
 
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
-    """Where the default model lives: `cache_dir`, else $KLOTSKI_JAX_CACHE, else the XDG cache."""
-    if cache_dir is not None:
-        return pathlib.Path(cache_dir).expanduser()
-    if env := os.environ.get("KLOTSKI_JAX_CACHE"):
-        return pathlib.Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
-    return pathlib.Path(xdg).expanduser() / "klotski-jax"
-
-
 def _sha256(path: pathlib.Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -209,7 +200,7 @@ def _sha256(path: pathlib.Path) -> str:
 
 def recipe(source: pathlib.Path | None = None) -> dict[str, Any]:
     """What determines the cached files: the packaged files' hashes and the recipe version."""
-    from klotski_jax import __version__
+    from klotski_jax.constants import __version__
 
     source = packaged_checkpoint_dir() if source is None else source
     return {"recipe_version": RECIPE_VERSION, "klotski_jax": __version__,

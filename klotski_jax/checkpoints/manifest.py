@@ -54,7 +54,7 @@ def tensor_entry(spec: ArraySpec, dtype: str) -> dict[str, Any]:
 def build_manifest(cfg: ModelConfig, *, hf_config: dict[str, Any], source: pathlib.Path,
                    tokenizer_files: list[str]) -> dict[str, Any]:
     """The manifest of a checkpoint of `cfg` (stored in cfg.dtype), converted from `source`."""
-    from klotski_jax import __version__
+    from klotski_jax.constants import __version__
 
     return {
         "format": FORMAT_NAME,

@@ -18,11 +18,10 @@ import numpy as np
 from flax import nnx
 
 from klotski_jax.config import ModelConfig
+from klotski_jax.constants import cache_len
 from klotski_jax.models import blocks
 from klotski_jax.models.modules import MoEModel
 from klotski_jax.models.specs import weight_specs
-
-CACHE_ROUND = 32  # cache lengths are rounded up to this, so nearby lengths share compiles
 
 
 def positions_from_mask(mask: np.ndarray) -> np.ndarray:
@@ -128,7 +127,7 @@ class Model(MoEModel):
     def logits(self, token_ids: Any, attention_mask: Any | None = None) -> np.ndarray:
         """Float32 logits [B, S, V] for a (left-padded) batch; positions follow the mask."""
         ids, mask = prepare_batch(token_ids, attention_mask)
-        cache = KVCache.create(self.cfg, ids.shape[0], _round_up(ids.shape[1]))
+        cache = KVCache.create(self.cfg, ids.shape[0], cache_len(ids.shape[1]))
         cache.valid[:, : ids.shape[1]] = mask > 0
         return np.asarray(self.forward(ids, positions_from_mask(mask), cache))
 
@@ -143,7 +142,7 @@ class Model(MoEModel):
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         b, s = ids.shape
-        cache = KVCache.create(self.cfg, b, _round_up(s + max_new_tokens))
+        cache = KVCache.create(self.cfg, b, cache_len(s + max_new_tokens))
         cache.valid[:, :s] = mask > 0
         pos = positions_from_mask(mask)
         out = [ids]
@@ -158,7 +157,3 @@ class Model(MoEModel):
             logits = self.forward(token, next_pos, cache)
             next_pos = next_pos + 1
         return np.concatenate(out, axis=1)
-
-
-def _round_up(n: int) -> int:
-    return -(-n // CACHE_ROUND) * CACHE_ROUND

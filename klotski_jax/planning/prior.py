@@ -24,7 +24,8 @@ import json
 from typing import Any
 
 from klotski_jax.config import ModelConfig
-from klotski_jax.pipeline.costs import Profile, buckets_upto, model_key
+from klotski_jax.constants import buckets_upto
+from klotski_jax.planning.costs import Profile, model_key
 
 RATES_FORMAT = "klotski-jax-machine-rates"
 RATES_VERSION = 1
@@ -141,7 +142,7 @@ class _Roofline:
 def prior_profile(cfg: ModelConfig, rates: MachineRates) -> Profile:
     """The Profile the roofline predicts for `cfg` on the machine of `rates`, at the shapes the
     profiler would measure (the planner fits and reads it like a measured one)."""
-    from klotski_jax.pipeline.placement import dense_layer_bytes
+    from klotski_jax.planning.placement import dense_layer_bytes
 
     roof = _Roofline(cfg, rates)
     s = lambda n: -(-n // 32) * 32 + 32  # cache slots beside n tokens

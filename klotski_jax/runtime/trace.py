@@ -12,11 +12,12 @@ import dataclasses
 import json
 import os
 import pathlib
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+
+from klotski_jax.util import write_atomic
 
 
 @dataclasses.dataclass
@@ -137,11 +138,4 @@ class Tracer:
 
     def write(self, path: str | os.PathLike[str]) -> pathlib.Path:
         """Write the trace atomically (temp file + rename)."""
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a trace is an ordinary file to share
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_json(), f)
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, json.dumps(self.to_json()))

@@ -11,7 +11,7 @@ measured costs of a `Profile`, and keeps the plan with the best predicted throug
 (generated tokens / (prefill + decode time)); of the plans within 0.5% of the best, the one with
 the fewest sequences, then the fewest groups.
 
-For the chosen plan it also evaluates the paper's overlap inequalities (klotski-notes.md) on the
+For the chosen plan it also evaluates the overlap inequalities of the Klotski paper (ASPLOS 2025) on the
 decode step of the MoE layer that streams the most, with T_G / T_A the router / other dense
 share of the layer's dense load time, T_E the mean load time of its streamed experts, K the hot
 experts that are not resident and |Q| the expected cold loads:
@@ -33,15 +33,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from klotski_jax.config import ModelConfig
-from klotski_jax.pipeline.costs import CostModel, Profile, expected_distinct
-from klotski_jax.pipeline.ledger import BudgetError
-from klotski_jax.pipeline.placement import Placement, Workload, dense_layer_bytes, place
-from klotski_jax.pipeline.policy import Policy, PolicyError
-from klotski_jax.pipeline.prior import is_prior
-from klotski_jax.pipeline.simulate import LayerPlan, PrefetchRule, StepShape, StepSimulator, Stuck
+from klotski_jax.constants import BudgetError, PolicyError, cache_len
+from klotski_jax.planning.costs import CostModel, Profile, expected_distinct
+from klotski_jax.planning.placement import Placement, Workload, dense_layer_bytes, place
+from klotski_jax.planning.policy import Policy
+from klotski_jax.planning.prior import is_prior
+from klotski_jax.planning.simulate import LayerPlan, PrefetchRule, StepShape, StepSimulator, Stuck
 
 PREFETCH_THRESHOLDS = (0.0, 0.2, 0.5, 0.8, 0.95, 1.0)
-CACHE_ROUND = 32  # must equal models.reference.CACHE_ROUND (checked by a test)
 TIE = 0.005  # plans within 0.5% of the best throughput count as ties
 # ... within 3% under the roofline prior, whose predictions are rough: among plans it cannot tell
 # apart, the one with fewer rounds and fewer groups (fewer jitted calls, which it prices least
@@ -92,7 +91,7 @@ class PlanRequest:
 
     @property
     def cache_len(self) -> int:
-        return -(-(self.prompt_len + self.gen_len) // CACHE_ROUND) * CACHE_ROUND
+        return cache_len(self.prompt_len + self.gen_len)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,8 @@
-"""Profiles with the engine in the loop: `profile_checkpoint` measures the pieces
-(pipeline/profiler.py) and calibrates their overheads against timed steps of the real `Engine`.
+"""Profiles with the engine in the loop: `profile_checkpoint` measures the pieces (profiler.py)
+and calibrates their overheads against timed steps of the real `Engine`.
 
-Lives above the engine (imports point models <- checkpoints <- pipeline <- engine <- here), so
-the pipeline's profiler needs no engine: it takes the timing probe as an argument.
+Lives above the engine (layers: planning <- runtime <- profiler <- engine <- here), so the
+profiler needs no engine: it takes the timing probe as an argument.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import statistics
 
 import numpy as np
 
-from klotski_jax.pipeline.costs import Profile
-from klotski_jax.pipeline.profiler import Probe, ProfileOptions, get_profile
+from klotski_jax.planning.costs import Profile
+from klotski_jax.profiler import Probe, ProfileOptions, get_profile
 
 
 def engine_probe(ckpt_dir: str | os.PathLike[str], repeats: int = 3) -> Probe:
     """Timed generation of seeded random prompts: (median prefill s, median decode step s) of
     `repeats` runs after one warm-up run, for n groups of b sequences under a device budget."""
     from klotski_jax.engine import Engine
-    from klotski_jax.pipeline.policy import Policy
+    from klotski_jax.planning.policy import Policy
 
     def probe(groups: int, batch: int, device_budget: int | None, prompt_len: int,
               new_tokens: int, prefetch_threshold: float = 0.5) -> tuple[float, float]:

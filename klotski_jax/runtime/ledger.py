@@ -16,11 +16,7 @@ import itertools
 import threading
 from collections.abc import Hashable
 
-from klotski_jax.pipeline.policy import PolicyError
-
-
-class BudgetError(PolicyError):
-    """A reservation that can never be satisfied, or accounting that went wrong."""
+from klotski_jax.constants import BudgetError
 
 
 class MemoryLedger:

@@ -1,6 +1,6 @@
 """The profiler: measure a model's costs on the actual default JAX device (`klotski profile`).
 
-Every compute piece runs the jitted step the scheduler runs (models/blocks.py, pipeline/steps.py)
+Every compute piece runs the jitted step the scheduler runs (models/blocks.py, runtime/steps.py)
 with the model's real weights and shapes, plus the host-side work the scheduler does around it
 (array conversions, routing bookkeeping, row gathering and padding), so the times are what the
 pipeline pays. Each shape is warmed up (compiled) first; a time is the median of `repeats` runs.
@@ -29,7 +29,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -39,27 +39,29 @@ from flax import nnx
 
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.config import ModelConfig
+from klotski_jax.constants import cache_root, round_up
 from klotski_jax.models import blocks, layers
 from klotski_jax.models.specs import EXPERT_PARTS, layer_tree
-from klotski_jax.pipeline import steps
-from klotski_jax.pipeline.costs import Profile, expected_distinct, fit_nonnegative, model_key
-from klotski_jax.pipeline.host import HostTier, StagingBuffer, _read_file, aligned_empty
-from klotski_jax.pipeline.hot import PreviousLayerPopularity
-from klotski_jax.pipeline.ledger import MemoryLedger
-from klotski_jax.pipeline.placement import Workload, dense_layer_bytes, place
-from klotski_jax.pipeline.planner import Planner, PlanRequest
-from klotski_jax.pipeline.policy import Policy
-from klotski_jax.pipeline.prior import MachineRates
-from klotski_jax.pipeline.scheduler import Routing
-from klotski_jax.pipeline.simulate import PrefetchRule
-from klotski_jax.pipeline.trace import RunStats, Tracer
-from klotski_jax.pipeline.transfers import Transfers, cache_memory
+from klotski_jax.planning.costs import Profile, expected_distinct, fit_nonnegative, model_key
+from klotski_jax.planning.hot import PreviousLayerPopularity
+from klotski_jax.planning.placement import Workload, dense_layer_bytes, place
+from klotski_jax.planning.planner import Planner, PlanRequest
+from klotski_jax.planning.policy import Policy
+from klotski_jax.planning.prior import MachineRates
+from klotski_jax.planning.simulate import PrefetchRule
+from klotski_jax.runtime import steps
+from klotski_jax.runtime.host import HostTier, StagingBuffer, aligned_empty, evict_files, read_file
+from klotski_jax.runtime.ledger import MemoryLedger
+from klotski_jax.runtime.scheduler import Routing
+from klotski_jax.runtime.trace import RunStats, Tracer
+from klotski_jax.runtime.transfers import Transfers, cache_memory
+from klotski_jax.util import write_atomic
 
 log = logging.getLogger(__name__)
 
 # probe(groups, batch, device_budget, prompt_len, new_tokens[, prefetch_threshold]) ->
 # (prefill s, decode step s): whole steps of the real engine, warm-up excluded
-# (klotski_jax.profiling.engine_probe).
+# (klotski_jax.engine_profile.engine_probe).
 Probe = Callable[..., tuple[float, float]]
 
 
@@ -86,8 +88,6 @@ def cache_dir() -> pathlib.Path:
     """$KLOTSKI_JAX_PROFILES, else `<cache>/profiles` (the default model's cache root)."""
     if env := os.environ.get("KLOTSKI_JAX_PROFILES"):
         return pathlib.Path(env).expanduser()
-    from klotski_jax.checkpoints.default_model import cache_root
-
     return cache_root() / "profiles"
 
 
@@ -111,18 +111,7 @@ def load_cached(cfg: ModelConfig) -> Profile | None:
 
 def write_profile(profile: Profile, path: str | os.PathLike[str]) -> pathlib.Path:
     """Write a profile atomically (temp file + rename)."""
-    return _write_text(pathlib.Path(path), profile.to_json())
-
-
-def _write_text(path: pathlib.Path, text: str) -> pathlib.Path:
-    """Write a cache file atomically (temp file + rename; readable by all, as any cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, profile.to_json())
 
 
 def get_profile(ckpt_dir: str | os.PathLike[str], *, refresh: bool = False,
@@ -166,7 +155,7 @@ def machine_rates(*, refresh: bool = False) -> tuple[MachineRates, bool]:
                 log.warning("ignoring unreadable machine rates %s: %s", path, e)
     path.parent.mkdir(parents=True, exist_ok=True)
     rates = measure_rates(path.parent)
-    _write_text(path, rates.to_json())
+    write_atomic(path, rates.to_json())
     return rates, True
 
 
@@ -201,9 +190,7 @@ def measure_rates(scratch: pathlib.Path, file_mb: int = 48) -> MachineRates:
     w = jnp.ones((8192, 2048), jnp.bfloat16)
     x = jnp.ones((2, 2048), jnp.bfloat16)
     memory = w.nbytes / _best(lambda: jax.block_until_ready(proj(x, w)), 5)
-    host = aligned_empty(32 << 20)
-    host[:] = 1
-    h2d = host.nbytes / _best(lambda: jax.block_until_ready(jax.device_put(host, device)), 3)
+    h2d = h2d_bps(32 << 20)
     small = aligned_empty(4096)
     import concurrent.futures
 
@@ -255,17 +242,83 @@ def _disk_rates(scratch: pathlib.Path, nbytes: int) -> tuple[float, float]:
                     pass
             return (nbytes // chunk) * chunk / (time.perf_counter() - t0)
 
-        if hasattr(os, "posix_fadvise"):
-            rfd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(rfd)
+        evict_files([path])
         cold = read()
         warm = max(read(), read())
         return cold, warm
     finally:
         path.unlink(missing_ok=True)
+
+
+# ---- raw bandwidths (also `klotski bench`'s) ------------------------------------------------------
+def bandwidths(reader: CheckpointReader, io_mode: str, max_bytes: int = 64 << 20) -> dict[str, Any]:
+    """Disk -> host (chunk files, page cache evicted; then again, warm) and host -> device
+    (`jax.device_put` of an aligned buffer) bandwidths in bytes/s.
+
+    From the cached profile of this model on this device when there is one (`klotski profile`),
+    else measured here and now on up to max_bytes of expert chunk files.
+    """
+    profiled = profiled_bandwidths(reader.config)
+    if profiled is not None:
+        return profiled
+    paths = _chunk_files(reader, max_bytes)
+    evict_files(paths)
+    cold = read_bps(paths, io_mode == "direct")
+    read_bps(paths, False)  # into the page cache (after O_DIRECT reads, it is still empty)
+    warm = read_bps(paths, False)
+    return {"disk_cold_bps": cold, "disk_warm_bps": warm, "h2d_bps": h2d_bps(max_bytes),
+            "measured_bytes": sum(p.stat().st_size for p in paths), "source": "measured"}
+
+
+def profiled_bandwidths(cfg: ModelConfig) -> dict[str, Any] | None:
+    """Bandwidths of the cached profile (None without one): disk with the page cache evicted,
+    a page-cache read (a host copy), host -> device."""
+    try:
+        profile = load_cached(cfg)
+        if profile is None:
+            return None
+        bw = profile.bandwidth
+        return {"disk_cold_bps": float(bw["disk_to_host_Bps"]),
+                "disk_warm_bps": float(bw["host_copy_Bps"]),
+                "h2d_bps": float(bw["host_to_device_Bps"]),
+                "source": f"profile {cache_path(cfg)}"}
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # another profile format
+        log.warning("not using the cached profile's bandwidths (%s); measuring them", e)
+        return None
+
+
+def _chunk_files(reader: CheckpointReader, max_bytes: int) -> list[pathlib.Path]:
+    """Expert chunk files spread over the layers, up to max_bytes (at least one expert)."""
+    cfg = reader.config
+    pairs = [(i, e) for e in range(cfg.num_experts) for i in cfg.moe_layer_ids]  # layer-interleaved
+    out: list[pathlib.Path] = []
+    total = 0
+    for layer, e in pairs:
+        if out and total + cfg.expert_bytes > max_bytes:
+            break
+        out += [reader.expert_chunk_path(layer, part, e) for part in EXPERT_PARTS]
+        total += cfg.expert_bytes
+    return out
+
+
+def read_bps(paths: Sequence[pathlib.Path], direct: bool) -> float:
+    """Read every file whole into an aligned buffer, as the host tier does; bytes/s."""
+    sizes = [p.stat().st_size for p in paths]
+    buf = aligned_empty(round_up(max(sizes)))
+    start = time.perf_counter()
+    for p, n in zip(paths, sizes):
+        read_file(p, memoryview(buf[:n]), memoryview(buf[:round_up(n)]), direct)
+    return sum(sizes) / max(time.perf_counter() - start, 1e-9)
+
+
+def h2d_bps(nbytes: int, repeats: int = 3) -> float:
+    """Best of a few device_puts of an aligned host buffer (aliased, not copied, on CPU) to the
+    default device, after one warm-up put."""
+    host = aligned_empty(nbytes)
+    host[:] = 1
+    device = jax.devices()[0]
+    return nbytes / max(_best(lambda: jax.block_until_ready(jax.device_put(host, device)),
+                              repeats), 1e-9)
 
 
 # ---- timing -------------------------------------------------------------------------------------
@@ -537,7 +590,7 @@ def _bandwidth(reader: CheckpointReader, tier: HostTier, keys: list[Any],
     t0 = time.perf_counter()
     for _, layer, e in keys:
         for part in ("gate", "up", "down"):
-            _read_file(reader.expert_chunk_path(layer, part, e), staging.region(part),
+            read_file(reader.expert_chunk_path(layer, part, e), staging.region(part),
                        staging.region(part, padded=True), direct=False)
     disk = nbytes * len(keys) / (time.perf_counter() - t0)
     parts = {p: np.frombuffer(staging.region(p), tier.dtype).reshape(tier.part_shapes[p])

@@ -6,6 +6,8 @@ import dataclasses
 import enum
 import re
 
+from klotski_jax.constants import PolicyError
+
 IO_MODES = ("buffered", "direct", "tensorstore")
 # P(routed in the coming step) at or above which an expert is prefetched when nobody chose the
 # threshold (the planner does when it runs): experts more likely used than not.
@@ -21,22 +23,18 @@ class Schedule(enum.StrEnum):
     SEQUENTIAL = "sequential"  # one group, each layer loaded whole before compute (HF Accelerate)
 
 
-class PolicyError(ValueError):
-    """A policy that cannot run: bad option values, or budgets below what the schedule needs."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """Options of one run. Budgets are bytes; None means unlimited.
 
     groups / batch_size: the n batch groups of the multi-batch pipeline and the sequences per
     group. None lets the planner choose (Engine: klotski with a profile of the device, see
-    pipeline/planner.py); without a plan, 2 groups with the prompts split evenly over them.
+    planning/planner.py); without a plan, 2 groups with the prompts split evenly over them.
     Schedules that run a single group (lru, sequential) put every prompt in it.
 
     The klotski prefetch rule (which experts of the next MoE layer load before its router):
       prefetch_threshold: every expert whose probability of being routed by the coming step's
-        tokens is at least this, most expected tokens first (pipeline/hot.py `expected_use`):
+        tokens is at least this, most expected tokens first (planning/hot.py `expected_use`):
         with many tokens in flight nearly every expert qualifies (whole-layer prefetch), with
         few only the hot ones do. None: the planner's choice, else DEFAULT_PREFETCH_THRESHOLD.
       hot_experts: K, an explicit override: the K predicted hottest experts (the paper's rule).

@@ -28,7 +28,7 @@ import math
 from collections.abc import Sequence
 
 from klotski_jax.config import ModelConfig
-from klotski_jax.pipeline.costs import CostModel
+from klotski_jax.planning.costs import CostModel
 
 
 class Stuck(RuntimeError):
@@ -114,7 +114,7 @@ class Timeline:
 @dataclasses.dataclass(frozen=True)
 class PrefetchRule:
     """Which experts of a layer load before its router: the K most probable (`k`), or every
-    expert routed with probability >= `threshold` by the step's tokens (pipeline/hot.py)."""
+    expert routed with probability >= `threshold` by the step's tokens (planning/hot.py)."""
 
     k: int | None = None
     threshold: float | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -19,10 +19,11 @@ import numpy as np
 from flax import nnx
 
 from klotski_jax.checkpoints.store import CheckpointReader
+from klotski_jax.constants import ALIGN, round_up
 from klotski_jax.models.specs import EXPERT_PARTS, expert_part_shape, layer_tree
-from klotski_jax.pipeline.ledger import MemoryLedger
-from klotski_jax.pipeline.placement import ALIGN, round_up, staged_expert_bytes
-from klotski_jax.pipeline.policy import IO_MODES
+from klotski_jax.planning.placement import staged_expert_bytes
+from klotski_jax.planning.policy import IO_MODES
+from klotski_jax.runtime.ledger import MemoryLedger
 
 
 def aligned_empty(nbytes: int, align: int = ALIGN) -> np.ndarray:
@@ -63,7 +64,7 @@ class StagingBuffer:
         return memoryview(self.buf[start: start + (round_up(n) if padded else n)])
 
 
-def _read_file(path: os.PathLike[str], out: memoryview, padded: memoryview, direct: bool) -> int:
+def read_file(path: os.PathLike[str], out: memoryview, padded: memoryview, direct: bool) -> int:
     """Read a whole chunk file into `out` (O_DIRECT into the page-padded view when asked)."""
     if direct and hasattr(os, "O_DIRECT"):
         try:
@@ -200,7 +201,7 @@ class HostTier:
                 arr = self.reader.expert(layer, part, e)
                 np.frombuffer(region, np.uint8)[:] = arr.reshape(-1).view(np.uint8)
             else:
-                _read_file(self.reader.expert_chunk_path(layer, part, e), region,
+                read_file(self.reader.expert_chunk_path(layer, part, e), region,
                            staging.region(part, padded=True), self.io_mode == "direct")
             out[part] = np.frombuffer(region, self.dtype).reshape(self.part_shapes[part])
         return nnx.State(out)
@@ -210,21 +211,27 @@ class HostTier:
 
         Returns the number of files advised. No-op where posix_fadvise does not exist.
         """
-        if not hasattr(os, "posix_fadvise"):
-            return 0
-        os.sync()
-        count = 0
-        for layer in self.cfg.moe_layer_ids:
-            for part in EXPERT_PARTS:
-                for e in range(self.cfg.num_experts):
-                    with contextlib.suppress(OSError):
-                        fd = os.open(self.reader.expert_chunk_path(layer, part, e), os.O_RDONLY)
-                        try:
-                            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                            count += 1
-                        finally:
-                            os.close(fd)
-        return count
+        return evict_files(self.reader.expert_chunk_path(layer, part, e)
+                           for layer in self.cfg.moe_layer_ids for part in EXPERT_PARTS
+                           for e in range(self.cfg.num_experts))
+
+
+def evict_files(paths: Iterable[os.PathLike[str]]) -> int:
+    """Drop files from the OS page cache (after a sync, so dirty pages go too); returns how many
+    were advised. No-op where posix_fadvise does not exist."""
+    if not hasattr(os, "posix_fadvise"):
+        return 0
+    os.sync()
+    count = 0
+    for path in paths:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                count += 1
+            finally:
+                os.close(fd)
+    return count
 
 
 def _leaves(tree: Any) -> list[Any]:

@@ -1,7 +1,7 @@
 """Measured costs of one model on one device: the `Profile` record and the `CostModel` over it.
 
 Plain Python and numpy (no JAX), so the planner built on it is unit-testable with hand-made
-profiles. `klotski_jax.pipeline.profiler` measures a Profile on the real device; this module only
+profiles. `klotski_jax.profiler` measures a Profile on the real device; this module only
 reads one and turns its samples into cost functions:
 
 - compute, in seconds, as the scheduler pays it (the jitted step plus the host-side work around
@@ -28,11 +28,10 @@ from typing import Any
 import numpy as np
 
 from klotski_jax.config import ModelConfig
+from klotski_jax.constants import bucket
 
 PROFILE_FORMAT = "klotski-jax-profile"
 PROFILE_VERSION = 1
-MIN_BUCKET = 2  # a one-row matmul takes a slower XLA CPU kernel (`layers.linear` doubles it anyway)
-FINE_BUCKETS_FROM = 64  # above this, buckets also at 1.5 x a power of two
 
 # ModelConfig fields that change a measured cost (shapes and dtype, not token ids or eps).
 SHAPE_FIELDS = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -49,28 +48,6 @@ def model_key(cfg: ModelConfig) -> str:
     shape = {k: d[k] for k in SHAPE_FIELDS}
     shape["clip_qkv"] = shape["clip_qkv"] is not None
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def bucket(n: int) -> int:
-    """The padded row count of an expert computation over n tokens (the scheduler pads to it,
-    so a run compiles a handful of shapes during warm-up and never again): the next power of
-    two, at least MIN_BUCKET; above FINE_BUCKETS_FROM also 1.5 x a power of two (96, 192, 384,
-    768, 1536, ...), so a large prefill pads at most a third of an expert's rows instead of
-    nearly half of them."""
-    p = max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
-    return p * 3 // 4 if p > FINE_BUCKETS_FROM and p * 3 // 4 >= n else p
-
-
-def buckets_upto(n: int) -> list[int]:
-    """Every bucket a count in 1..n can map to, ascending (for warm-up and the profile)."""
-    out, b = [], MIN_BUCKET
-    top = bucket(n)
-    while b < top:
-        out.append(b)
-        if b >= FINE_BUCKETS_FROM and b + b // 2 < top:
-            out.append(b + b // 2)
-        b *= 2
-    return [*out, top]
 
 
 @dataclasses.dataclass(frozen=True)

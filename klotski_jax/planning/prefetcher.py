@@ -36,13 +36,13 @@ import io
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from klotski_jax.pipeline.hot import uniform_use, use_from_pick_probs
+from klotski_jax.planning.hot import uniform_use, use_from_pick_probs
+from klotski_jax.util import write_atomic
 
 TABLE_FILE = "prefetch_table.npz"
 META_FILE = "prefetch_table.json"
@@ -106,8 +106,8 @@ class CorrelationTable:
                "npz_sha256": hashlib.sha256(data).hexdigest(),
                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                **(meta or {})}
-        _write_atomic(d / TABLE_FILE, data)
-        _write_atomic(d / META_FILE, (json.dumps(doc, indent=1) + "\n").encode())
+        write_atomic(d / TABLE_FILE, data, fsync=True)
+        write_atomic(d / META_FILE, json.dumps(doc, indent=1) + "\n", fsync=True)
         return d / TABLE_FILE
 
     @classmethod
@@ -136,21 +136,6 @@ class CorrelationTable:
             raise TableError(f"prefetch table is for MoE layers {list(self.moe_layers)} x "
                              f"{self.num_experts} experts, the model has {list(moe_layers)} x "
                              f"{num_experts}")
-
-
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class CorrelationPrefetcher:

@@ -36,15 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from klotski_jax.config import ModelConfig
+from klotski_jax.constants import BudgetError
 from klotski_jax.models import blocks
 from klotski_jax.models.reference import KVCache
-from klotski_jax.pipeline import steps
-from klotski_jax.pipeline.hot import HotPredictor, prefetch_order, score_hot_set
-from klotski_jax.pipeline.ledger import BudgetError, MemoryLedger
-from klotski_jax.pipeline.placement import Placement
-from klotski_jax.pipeline.policy import Policy, Schedule
-from klotski_jax.pipeline.trace import RunStats, Tracer
-from klotski_jax.pipeline.transfers import Transfers
+from klotski_jax.planning.hot import HotPredictor, prefetch_order, score_hot_set
+from klotski_jax.planning.placement import Placement
+from klotski_jax.planning.policy import Policy, Schedule
+from klotski_jax.runtime import steps
+from klotski_jax.runtime.ledger import MemoryLedger
+from klotski_jax.runtime.trace import RunStats, Tracer
+from klotski_jax.runtime.transfers import Transfers
 
 
 class _Piece:
@@ -103,11 +104,6 @@ class Routing:
             a, b = np.searchsorted(rows, [first, first + len(self.experts[group])])
             rows, wts = rows[a:b], wts[a:b]
         return rows, wts
-
-    def first_seen(self, group: int) -> list[int]:
-        """Experts of one group in the order its tokens first pick them."""
-        seen = dict.fromkeys(int(e) for e in self.experts[group].reshape(-1))
-        return list(seen)
 
     def routed(self) -> set[int]:
         return {int(e) for e in np.unique(self.all_experts)}

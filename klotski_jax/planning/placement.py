@@ -17,15 +17,9 @@ import dataclasses
 from typing import Any
 
 from klotski_jax.config import ModelConfig
+from klotski_jax.constants import BudgetError, round_up
 from klotski_jax.models.specs import EXPERT_PARTS, Kind, expert_part_shape, weight_specs
-from klotski_jax.pipeline.ledger import BudgetError
-from klotski_jax.pipeline.policy import Policy, Schedule
-
-ALIGN = 4096  # staging-buffer alignment: pages for O_DIRECT, and XLA's 64-byte zero-copy rule
-
-
-def round_up(n: int, align: int = ALIGN) -> int:
-    return -(-n // align) * align
+from klotski_jax.planning.policy import Policy, Schedule
 
 
 def staged_expert_bytes(cfg: ModelConfig) -> int:

@@ -35,9 +35,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from klotski_jax.pipeline.host import HostTier, StagingBuffer
-from klotski_jax.pipeline.ledger import MemoryLedger
-from klotski_jax.pipeline.trace import RunStats, Tracer
+from klotski_jax.runtime.host import HostTier, StagingBuffer
+from klotski_jax.runtime.ledger import MemoryLedger
+from klotski_jax.runtime.trace import RunStats, Tracer
 
 
 @dataclasses.dataclass
@@ -55,7 +55,10 @@ class Transfers:
     """Loads weights to the device, tracks what is there, and accounts every byte of it."""
 
     def __init__(self, host: HostTier, ledger: MemoryLedger, *, io_threads: int, tracer: Tracer,
-                 stats: RunStats, device: jax.Device | None = None) -> None:
+                 stats: RunStats, device: jax.Device | None = None,
+                 kv_ledger: MemoryLedger | None = None) -> None:
+        """`kv_ledger`: the device window host-resident KV caches load into (None: the KV caches
+        stay on the device and are never transferred)."""
         self.host = host
         self.ledger = ledger
         self.tracer = tracer
@@ -70,7 +73,7 @@ class Transfers:
         # Releases whose fence was not computed yet, in release order: (fence, loads).
         self._pending: collections.deque[tuple[Any, list[OnDevice]]] = collections.deque()
         self._serial = itertools.count()
-        self.kv_ledger: MemoryLedger | None = None
+        self.kv_ledger = kv_ledger
         self._loads: dict[Hashable, concurrent.futures.Future[OnDevice]] = {}
         self._pinned: set[Hashable] = set()
         # Host-resident KV caches by group index: ("kv", layer, group) keys load from here.

@@ -1,10 +1,11 @@
 """The runner of `klotski bench`: bandwidths, the runs in their order, and the rows.
 
 `Bench` holds one invocation: the checkpoint, its configurations and prompts, an `Engine` per
-(configuration, variant) and the HF peer (bench_hf.py), and every timed run's statistics. Its
-`run()` measures the disk and device bandwidths (the profiler's cached profile when there is
-one), runs `bench.run_order` under a progress bar, and turns the runs into one row per
-(configuration, variant) with the lower bound and efficiency of bench.py.
+(configuration, variant) and the HF peer (hf.py), and every timed run's statistics. Its `run()`
+takes the disk and device bandwidths from the profiler (its cached profile when there is one,
+else measured), runs `options.run_order` under a progress bar, and turns the runs into one row
+per (configuration, variant) with the lower bound (bounds.py) and efficiency. `run_bench` is the
+entry point of `klotski bench`.
 """
 
 from __future__ import annotations
@@ -14,31 +15,33 @@ import importlib.metadata
 import os
 import pathlib
 import platform
-import sys
-from collections.abc import Sequence
 from typing import Any
 
-from klotski_jax.bench import (
+from klotski_jax import profiler
+from klotski_jax.bench.bounds import BoundInputs, lower_bound
+from klotski_jax.bench.metrics import aggregate, run_metrics
+from klotski_jax.bench.options import (
     ENGINE_SCHEDULES,
     FIELDS,
     HF_SCHEDULE,
+    PRESETS,
     RESIDENT,
+    SAMPLE_REPETITION_PENALTY,
     BenchConfig,
     BenchOptions,
-    BoundInputs,
     Variant,
-    aggregate,
     configurations,
-    lower_bound,
     resolve_preset,
     rounds,
-    run_metrics,
     run_order,
     status,
     synthetic_prompts,
     variants,
+    when,
 )
-from klotski_jax.pipeline.policy import PolicyError
+from klotski_jax.bench.report import markdown_report, markdown_table
+from klotski_jax.constants import PolicyError
+from klotski_jax.util import progress, write_atomic
 
 
 # ---- machine ----------------------------------------------------------------------------------
@@ -75,108 +78,6 @@ def storage_read_bytes() -> int | None:
     except (OSError, ValueError):
         pass
     return None
-
-
-# ---- bandwidths -------------------------------------------------------------------------------
-def measure_bandwidths(reader: Any, io_mode: str, max_bytes: int = 64 << 20) -> dict[str, Any]:
-    """Disk -> host (chunk files, page cache evicted; then again, warm) and host -> device
-    (`jax.device_put` of an aligned buffer) bandwidths in bytes/s.
-
-    From the profiler's cached profile of this model on this device when there is one
-    (`klotski profile`), else measured here and now on up to max_bytes of expert chunk files.
-    """
-    profiled = profiled_bandwidths(reader.config)
-    if profiled is not None:
-        return profiled
-    paths = _chunk_files(reader, max_bytes)
-    _evict(paths)
-    cold = _read_bps(paths, io_mode == "direct")
-    _read_bps(paths, False)  # into the page cache (after O_DIRECT reads, it is still empty)
-    warm = _read_bps(paths, False)
-    return {"disk_cold_bps": cold, "disk_warm_bps": warm, "h2d_bps": _h2d_bps(max_bytes),
-            "measured_bytes": sum(p.stat().st_size for p in paths), "source": "bench"}
-
-
-def profiled_bandwidths(cfg: Any) -> dict[str, Any] | None:
-    """Bandwidths of the profiler's cached profile (None without one): disk with the page
-    cache evicted, a page-cache read (a host copy), host -> device."""
-    try:
-        from klotski_jax.pipeline import profiler
-    except ImportError:
-        return None
-    try:
-        profile = profiler.load_cached(cfg)
-        if profile is None:
-            return None
-        bw = profile.bandwidth
-        return {"disk_cold_bps": float(bw["disk_to_host_Bps"]),
-                "disk_warm_bps": float(bw["host_copy_Bps"]),
-                "h2d_bps": float(bw["host_to_device_Bps"]),
-                "source": f"profile {profiler.cache_path(cfg)}"}
-    except (AttributeError, KeyError, TypeError, ValueError) as e:  # another profile format
-        status(f"not using the cached profile's bandwidths ({e}); measuring them", False)
-        return None
-
-
-def _chunk_files(reader: Any, max_bytes: int) -> list[pathlib.Path]:
-    """Expert chunk files spread over the layers, up to max_bytes (at least one expert)."""
-    from klotski_jax.models.specs import EXPERT_PARTS
-
-    cfg = reader.config
-    pairs = [(i, e) for e in range(cfg.num_experts) for i in cfg.moe_layer_ids]  # layer-interleaved
-    out: list[pathlib.Path] = []
-    total = 0
-    for layer, e in pairs:
-        if out and total + cfg.expert_bytes > max_bytes:
-            break
-        out += [reader.expert_chunk_path(layer, part, e) for part in EXPERT_PARTS]
-        total += cfg.expert_bytes
-    return out
-
-
-def _evict(paths: Sequence[pathlib.Path]) -> None:
-    if not hasattr(os, "posix_fadvise"):
-        return
-    os.sync()
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def _read_bps(paths: Sequence[pathlib.Path], direct: bool) -> float:
-    """Read every file whole into an aligned buffer, as the host tier does; bytes/s."""
-    import time
-
-    from klotski_jax.pipeline.host import _read_file, aligned_empty
-    from klotski_jax.pipeline.placement import round_up
-
-    sizes = [p.stat().st_size for p in paths]
-    buf = aligned_empty(round_up(max(sizes)))
-    start = time.perf_counter()
-    for p, n in zip(paths, sizes):
-        _read_file(p, memoryview(buf[:n]), memoryview(buf[:round_up(n)]), direct)
-    return sum(sizes) / max(time.perf_counter() - start, 1e-9)
-
-
-def _h2d_bps(nbytes: int, repeats: int = 3) -> float:
-    """Best of a few device_puts of an aligned host buffer (aliased, not copied, on CPU)."""
-    import time
-
-    import jax
-
-    from klotski_jax.pipeline.host import aligned_empty
-
-    host = aligned_empty(nbytes)
-    host[:] = 1
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(jax.device_put(host))
-        best = min(best, time.perf_counter() - start)
-    return nbytes / max(best, 1e-9)
 
 
 # ---- the runner -------------------------------------------------------------------------------
@@ -235,10 +136,10 @@ class Bench:
 
         if self.opts.profile:
             self._ensure_profile()
-        self.bandwidths = measure_bandwidths(self.base.reader, self.opts.io_mode)
+        self.bandwidths = profiler.bandwidths(self.base.reader, self.opts.io_mode)
         order = run_order(len(self.configs), [v.label for v in self.variants], self.opts.repeats)
         with tempfile.TemporaryDirectory(prefix="klotski-bench-") as tmp, \
-                _progress(len(order), self.opts.quiet) as bar:
+                progress(len(order), unit="run", quiet=self.opts.quiet) as bar:
             self._tmp = pathlib.Path(tmp)
             for c, label, r in order:
                 bar.set_description(f"{label} (config {c + 1}/{len(self.configs)}, "
@@ -255,7 +156,7 @@ class Bench:
         klotski runs with the planner's choices over measured costs."""
         import time
 
-        from klotski_jax.profiling import profile_checkpoint
+        from klotski_jax.engine_profile import profile_checkpoint
 
         start = time.perf_counter()
         _, path, measured = profile_checkpoint(self.ckpt)
@@ -263,7 +164,7 @@ class Bench:
                f"({time.perf_counter() - start:.0f} s)", self.opts.quiet)
 
     def _run_one(self, c: int, v: Variant, r: int) -> None:
-        from klotski_jax.bench_hf import HFUnavailable
+        from klotski_jax.bench.hf import HFUnavailable
 
         try:
             out = self._run_hf(c, v) if v.schedule == HF_SCHEDULE else self._run_engine(c, v, r)
@@ -287,7 +188,7 @@ class Bench:
 
     def _run_engine(self, c: int, v: Variant, r: int) -> dict[str, Any]:
         from klotski_jax.engine import Engine
-        from klotski_jax.pipeline.trace import Tracer
+        from klotski_jax.runtime.trace import Tracer
 
         key = (c, v.label)
         if key not in self._engines:
@@ -312,7 +213,7 @@ class Bench:
         return "klotski" if "klotski" in engine else engine[0]
 
     def _run_hf(self, c: int, v: Variant) -> dict[str, Any]:
-        from klotski_jax.bench_hf import HFPeer, HFUnavailable, require_hf
+        from klotski_jax.bench.hf import HFPeer, HFUnavailable, require_hf
 
         require_hf()
         cfg = self.configs[c]
@@ -385,7 +286,7 @@ class Bench:
 
     def bound(self, c: int) -> dict[str, float] | None:
         """The lower bound of configuration c, from its resident run (None without one)."""
-        from klotski_jax.pipeline import placement as pm
+        from klotski_jax.planning import placement as pm
 
         runs, pl = self.runs.get((c, RESIDENT)), self.placements.get((c, RESIDENT))
         if not runs or not pl or not self.bandwidths:
@@ -398,7 +299,7 @@ class Bench:
         experts = len(m.moe_layer_ids) * m.num_experts
         # What stays on the device besides layer weights (an untied embedding may live on the
         # host: placement.device_global_bytes where the placement has it).
-        device_globals = getattr(pm, "device_global_bytes", pm.global_bytes)(m)
+        device_globals = pm.device_global_bytes(m)
         fixed = device_globals + pl["kv_bytes"] + pl["activation_bytes"]
         dense = sum(pm.dense_layer_bytes(m))
         bw = self.bandwidths
@@ -414,29 +315,77 @@ class Bench:
             compute_decode_s=fastest["decode_s"], rounds=n_rounds))
 
 
-class _NoBar:
-    def set_description(self, _: str) -> None:
-        pass
+# ---- entry point ------------------------------------------------------------------------------
+def resolve_checkpoint(ckpt: str | None) -> pathlib.Path:
+    """The checkpoint directory; None: the embedded default model (built on first use)."""
+    if ckpt is not None:
+        return pathlib.Path(ckpt)
+    from klotski_jax.checkpoints.default_model import default_checkpoint
 
-    def update(self, _: int = 1) -> None:
-        pass
+    return default_checkpoint()
 
 
-class _progress:  # noqa: N801  (a context manager used like a function)
-    """A tqdm bar over the runs on stderr (none with -q or when stderr is not a terminal)."""
+def describe_workload(bench: Bench) -> str:
+    """One line: the workload, where its values came from, and how it compares to the paper's."""
+    c, p, o = bench.configs[0], bench.preset, bench.opts
+    paper = PRESETS["paper"]
+    given = [name for name, v in (("prompt-len", o.prompt_len), ("gen-len", o.gen_len),
+                                  ("num-prompts", o.num_prompts)) if v]
+    source = ("" if len(given) == 3 else f"; {p.name} preset" +
+              (f" except --{', --'.join(given)}" if given else "") + f": {p.note}")
+    smaller = f"smaller than the paper's prompt {paper.prompt_len} / output {paper.gen_len}"
+    if (c.prompt_len, c.gen_len) != (paper.prompt_len, paper.gen_len) and smaller not in source:
+        source += f"; {smaller}"
+    sweep = f", groups swept over {list(o.sweep_groups)}" if o.sweep_groups else ""
+    return (f"workload: {c.num_prompts} prompts x {c.prompt_len} tokens -> {c.gen_len} new "
+            f"tokens{sweep}{source}")
 
-    def __init__(self, total: int, quiet: bool) -> None:
-        self.total, self.quiet = total, quiet
 
-    def __enter__(self) -> Any:
-        if self.quiet or not sys.stderr.isatty():
-            self.bar = None
-            return _NoBar()
-        from tqdm import tqdm
+def sample_texts(bench: Bench, n: int) -> list[tuple[str, str]] | str:
+    """(prompt, continuation) of a few text prompts with klotski under the first budgets, or why
+    there are none."""
+    from klotski_jax.demo import PROMPTS
+    from klotski_jax.engine import Engine
 
-        self.bar = tqdm(total=self.total, unit="run", file=sys.stderr, leave=False)
-        return self.bar
+    engine = Engine(bench.ckpt, bench.configs[0].policy("klotski"))
+    if engine.tokenizer is None:
+        return "no sample: the checkpoint has no tokenizer"
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    try:
+        # A tiny model loops under plain greedy decoding; a mild repetition penalty keeps the
+        # sample readable (the timed runs above are plain greedy).
+        gen = engine.generate(prompts, max_new_tokens=max(bench.configs[0].gen_len, 24),
+                              repetition_penalty=SAMPLE_REPETITION_PENALTY)
+    except PolicyError as e:
+        return f"no sample: {e}"
+    return list(zip(prompts, gen.texts or []))
 
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.close()
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    """Run the benchmark of `opts`; write its JSON lines, plot and trace; return the rows, the
+    Markdown table and the sample. User errors raise PolicyError / InputError /
+    FileNotFoundError before anything runs."""
+    from klotski_jax import generate_io as gio
+
+    bench = Bench(opts, resolve_checkpoint(opts.ckpt))
+    status(f"klotski bench: {bench.ckpt}, {len(bench.configs)} configuration(s) x "
+           f"{len(bench.variants)} rows x {opts.repeats} repeats (+ a warm-up each)", opts.quiet)
+    rows = bench.run()
+    meta = {"date": when(), "machine": machine_info(), "command": opts.command}
+    rows = [{**r, **meta} for r in rows]
+    workload = describe_workload(bench)
+    if opts.json:
+        gio.write_jsonl(opts.json, rows)
+    if opts.markdown:
+        write_atomic(opts.markdown, markdown_report(rows, workload))
+    if opts.trace and bench.tracer is not None:
+        bench.tracer.write(opts.trace)
+    if opts.plot:
+        from klotski_jax.bench.plot import plot
+
+        plot(opts.plot, rows, bench.tracer)
+    sample = sample_texts(bench, opts.sample) if opts.sample else None
+    files = [f for f in (opts.json, opts.markdown, opts.plot, opts.trace if bench.tracer else None)
+             if f]
+    return {"rows": rows, "table": markdown_table(rows), "sample": sample, "workload": workload,
+            "files": files}

@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 
 from klotski_jax.config import ModelConfig
+from klotski_jax.constants import bucket, buckets_upto
 from klotski_jax.models import blocks
-from klotski_jax.pipeline.costs import bucket, buckets_upto  # declared once (no JAX there)
 
 
 def pad_rows(rows: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,26 @@
+"""`klotski convert`: an HF MoE checkpoint to the klotski-jax format."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from klotski_jax.checkpoints.convert import convert
+
+    out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+                  progress=not args.quiet)
+    print(f"converted {args.hf_dir} -> {out}")
+    return 0
+
+
+def add(sub: Any) -> None:
+    p = sub.add_parser("convert", help="convert an HF MoE checkpoint to the klotski-jax format")
+    p.add_argument("hf_dir", help="local HF model directory (config.json + *.safetensors)")
+    p.add_argument("out_dir", help="output checkpoint directory (must not exist)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
+                   help="store weights in this dtype (default: the config's dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_convert)

@@ -1,1 +1,0 @@
-"""Tiers, budgets, expert pool, transfers, prefetcher, planner and scheduler (pipeline issue)."""
