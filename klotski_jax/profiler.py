@@ -41,7 +41,8 @@ from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.config import ModelConfig
 from klotski_jax.constants import cache_root, round_up
 from klotski_jax.models import blocks, layers
-from klotski_jax.models.specs import EXPERT_PARTS, layer_tree
+from klotski_jax.models.modules import layer_state
+from klotski_jax.models.specs import EXPERT_PARTS
 from klotski_jax.planning.costs import Profile, expected_distinct, fit_nonnegative, model_key
 from klotski_jax.planning.hot import PreviousLayerPopularity
 from klotski_jax.planning.placement import Workload, dense_layer_bytes, place
@@ -343,7 +344,7 @@ def measure(reader: CheckpointReader, opts: ProfileOptions) -> Profile:
     cfg = reader.config
     t0 = time.perf_counter()
     moe = cfg.moe_layer_ids[0]
-    w = jax.device_put(layer_tree({n: reader.dense(n) for n in _dense_names(reader, moe)}, moe))
+    w = jax.device_put(layer_state({n: reader.dense(n) for n in _dense_names(reader, moe)}, moe))
     grids = _grids(cfg, opts)
     out: dict[str, Any] = {}
     out["attention_prefill"] = [(b, t, s, _attention(cfg, w, moe, b, t, s, opts))
@@ -356,7 +357,7 @@ def measure(reader: CheckpointReader, opts: ProfileOptions) -> Profile:
     out["head"] = [(b, _head(cfg, reader, b, opts)) for b in grids["heads"]]
     dense = [i for i in range(cfg.num_layers) if not cfg.moe_layers[i]]
     if dense:
-        wd = jax.device_put(layer_tree({n: reader.dense(n)
+        wd = jax.device_put(layer_state({n: reader.dense(n)
                                         for n in _dense_names(reader, dense[0])}, dense[0]))
         out["dense_mlp"] = [(m, _dense_mlp(cfg, wd, m, opts)) for m in grids["tokens"]]
     transfers, bandwidth = _transfers(reader, opts)

@@ -18,8 +18,9 @@ from flax import nnx
 
 from klotski_jax.config import Family, ModelConfig, QKNorm
 from klotski_jax.models import blocks
+from klotski_jax.models.modules import layer_state
 from klotski_jax.models.reference import KVCache
-from klotski_jax.models.specs import layer_tree, weight_specs
+from klotski_jax.models.specs import weight_specs
 from klotski_jax.runtime import steps
 
 _OP = re.compile(r"= [a-z0-9]+\[([0-9,]*)\]\{[^}]*\} (transpose|copy)\(")
@@ -62,7 +63,7 @@ def test_steps_do_not_copy_weights(dtype, tokens):
     h = jnp.zeros((b, tokens, cfg.hidden_size), dtype)
     pos = jnp.zeros((b, tokens), jnp.int32)
     cache = KVCache.create(cfg, b, 32)
-    w0, w1 = layer_tree(flat, 0), layer_tree(flat, 1)
+    w0, w1 = layer_state(flat, 0), layer_state(flat, 1)
     e = w0["moe"]["experts"]
     expert = nnx.State({p: e[p][0] for p in ("gate", "up", "down")})
     x = jnp.zeros((tokens, cfg.hidden_size), dtype)

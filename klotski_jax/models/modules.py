@@ -23,6 +23,7 @@ Module tree (i = layer; `mlp` on dense layers, `moe` on MoE layers):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -265,3 +266,19 @@ class MoEModel(nnx.Module):
     def head_weight(self) -> jax.Array:
         """The vocabulary projection [V, D]: the embedding when tied."""
         return self.embed[...] if self.lm_head is None else self.lm_head[...]
+
+
+def layer_state(flat: Mapping[str, Any], i: int) -> nnx.State:
+    """Layer i's `nnx.State` from flat names ("layers.i.attn.q" -> state["attn"]["q"]): the
+    state of a `DecoderLayer`, of its dense part when `flat` holds no routed experts."""
+    prefix = f"layers.{i}."
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        if not name.startswith(prefix):
+            continue
+        *parents, leaf = name[len(prefix):].split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nnx.State(tree)

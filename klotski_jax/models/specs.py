@@ -3,7 +3,8 @@
 `weight_specs(cfg)` lists each array with its flat name, shape (HF (out, in) orientation) and kind.
 Conversion checks, the on-disk store schema, random init for tests and the shape tests all derive
 from this list, so a new quirk is added in exactly one place. A flat name is the array's NNX
-module path joined with "." (models/modules.py; a test checks the two agree).
+module path joined with "." (models/modules.py; a test checks the two agree). Plain Python:
+the planning side imports it without JAX.
 
 Flat names (i = layer index):
   embed [V, D]; final_norm [D]; lm_head [V, D] (untied only)
@@ -21,14 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
-from typing import Any, TypeVar
-
-from flax import nnx
 
 from klotski_jax.config import ModelConfig, QKNorm
 
-A = TypeVar("A")
 
 
 class Kind(enum.StrEnum):
@@ -110,22 +106,6 @@ def weight_specs(cfg: ModelConfig) -> list[ArraySpec]:
 def total_bytes(cfg: ModelConfig, kind: Kind | None = None) -> int:
     """Bytes of all weights (or of one kind) at the config's dtype."""
     return sum(s.size for s in weight_specs(cfg) if kind is None or s.kind is kind) * cfg.itemsize
-
-
-def layer_tree(flat: Mapping[str, A], i: int) -> nnx.State:
-    """Layer i's `nnx.State` from flat names ("layers.i.attn.q" -> state["attn"]["q"]): the
-    state of a `DecoderLayer`, of its dense part when `flat` holds no routed experts."""
-    prefix = f"layers.{i}."
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        if not name.startswith(prefix):
-            continue
-        *parents, leaf = name[len(prefix):].split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return nnx.State(tree)
 
 
 def expert_name(layer: int, part: str) -> str:

@@ -20,7 +20,8 @@ from flax import nnx
 
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.constants import ALIGN, round_up
-from klotski_jax.models.specs import EXPERT_PARTS, expert_part_shape, layer_tree
+from klotski_jax.models.modules import layer_state
+from klotski_jax.models.specs import EXPERT_PARTS, expert_part_shape
 from klotski_jax.planning.placement import staged_expert_bytes
 from klotski_jax.planning.policy import IO_MODES
 from klotski_jax.runtime.ledger import MemoryLedger
@@ -112,7 +113,7 @@ class HostTier:
         # or, on a CPU backend, device arrays aliasing these buffers (no copy at any load).
         self.to_host_memory: Callable[[Any], Any] = host_memory or (lambda parts: parts)
         self.globals = {k: v for k, v in dense.items() if not k.startswith("layers.")}
-        self.layers = [self.to_host_memory(layer_tree(dense, i)) for i in range(cfg.num_layers)]
+        self.layers = [self.to_host_memory(layer_state(dense, i)) for i in range(cfg.num_layers)]
         self._cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
         self._making = 0  # bytes of cached experts being made, not yet in _cache
