@@ -26,7 +26,6 @@ import enum
 from klotski_jax.config import ModelConfig, QKNorm
 
 
-
 class Kind(enum.StrEnum):
     DENSE = "dense"  # small, loaded whole (attention, norms, router, embeddings, dense MLPs)
     EXPERT = "expert"  # [E, out, in], read one expert at a time
