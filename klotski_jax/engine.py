@@ -69,6 +69,18 @@ class Generation:
     plan: dict[str, Any] | None = None  # what the planner chose and predicted (None: not used)
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a call runs its prompts: rounds of `groups` groups of `batch` prompts, under `policy`
+    (the engine's policy with the planner's choices filled in), and the planner's `plan` when it
+    made one."""
+
+    groups: int
+    batch: int
+    policy: Policy
+    plan: Plan | None = None
+
+
 def prompt_bucket(n: int) -> int:
     """The padded prompt length of a round: the next of 8, 12, 16, 24, 32, 48, 64, 96, ...
     (powers of two and 1.5 times them). Prompts are left-padded to it, so nearby prompt lengths
@@ -134,7 +146,6 @@ class Engine:
             self.prefetch_table = None
         self._predictor_factory = predictor_factory or self._default_predictor
         self._profile = profile
-        self.plan: Plan | None = None  # the planner's choice for the last layout, if it made one
         self._plans: dict[tuple[int, int, int], Plan | None] = {}
 
     def _default_predictor(self, cfg: Any) -> HotPredictor:
@@ -164,32 +175,31 @@ class Engine:
         return out
 
     def layout(self, n_prompts: int, prompt_len: int | None = None,
-               max_new_tokens: int | None = None) -> tuple[int, int]:
-        """(groups, batch size per group) for n_prompts under the policy.
+               max_new_tokens: int | None = None) -> Layout:
+        """Groups, batch size per group and the run policy for n_prompts under the policy.
 
         With the multi-batch klotski schedule and the workload known (prompt length and new
         tokens), the planner chooses what the policy leaves open (groups, batch size, the
         prefetch threshold) from the costs of this model on this device: its measured profile
         (`klotski profile`) when one is cached, else the roofline prior of `planning/prior.py`
         over machine rates measured once in about a second. Otherwise DEFAULT_GROUPS groups
-        with the prompts split evenly. The plan is kept in `self.plan`.
+        with the prompts split evenly.
         """
         pol = self.policy
-        self.plan = None
         if pol.single_group:
             groups, batch = 1, pol.batch_size or n_prompts
         else:
             open_ = pol.groups is None or pol.batch_size is None or (
                 pol.uses_threshold and pol.prefetch_threshold is None)
             if open_ and prompt_len and max_new_tokens:
-                self.plan = self._plan(n_prompts, prompt_len, max_new_tokens)
-            if self.plan is not None:
-                return self.plan.groups, self.plan.batch_size
+                plan = self._plan(n_prompts, prompt_len, max_new_tokens)
+                if plan is not None:
+                    return Layout(plan.groups, plan.batch_size, plan.policy(pol), plan)
             groups = min(pol.groups or DEFAULT_GROUPS, n_prompts)
             batch = pol.batch_size or math.ceil(n_prompts / groups)
         if pol.batch_size is None and prompt_len and max_new_tokens:
             batch = self._fitting_batch(groups, batch, prompt_len, max_new_tokens)
-        return groups, batch
+        return Layout(groups, batch, pol)
 
     def _fitting_batch(self, groups: int, batch: int, prompt_len: int, max_new: int) -> int:
         """The largest batch <= `batch` whose placement fits the budgets (more rounds instead of
@@ -250,10 +260,6 @@ class Engine:
             self._plans[key] = plan
         return self._plans[key]
 
-    def run_policy(self) -> Policy:
-        """The policy a round runs with: the planner's K when it chose one."""
-        return self.policy if self.plan is None else self.plan.policy(self.policy)
-
     # ---- the run ------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
@@ -273,19 +279,18 @@ class Engine:
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         ids = self.encode(prompts)
-        groups, batch = self.layout(len(ids), prompt_bucket(max(len(p) for p in ids)),
-                                    max_new_tokens)
-        per_round = groups * batch
+        lay = self.layout(len(ids), prompt_bucket(max(len(p) for p in ids)), max_new_tokens)
+        per_round = lay.groups * lay.batch
         tracer = trace or Tracer(enabled=False)
         stats = RunStats(schedule=self.policy.schedule.value)
         rng = np.random.default_rng(seed)
         new_tokens: list[list[int]] = []
         placement = None
         eos = set(self.config.eos_token_ids)
-        host = _HostState(self)  # one host cache for every round: the disk is read once
+        host = _HostState(self, lay.policy)  # one host cache for every round: the disk is read once
         for start in range(0, len(ids), per_round):
             chunk = ids[start: start + per_round]
-            out, placement = self._run_round(chunk, batch, max_new_tokens,
+            out, placement = self._run_round(chunk, lay, max_new_tokens,
                                              Sampling(temperature, top_p, repetition_penalty,
                                                       rng, eos if stop_at_eos else set()),
                                              tracer, stats, progress, host)
@@ -296,29 +301,30 @@ class Engine:
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
         return Generation(ids, new_tokens, texts, stats, placement.describe() if placement else {},
-                          self.plan.to_dict() if self.plan is not None else None)
+                          lay.plan.to_dict() if lay.plan is not None else None)
 
     def logits(self, token_ids: Any, attention_mask: Any | None = None) -> np.ndarray:
         """Float32 logits [B, S, V] of a left-padded batch computed through the schedule
         (one prefill step over policy.groups groups): checks the pipeline against the oracle."""
         ids = np.asarray(token_ids, np.int32)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
-        groups, batch = self.layout(len(ids))
+        lay = self.layout(len(ids))
+        batch = lay.batch
         parts = [(ids[g * batch:(g + 1) * batch], mask[g * batch:(g + 1) * batch])
-                 for g in range(groups) if g * batch < len(ids)]
-        with self._session(len(parts), batch, ids.shape[1], 1, Tracer(False), RunStats(),
-                           _HostState(self)) as s:
+                 for g in range(lay.groups) if g * batch < len(ids)]
+        with _Session(self, lay.policy, len(parts), batch, ids.shape[1], 1, Tracer(False),
+                      RunStats(), _HostState(self, lay.policy)) as s:
             states = [s.group(i, m) for i, m in parts]
             logits = s.step("prefill", states, all_positions=True, prefetch_next=False)
         return np.concatenate([np.asarray(x) for x in logits])
 
-    def _run_round(self, chunk: list[list[int]], batch: int, max_new: int, how: Sampling,
+    def _run_round(self, chunk: list[list[int]], lay: Layout, max_new: int, how: Sampling,
                    tracer: Tracer, stats: RunStats, progress: Callable[[int], None] | None,
                    host: _HostState) -> tuple[list[list[int]], Placement]:
         """Generate for one round: prompts left-padded to their bucket, groups of `batch`.
         A group whose sequences have all produced EOS (when stopping at EOS) leaves the round:
         later steps neither compute nor load anything for it; the round ends when none is left."""
-        s_len = prompt_bucket(max(len(p) for p in chunk))
+        s_len, batch = prompt_bucket(max(len(p) for p in chunk)), lay.batch
         pad = self.config.pad_token_id or 0
         ids = np.full((len(chunk), s_len), pad, np.int32)
         mask = np.zeros_like(ids)
@@ -330,7 +336,8 @@ class Engine:
         out: list[list[int]] = [[] for _ in chunk]
         done = np.zeros(len(chunk), bool)
         stats.record_round([len(r) for r in rows])
-        with self._session(n_groups, batch, s_len, max_new, tracer, stats, host) as s:
+        with _Session(self, lay.policy, n_groups, batch, s_len, max_new, tracer, stats,
+                      host) as s:
             states = [s.group(ids[r.start:r.stop], mask[r.start:r.stop]) for r in rows]
             stats.prompt_tokens += int(mask.sum())
             s.warm_up(states, decode=max_new > 1)
@@ -367,10 +374,6 @@ class Engine:
             placement = s.placement
         return out, placement
 
-    def _session(self, groups: int, batch: int, prompt_len: int, max_new: int, tracer: Tracer,
-                 stats: RunStats, host: _HostState) -> _Session:
-        return _Session(self, groups, batch, prompt_len, max_new, tracer, stats, host)
-
 
 class _HostState:
     """The host tier of one `generate` call: its ledger and its expert cache, shared by the
@@ -378,9 +381,9 @@ class _HostState:
     (and the page cache is evicted once, before the first read). Made by the first round, with
     its placement's host cache set (later rounds have as many groups or fewer: as much room)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, policy: Policy) -> None:
         self.engine = engine
-        self.ledger = MemoryLedger("host", engine.run_policy().host_budget)
+        self.ledger = MemoryLedger("host", policy.host_budget)
         self.tier: HostTier | None = None
 
     def get(self, pol: Policy, pl: Placement) -> HostTier:
@@ -395,11 +398,11 @@ class _HostState:
 class _Session:
     """Device ledger, transfers and scheduler of one round; frees them on exit."""
 
-    def __init__(self, engine: Engine, groups: int, batch: int, prompt_len: int, max_new: int,
-                 tracer: Tracer, stats: RunStats, host: _HostState) -> None:
+    def __init__(self, engine: Engine, policy: Policy, groups: int, batch: int, prompt_len: int,
+                 max_new: int, tracer: Tracer, stats: RunStats, host: _HostState) -> None:
         self.engine = engine
         self.cfg = cfg = engine.config
-        self.policy = pol = engine.run_policy()
+        self.policy = pol = policy
         self.cache_len = cache_len(prompt_len + max_new)
         self.placement = place(cfg, pol, Workload(groups, batch, prompt_len,
                                                   self.cache_len - prompt_len))
@@ -440,10 +443,8 @@ class _Session:
         on_device = self.placement.kv_on_device
         cache = KVCache.create(self.cfg, len(ids), self.cache_len, host=not on_device)
         cache.valid[:, : ids.shape[1]] = mask > 0
-        state = GroupState(cache, ids, positions_from_mask(mask),
-                           index=len(self.transfers.kv_caches))
-        self.transfers.kv_caches[state.index] = cache
-        return state
+        return GroupState(cache, ids, positions_from_mask(mask),
+                          index=self.transfers.add_kv_cache(cache))
 
     def warm_up(self, states: list[GroupState], decode: bool) -> None:
         """Compile the round's shapes before its timed steps (Scheduler.warm_up)."""

@@ -169,7 +169,8 @@ def engine_runs(models: dict[str, Any], refs: dict[str, Any]) -> list[dict[str, 
             s = ids.shape[1]
             for p, groups in itertools.product(POLICIES, (1, 2, 3)):
                 base = Policy(groups=groups, **p)
-                g, bs = Engine(ckpt, base).layout(len(ids))
+                lay = Engine(ckpt, base).layout(len(ids))
+                g, bs = lay.groups, lay.batch
                 lo = place(cfg, base, Workload(g, bs, s, -(-(s + 1) // 32) * 32 - s)).min_device_bytes
                 for budget in (lo, None):
                     got = Engine(ckpt, base.replace(device_budget=budget)).logits(ids, mask)

@@ -121,9 +121,10 @@ def test_generate_uses_the_planner_and_gives_the_reference_tokens(env, profiled,
     engine = Engine(ckpt, Policy())
     (root / "profiles").rename(root / "profiles-away")
     try:
-        groups, batch = engine.layout(5, 8, NEW)
-        assert engine.plan is not None and engine.plan.cost_source == "prior"
-        assert (groups, batch) == (engine.plan.groups, engine.plan.batch_size)
+        lay = engine.layout(5, 8, NEW)
+        assert lay.plan is not None and lay.plan.cost_source == "prior"
+        assert (lay.groups, lay.batch) == (lay.plan.groups, lay.plan.batch_size)
+        assert lay.policy == lay.plan.policy(engine.policy)
         assert (root / "profiles" / "machines").is_dir()  # the rates, cached per device
     finally:
         shutil.rmtree(root / "profiles")

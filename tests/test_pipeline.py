@@ -69,7 +69,8 @@ class Case:
 
     def min_budget(self, policy: Policy) -> int:
         engine = Engine(self.ckpt, policy)
-        groups, batch = engine.layout(len(self.prompts))
+        lay = engine.layout(len(self.prompts))
+        groups, batch = lay.groups, lay.batch
         s = prompt_bucket(max(LENGTHS))  # generate pads the prompts to their bucket
         cache = -(-(s + NEW) // 32) * 32
         return place(self.config, policy, Workload(groups, batch, s, cache - s)).min_device_bytes
@@ -152,7 +153,8 @@ def test_bypassing_the_ledger_fails_loudly(cases, monkeypatch):
     # No room for a host cache: every expert load is a fresh device array (on a CPU backend the
     # host tier's own arrays are host memory, whatever their memory kind, and are not counted).
     engine = Engine(case.ckpt, policy)
-    groups, batch = engine.layout(len(case.prompts))
+    lay = engine.layout(len(case.prompts))
+    groups, batch = lay.groups, lay.batch
     s = prompt_bucket(max(LENGTHS))
     host_min = place(case.config, policy, Workload(groups, batch, s, 32 - s)).min_host_bytes
     policy = policy.replace(host_budget=host_min)

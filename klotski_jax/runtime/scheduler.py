@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import time
 from collections.abc import Hashable, Iterator
 from typing import Any
@@ -109,6 +110,26 @@ class Routing:
         return {int(e) for e in np.unique(self.all_experts)}
 
 
+@dataclasses.dataclass
+class Step:
+    """One decoder step of all groups, passed to every verb of the scheduler that needs it.
+
+    name: the step's label in traces ("prefill", "decode 3"); tokens: tokens in flight this
+    step; next_tokens: tokens the next step feeds (one per sequence when decoding); routing: the
+    routing of the MoE layer running now (set by the router phase; its offsets say where each
+    group's rows start in the concatenated MoE input)."""
+
+    name: str
+    groups: list[GroupState]
+    tokens: int
+    next_tokens: int
+    routing: Routing | None = None
+
+    def tokens_at(self, layer: int) -> int:
+        """Tokens in flight when `layer` runs next: this step's, or the next step's (decode)."""
+        return self.next_tokens if layer == 0 else self.tokens
+
+
 class Scheduler:
     """Runs decoder steps of a policy's schedule over weights moved by `Transfers`."""
 
@@ -134,7 +155,6 @@ class Scheduler:
         self._busy: Any = None  # the latest dispatched computation's output (Transfers.get)
         self._predicted: dict[int, list[int]] = {}  # the predictor's full hot set per layer
         self._lru: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
-        self._step = ""
         self._resident_dense: list[Any] = []
         if placement.dense_resident:
             self._resident_dense = [transfers.pin(("dense", i)).arrays
@@ -148,17 +168,15 @@ class Scheduler:
                  all_positions: bool = False) -> list[jax.Array]:
         """Feed every group its tokens through all layers; returns float32 logits per group:
         [b, v] of the last position, or [b, t, v] of every position with all_positions."""
-        self._step = step
-        self._groups = groups
         cfg = self.cfg
         start, waited = time.perf_counter(), self.stats.io_wait_s
-        self._tokens = sum(g.tokens.size for g in groups)
-        self._next_tokens = sum(len(g.tokens) for g in groups)  # the next step decodes 1 each
+        s = Step(step, groups, tokens=sum(g.tokens.size for g in groups),
+                 next_tokens=sum(len(g.tokens) for g in groups))  # the next step decodes 1 each
         if self.policy.schedule is Schedule.KLOTSKI:
-            self._prefetch(0, self._tokens)  # no-op when the previous step already issued it
+            self._prefetch(s, 0, s.tokens)  # no-op when the previous step already issued it
         h = [self._embed(g.tokens) for g in groups]
         for i in range(cfg.num_layers):
-            h = self._layer(i, groups, h, prefetch_next or i + 1 < cfg.num_layers)
+            h = self._layer(s, i, h, prefetch_next or i + 1 < cfg.num_layers)
             if self.policy.verify_memory:
                 jax.block_until_ready(h)
                 self.transfers.settle()
@@ -175,33 +193,32 @@ class Scheduler:
                                      - (self.stats.io_wait_s - waited))
         return out
 
-    def _layer(self, i: int, groups: list[GroupState], h: list[jax.Array], prefetch: bool
-               ) -> list[jax.Array]:
+    def _layer(self, s: Step, i: int, h: list[jax.Array], prefetch: bool) -> list[jax.Array]:
         schedule, nxt = self.policy.schedule, (i + 1) % self.cfg.num_layers
         if schedule is Schedule.SEQUENTIAL or schedule is Schedule.FLEXGEN:
-            self._request_whole_layer(i)  # flexgen: already issued while the last layer ran
+            self._request_whole_layer(s, i)  # flexgen: already issued while the last layer ran
         if schedule is Schedule.SEQUENTIAL:
             for key in self._layer_keys(i):
-                self.transfers.get(key, busy=self._busy, step=self._step, layer=i)
-        w = self._dense(i)
+                self.transfers.get(key, busy=self._busy, step=s.name, layer=i)
+        w = self._dense(s, i)
         if prefetch and schedule is Schedule.FLEXGEN:
-            self._request_whole_layer(nxt)
-        h = [self._attention(i, g, w, x, gi) for gi, (g, x) in enumerate(zip(groups, h))]
+            self._request_whole_layer(s, nxt)
+        h = [self._attention(s, i, g, w, x, gi) for gi, (g, x) in enumerate(zip(s.groups, h))]
         if not self.cfg.moe_layers[i]:
-            with self._compute("dense mlp", layer=i) as c:
+            with self._compute(s, "dense mlp", layer=i) as c:
                 h = c.out = [blocks.dense_mlp_block(w, x, cfg=self.cfg) for x in h]
             if prefetch and schedule is Schedule.KLOTSKI:
-                self._prefetch(nxt, self._tokens_at(nxt))
+                self._prefetch(s, nxt, s.tokens_at(nxt))
         elif schedule is Schedule.KLOTSKI:
-            h = self._moe_klotski(i, w, h, prefetch)
+            h = self._moe_klotski(s, i, w, h, prefetch)
         else:
-            h = self._moe_by_group(i, w, h)
+            h = self._moe_by_group(s, i, w, h)
         self._release_layer(i, fence=h)
         return h
 
     # ---- verbs --------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _compute(self, name: str, **args: Any) -> Iterator[_Piece]:
+    def _compute(self, s: Step, name: str, **args: Any) -> Iterator[_Piece]:
         """One piece of compute on the compute lane. With a trace it is timed to the moment its
         result (`piece.out`, set by the block) is ready; without one nothing waits for it."""
         piece = _Piece()
@@ -213,33 +230,30 @@ class Scheduler:
         jax.block_until_ready(piece.out)
         end = time.perf_counter()
         self.stats.compute_s += end - start
-        self.tracer.add("compute", name, start, end, step=self._step, **args)
-
-    def _tokens_at(self, layer: int) -> int:
-        """Tokens in flight when `layer` runs next: this step's, or the next step's (decode)."""
-        return self._next_tokens if layer == 0 else self._tokens
+        self.tracer.add("compute", name, start, end, step=s.name, **args)
 
     def _embed(self, tokens: np.ndarray) -> jax.Array:
         if self.embed_host is None:
             return blocks.embed(self.head_w, tokens)  # tied: the head is the table
         return jax.device_put(np.take(self.embed_host, tokens, axis=0))
 
-    def _dense(self, i: int) -> Any:
+    def _dense(self, s: Step, i: int) -> Any:
+        """Layer i's dense-part `nnx.State` on the device (resident, or loaded)."""
         if self._resident_dense:
             return self._resident_dense[i]
-        return self.transfers.get(("dense", i), busy=self._busy, step=self._step,
-                                  layer=i).arrays
+        return self.transfers.get(("dense", i), busy=self._busy, step=s.name, layer=i).arrays
 
-    def _attention(self, i: int, g: GroupState, w: Any, h: jax.Array, group: int) -> jax.Array:
+    def _attention(self, s: Step, i: int, g: GroupState, w: Any, h: jax.Array, group: int
+                   ) -> jax.Array:
         kv, key = g.cache.kv[i], None
-        if isinstance(kv[0], np.ndarray):  # host-resident cache: load it, then the next group's
-            key = ("kv", i, g.index)
-            self.transfers.request(key, step=self._step, layer=i, group=group)
-            if group + 1 < len(self._groups):
-                self.transfers.request(("kv", i, self._groups[group + 1].index), layer=i)
-            kv = self.transfers.get(key, busy=self._busy, step=self._step, layer=i,
+        if not self.placement.kv_on_device:  # host-resident caches: load this group's, then
+            key = ("kv", i, g.index)          # the next group's
+            self.transfers.request(key, step=s.name, layer=i, group=group)
+            if group + 1 < len(s.groups):
+                self.transfers.request(("kv", i, s.groups[group + 1].index), layer=i)
+            kv = self.transfers.get(key, busy=self._busy, step=s.name, layer=i,
                                     group=group).arrays
-        with self._compute("attention", layer=i, group=group) as c:
+        with self._compute(s, "attention", layer=i, group=group) as c:
             # NumPy arguments go straight to the jitted functions (their C++ fast path): a
             # jnp.asarray per argument costs a primitive dispatch each, which on a small model
             # was a fifth of a decode step.
@@ -257,12 +271,13 @@ class Scheduler:
         self.transfers.release(key)
         return h
 
-    def _route(self, i: int, w: Any, h: list[jax.Array], on_group=None
+    def _route(self, s: Step, i: int, w: Any, h: list[jax.Array], on_group=None
                ) -> tuple[list[jax.Array], Routing]:
-        """Router of each group; `on_group(g, experts)` runs right after group g's routing."""
+        """Router of each group; `on_group(g, experts)` runs right after group g's routing.
+        The routing becomes the step's (`s.routing`) until the next MoE layer routes."""
         xs, experts, weights = [], [], []
         for gi, x in enumerate(h):
-            with self._compute("router", layer=i, group=gi) as c:
+            with self._compute(s, "router", layer=i, group=gi) as c:
                 xg, wg, eg = steps.route_group(w, x, cfg=self.cfg)
                 xs.append(xg)
                 experts.append(np.asarray(eg))  # the host needs the routing: a sync
@@ -270,41 +285,41 @@ class Scheduler:
                 c.out = xg
             if on_group is not None:
                 on_group(gi, experts[-1])
-        routing = Routing(experts, weights)
-        self._offsets = routing.offsets
+        routing = s.routing = Routing(experts, weights)
         self.predictor.observe(i, routing.all_experts)
         return xs, routing
 
-    def _expert(self, i: int, e: int, x_all: jax.Array, rows: np.ndarray, wts: np.ndarray,
-                acc: jax.Array, **trace: Any) -> jax.Array:
+    def _expert(self, s: Step, i: int, e: int, x_all: jax.Array, rows: np.ndarray,
+                wts: np.ndarray, acc: jax.Array, **trace: Any) -> jax.Array:
         """acc += expert e's weighted output over its rows; self._fence becomes an output of
         this computation (acc itself is donated to the next one, so it cannot be a fence)."""
         key = ("expert", i, e)
-        w = self.transfers.get(key, busy=self._busy, step=self._step, layer=i, expert=e).arrays
+        w = self.transfers.get(key, busy=self._busy, step=s.name, layer=i, expert=e).arrays
         r, ww = steps.pad_rows(rows, wts)
-        per = ({"tokens_per_group": np.diff(np.searchsorted(rows, self._offsets)).tolist()
-                + [int((rows >= self._offsets[-1]).sum())]} if self.tracer.enabled else {})
-        with self._compute("expert", layer=i, expert=e, tokens=len(rows), **per, **trace) as c:
+        offsets = s.routing.offsets
+        per = ({"tokens_per_group": np.diff(np.searchsorted(rows, offsets)).tolist()
+                + [int((rows >= offsets[-1]).sum())]} if self.tracer.enabled else {})
+        with self._compute(s, "expert", layer=i, expert=e, tokens=len(rows), **per, **trace) as c:
             acc, self._fence = steps.expert_apply(acc, x_all, r, ww, w)
             c.out = self._fence
         self.stats.expert_computes += 1
         return acc
 
-    def _finish(self, i: int, w: Any, h: list[jax.Array], xs: list[jax.Array], acc: jax.Array,
-                routing: Routing) -> list[jax.Array]:
-        with self._compute("combine", layer=i) as c:
-            out = c.out = [steps.finish_moe(w, x, xg, acc, np.int32(routing.offsets[gi]),
+    def _finish(self, s: Step, i: int, w: Any, h: list[jax.Array], xs: list[jax.Array],
+                acc: jax.Array) -> list[jax.Array]:
+        with self._compute(s, "combine", layer=i) as c:
+            out = c.out = [steps.finish_moe(w, x, xg, acc, np.int32(s.routing.offsets[gi]),
                                             cfg=self.cfg) for gi, (x, xg) in enumerate(zip(h, xs))]
             return out
 
-    def _prefetch(self, i: int, tokens: int) -> None:
+    def _prefetch(self, s: Step, i: int, tokens: int) -> None:
         """klotski: issue layer i's dense weights and its hot experts: those `tokens` tokens in
         flight will route to with probability >= the threshold, most expected tokens first (or
         the K predicted hottest; the whole layer without hot-only prefetch). Idempotent until
         layer i runs."""
         if not self._resident_dense:
-            self.transfers.request(("dense", i), step=self._step, layer=i, prefetch=True)
-        self._prefetch_kv(i)
+            self.transfers.request(("dense", i), step=s.name, layer=i, prefetch=True)
+        self._prefetch_kv(s, i)
         if not self.cfg.moe_layers[i] or i in self._hot:
             return
         pol = self.policy
@@ -319,14 +334,14 @@ class Scheduler:
             self._predicted[i] = list(hot)
         self._hot[i] = [e for e in hot if (i, e) not in self.placement.device_experts]
         for e in self._hot[i]:
-            self.transfers.request(("expert", i, e), step=self._step, layer=i, expert=e, hot=True)
+            self.transfers.request(("expert", i, e), step=s.name, layer=i, expert=e, hot=True)
 
-    def _prefetch_kv(self, i: int) -> None:
+    def _prefetch_kv(self, s: Step, i: int) -> None:
         """Issue the first group's host-resident KV cache of layer i (only within a step: the
         next step may start with another group)."""
-        first = self._groups[0]
-        if i > 0 and isinstance(first.cache.kv[i][0], np.ndarray):
-            self.transfers.request(("kv", i, first.index), step=self._step, layer=i, prefetch=True)
+        if i > 0 and not self.placement.kv_on_device:
+            self.transfers.request(("kv", i, s.groups[0].index), step=s.name, layer=i,
+                                   prefetch=True)
 
     def _layer_keys(self, i: int) -> list[Hashable]:
         """The weights of layer i that are not resident on the device."""
@@ -336,9 +351,9 @@ class Scheduler:
                      if (i, e) not in self.placement.device_experts]
         return keys
 
-    def _request_whole_layer(self, i: int) -> None:
+    def _request_whole_layer(self, s: Step, i: int) -> None:
         for key in self._layer_keys(i):
-            self.transfers.request(key, step=self._step, layer=i)
+            self.transfers.request(key, step=s.name, layer=i)
 
     def _release_layer(self, i: int, fence: Any) -> None:
         """Free layer i's streamed weights once `fence` (the layer's outputs) is computed."""
@@ -349,7 +364,7 @@ class Scheduler:
         self.transfers.release_all(keys, fence=fence)
 
     # ---- MoE phases ---------------------------------------------------------------------------
-    def _moe_klotski(self, i: int, w: Any, h: list[jax.Array], prefetch: bool
+    def _moe_klotski(self, s: Step, i: int, w: Any, h: list[jax.Array], prefetch: bool
                      ) -> list[jax.Array]:
         hot = self._hot.pop(i, [])
         resident = {e for e in range(self.cfg.num_experts)
@@ -360,12 +375,12 @@ class Scheduler:
             for e in experts:
                 if e not in resident and e not in cold and not self.transfers.issued(
                         ("expert", i, e)):
-                    self.transfers.request(("expert", i, e), step=self._step, layer=i, expert=e)
+                    self.transfers.request(("expert", i, e), step=s.name, layer=i, expert=e)
                     cold.append(e)
 
         reorder = self.policy.reorder
         xs, routing = self._route(
-            i, w, h, on_group=(lambda gi, ex: issue(list(dict.fromkeys(ex.reshape(-1).tolist()))))
+            s, i, w, h, on_group=(lambda gi, ex: issue(list(dict.fromkeys(ex.reshape(-1).tolist()))))
             if reorder else None)
         routed = routing.routed()
         if not reorder:
@@ -376,7 +391,7 @@ class Scheduler:
         self._score_prediction(i, routing, hot)
         if prefetch:
             nxt = (i + 1) % self.cfg.num_layers
-            self._prefetch(nxt, self._tokens_at(nxt))
+            self._prefetch(s, nxt, s.tokens_at(nxt))
         if reorder:
             # Resident experts (most tokens first), then streamed ones in the order their loads
             # were issued (hot, then cold): compute never waits on a load queued behind another
@@ -390,7 +405,7 @@ class Scheduler:
         done: list[Hashable] = []  # computed streamed experts not yet released
         for e in order:
             rows, wts = routing.rows(e)
-            acc = self._expert(i, e, x_all, rows, wts, acc)
+            acc = self._expert(s, i, e, x_all, rows, wts, acc)
             if e not in resident:
                 done.append(("expert", i, e))
                 if self.ledger.waiting:  # a load needs memory: free what is done right away
@@ -398,7 +413,7 @@ class Scheduler:
                     done = []
         # Nothing waits for memory: the rest goes at once, behind one fence.
         self.transfers.release_all(done, fence=self._fence)
-        return self._finish(i, w, h, xs, acc, routing)
+        return self._finish(s, i, w, h, xs, acc)
 
     def _score_prediction(self, i: int, routing: Routing, hot: list[int]) -> None:
         """Prefetcher statistics of layer i: hot loads used / wasted (and their bytes), the
@@ -422,9 +437,9 @@ class Scheduler:
         st.hot_sets += 1
         st.hot_sets_exact += int(exact)
 
-    def _moe_by_group(self, i: int, w: Any, h: list[jax.Array]) -> list[jax.Array]:
+    def _moe_by_group(self, s: Step, i: int, w: Any, h: list[jax.Array]) -> list[jax.Array]:
         """flexgen / sequential / lru: each group's experts in ascending id, group after group."""
-        xs, routing = self._route(i, w, h)
+        xs, routing = self._route(s, i, w, h)
         x_all = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
         acc = steps.zero_accumulator(x_all.shape)
         for gi in range(len(h)):
@@ -432,8 +447,8 @@ class Scheduler:
                 if self.policy.schedule is Schedule.LRU:
                     self._lru_admit(i, e)
                 rows, wts = routing.rows(e, gi)
-                acc = self._expert(i, e, x_all, rows, wts, acc, group=gi)
-        return self._finish(i, w, h, xs, acc, routing)
+                acc = self._expert(s, i, e, x_all, rows, wts, acc, group=gi)
+        return self._finish(s, i, w, h, xs, acc)
 
     def _lru_admit(self, i: int, e: int) -> None:
         """Make room for (i, e) in the LRU device cache; count a hit if it is already there."""
@@ -496,7 +511,7 @@ class Scheduler:
             tokens = np.zeros((b, t), np.int32)
             h = blocks.embed(self.head_w, tokens) if self.embed_host is None else jnp.zeros(
                 (b, t, cfg.hidden_size), dt)
-            host_kv = isinstance(g.cache.kv[i][0], np.ndarray)
+            host_kv = not self.placement.kv_on_device
             kv = (tuple(jnp.zeros((b, slots, cfg.num_kv_heads, cfg.head_dim), dt) for _ in "kv")
                   if host_kv else g.cache.kv[i])
             h, new_kv = blocks.attention_block(

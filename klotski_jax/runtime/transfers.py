@@ -81,6 +81,13 @@ class Transfers:
         self._lock = threading.Lock()
         self._ctx = threading.local()  # the (step, layer) the compute thread is in, for traces
 
+    def add_kv_cache(self, cache: Any) -> int:
+        """Register a group's KV cache (a `KVCache`); returns the group index that names its
+        ("kv", layer, group) transfers when the cache is host-resident."""
+        index = len(self.kv_caches)
+        self.kv_caches[index] = cache
+        return index
+
     def _on_device(self, parts: Any) -> bool:
         """Whether host-tier arrays are already arrays in this device's memory (on a CPU
         backend the tier aliases its buffers): a load hands them out as they are."""
