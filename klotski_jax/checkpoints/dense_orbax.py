@@ -122,11 +122,12 @@ def save_dense(path: Any, leaves: Mapping[str, LazyArray]) -> None:
     Synchronous; orbax writes into `<path>.orbax-checkpoint-tmp*` and renames it on success.
     """
     registry = type_handlers.create_type_handler_registry((LazyArray, _OneLeafAtATimeHandler()))
-    handler = ocp.PyTreeCheckpointHandler(
-        use_ocdbt=DENSE_OPTIONS["ocdbt"], use_zarr3=DENSE_OPTIONS["zarr3"],
-        use_compression=DENSE_OPTIONS["compression"], type_handler_registry=registry)
-    with _quiet_orbax(), ocp.Checkpointer(handler) as ckptr:
-        ckptr.save(path, args=ocp.args.PyTreeSave(nest(leaves)))
+    with _quiet_orbax():
+        handler = ocp.PyTreeCheckpointHandler(
+            use_ocdbt=DENSE_OPTIONS["ocdbt"], use_zarr3=DENSE_OPTIONS["zarr3"],
+            use_compression=DENSE_OPTIONS["compression"], type_handler_registry=registry)
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(path, args=ocp.args.PyTreeSave(nest(leaves)))
 
 
 @contextlib.contextmanager
