@@ -18,6 +18,9 @@ PyTreeCheckpointHandler with a type handler that is orbax's NumpyHandler except 
 materialises one leaf, writes it (NumpyHandler's own write path and TensorStore spec), drops it
 and only then reads the next. The handler reports the type "np.ndarray", so the checkpoint's
 metadata is exactly what saving numpy arrays writes, and orbax's default registry restores it.
+
+orbax asks JAX for the process index while saving, so converting initialises JAX's backends
+(an accelerator's too, unless JAX_PLATFORMS=cpu).
 """
 
 from __future__ import annotations
