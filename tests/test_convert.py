@@ -129,7 +129,7 @@ def test_convert_matches_hf(hf: HFCache, tmp_path, name: str, layout: str) -> No
     hf_config = json.loads((src / "config.json").read_text())
     cfg = ModelConfig.from_hf_config(hf_config)
     m = reader.manifest
-    assert (m["format"], m["format_version"], m["family"]) == ("klotski-jax", 1, cfg.family.value)
+    assert (m["format"], m["format_version"], m["family"]) == ("klotski-jax", 2, cfg.family.value)
     assert m["config"] == cfg.to_dict() and reader.config == cfg
     assert m["hf_config"] == hf_config and m["dtype"] == "float32"
     assert m["source"] == str(src.resolve()) and m["created_by"].startswith("klotski-jax ")
@@ -451,7 +451,7 @@ def test_reader_rejects_bad_manifests(hf: HFCache, tmp_path) -> None:
     path = out / mf.MANIFEST_FILE
     good = json.loads(path.read_text())
     for change, match in (({"format": "zarr"}, "not a klotski-jax manifest"),
-                          ({"format_version": 2}, "newer klotski-jax"),
+                          ({"format_version": 3}, "newer klotski-jax"),
                           ({"dtype": "bfloat16"}, "differs from the config")):
         path.write_text(json.dumps({**good, **change}))
         with pytest.raises(ConversionError, match=match):

@@ -1,4 +1,4 @@
-"""HF safetensors checkpoint -> klotski-jax checkpoint (manifest + TensorStore zarr3 store).
+"""HF safetensors checkpoint -> klotski-jax checkpoint (manifest, orbax dense part, expert store).
 
 The conversion is a declarative key map (`families.hf_sources`) checked in full before a byte is
 written, then a stream of single-tensor copies:
@@ -11,9 +11,12 @@ written, then a stream of single-tensor copies:
    half gate, second half up; `down_proj` [E, D, I]). Missing, mis-shaped, non-float and unmapped
    tensors are reported here, each naming the key and its file.
 3. Arrays are written one tensor (one expert slice) at a time into `.{out}.tmp-*` next to the
-   output, so memory stays near the size of the largest single tensor; then everything is
-   fsynced, the manifest is written last, and the directory is renamed into place. Any failure
-   removes the temporary directory, so nothing that looks like a checkpoint is left behind.
+   output, so memory stays near the size of the largest single tensor: experts into the
+   TensorStore zarr3 store (`store.py`), then the dense arrays as one orbax checkpoint at
+   `dense/` (`dense_orbax.py`: lazy leaves, each read from the safetensors only when orbax writes
+   it). Then everything is fsynced, the manifest is written last, and the directory is renamed
+   into place. Any failure removes the temporary directory, so nothing that looks like a
+   checkpoint is left behind.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ import time
 import uuid
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
+from klotski_jax.checkpoints import dense_orbax
 from klotski_jax.checkpoints import manifest as mf
 from klotski_jax.checkpoints.errors import (
     ConversionError,
@@ -269,25 +274,52 @@ def _copy_tokenizer(hf_dir: pathlib.Path, tmp: pathlib.Path) -> list[str]:
 
 # ---- writing ----------------------------------------------------------------------------------
 
-def _write_arrays(plan: list[Planned], ckpt: SafetensorsCheckpoint, root: pathlib.Path,
-                  cfg: ModelConfig, bar: tqdm) -> None:
-    """Stream every planned read into its array, one tensor or expert slice at a time."""
+def _write_experts(plan: list[Planned], ckpt: SafetensorsCheckpoint, root: pathlib.Path,
+                   cfg: ModelConfig, bar: tqdm) -> None:
+    """Stream every expert array into the TensorStore store, one expert slice at a time."""
     dtype = cfg.np_dtype
     writer = StoreWriter(root)
     try:
         for p in plan:
+            if p.spec.kind is not Kind.EXPERT:
+                continue
             arr = writer.create(mf.tensor_path(p.spec), p.spec.shape, cfg.dtype, p.spec.kind)
             for e, r in enumerate(p.reads):
                 x = ckpt.read(r.key, lead=r.lead, rows=r.rows)
                 nbytes = x.nbytes
                 x = x.astype(dtype, copy=False)
-                writer.write(arr[e] if p.spec.kind is Kind.EXPERT else arr, x)
+                writer.write(arr[e], x)
                 del x
                 bar.update(nbytes)
         writer.flush()
     except BaseException:
         writer.abandon()
         raise
+
+
+def _lazy_dense(p: Planned, ckpt: SafetensorsCheckpoint, cfg: ModelConfig,
+                bar: tqdm) -> dense_orbax.LazyArray:
+    (r,) = p.reads
+
+    def read() -> np.ndarray:
+        x = ckpt.read(r.key, lead=r.lead, rows=r.rows)
+        bar.update(x.nbytes)
+        return x.astype(cfg.np_dtype, copy=False)
+
+    return dense_orbax.LazyArray(p.spec.shape, np.dtype(cfg.np_dtype), read)
+
+
+def _write_dense(plan: list[Planned], ckpt: SafetensorsCheckpoint, root: pathlib.Path,
+                 cfg: ModelConfig, bar: tqdm) -> None:
+    """Save every dense array as one orbax checkpoint at root/dense, one tensor at a time."""
+    leaves = {p.spec.name: _lazy_dense(p, ckpt, cfg, bar)
+              for p in plan if p.spec.kind is Kind.DENSE}
+    dense_orbax.save_dense(root / mf.DENSE_DIR, leaves)
+    # The reader opens each array where orbax put it: check orbax's naming is what it expects.
+    missing = [n for n in leaves if not (root / mf.dense_path(n) / "zarr.json").is_file()]
+    if missing:
+        raise ConversionError(f"orbax {dense_orbax.orbax_version()} did not write the dense "
+                              f"arrays as dense/<flat name>/ zarr3 arrays (no {missing[:3]})")
 
 
 def _convert_into(tmp: pathlib.Path, hf_dir: pathlib.Path, hf: dict[str, Any],
@@ -297,11 +329,13 @@ def _convert_into(tmp: pathlib.Path, hf_dir: pathlib.Path, hf: dict[str, Any],
     t0 = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
               disable=not progress) as bar:
-        _write_arrays(plan, ckpt, tmp, cfg, bar)
+        _write_experts(plan, ckpt, tmp, cfg, bar)
+        _write_dense(plan, ckpt, tmp, cfg, bar)
     tokenizer_files = _copy_tokenizer(hf_dir, tmp)
     fsync_tree(tmp)
     manifest = mf.build_manifest(cfg, hf_config=hf, source=hf_dir,
-                                 tokenizer_files=tokenizer_files)
+                                 tokenizer_files=tokenizer_files,
+                                 orbax_version=dense_orbax.orbax_version())
     mf.write_manifest(tmp, manifest)  # last: a directory with a manifest is complete
     fsync_dir(tmp)
     dt = time.perf_counter() - t0

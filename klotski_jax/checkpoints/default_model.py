@@ -48,8 +48,8 @@ from klotski_jax.models.specs import expert_part_shape, weight_specs
 log = logging.getLogger(__name__)
 
 # Bump when the cache's contents change in a way the packaged files' hashes cannot see
-# (e.g. the conversion). 1 was the random-weights builder.
-RECIPE_VERSION = 2
+# (e.g. the conversion). 1 was the random-weights builder; 3: format_version 2 (orbax dense/).
+RECIPE_VERSION = 3
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama/Mixtral order
 UNK, BOS, EOS, PAD = SPECIAL_TOKENS

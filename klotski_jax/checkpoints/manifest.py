@@ -1,10 +1,12 @@
 """manifest.json: the self-describing, versioned index of a converted checkpoint.
 
 A checkpoint directory is valid exactly when its manifest is: the converter writes the manifest
-last, so a directory without one is never mistaken for a finished conversion. Layout:
+last, so a directory without one is never mistaken for a finished conversion. Layout (format
+version 2; docs/format.md describes it for users):
 
   manifest.json              this file
-  dense/<flat name>/         one zarr3 array per dense tensor (see store.py)
+  dense/                     ONE orbax checkpoint (PyTree, OCDBT off, zarr3, no compression) of
+                             every dense tensor; leaf `a.b.c` is the TensorStore array dense/a.b.c/
   experts/<flat name>/       one zarr3 array [E, out, in] per (layer, part); chunk c/{e}/0/0
   tokenizer/                 tokenizer files copied from the HF directory (when it had any)
 
@@ -12,8 +14,15 @@ Manifest fields:
   format "klotski-jax", format_version (int; readers refuse newer versions), family,
   config (ModelConfig.to_dict(); its dtype is the stored dtype), hf_config (the original
   config.json), source (absolute HF directory, for later benchmarks), dtype,
-  tensors {flat name: {shape, dtype, kind, path (relative to the checkpoint)}},
-  tokenizer_files [names under tokenizer/], created_by ("klotski-jax <version>").
+  dense {format "orbax-checkpoint", path "dense", ocdbt false, zarr3 true, compression false,
+  orbax_version} and experts {format "tensorstore-zarr3", path "experts", chunk "one per
+  expert"} (version 2 on), tensors {flat name: {shape, dtype, kind, path (relative to the
+  checkpoint)}}, tokenizer_files [names under tokenizer/], created_by ("klotski-jax <version>").
+
+Version 1 had no dense/experts sections and wrote dense/<flat name>/ as plain zarr3 arrays (one
+chunk, `bytes` codec) with no orbax metadata. Its arrays sit at the same paths and TensorStore
+opens both kinds alike, so version 1 checkpoints are still read; only orbax cannot restore their
+dense/ directory (re-convert with `klotski convert HF_DIR OUT_DIR` for that).
 """
 
 from __future__ import annotations
@@ -28,7 +37,15 @@ from klotski_jax.config import ConfigError, ModelConfig
 from klotski_jax.models.specs import ArraySpec, Kind, weight_specs
 
 FORMAT_NAME = "klotski-jax"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+DENSE_DIR = "dense"
+EXPERTS_DIR = "experts"
+# The dense part's save options; the reader opens dense/<flat name>/ as a zarr3 array, which
+# holds only with OCDBT off and zarr3 on.
+DENSE_OPTIONS: dict[str, Any] = {"format": "orbax-checkpoint", "path": DENSE_DIR, "ocdbt": False,
+                                 "zarr3": True, "compression": False}
+EXPERTS_SECTION: dict[str, Any] = {"format": "tensorstore-zarr3", "path": EXPERTS_DIR,
+                                   "chunk": "one per expert"}
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 # Files copied from the HF directory into tokenizer/ when present. The first group is what makes
@@ -41,9 +58,15 @@ _TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 _REQUIRED = ("format", "format_version", "family", "config", "dtype", "tensors")
 
 
+def dense_path(name: str) -> str:
+    """The TensorStore array of dense tensor `name` inside the orbax checkpoint (orbax's leaf
+    name with OCDBT off: the pytree path joined with ".", which is the flat name)."""
+    return f"{DENSE_DIR}/{name}"
+
+
 def tensor_path(spec: ArraySpec) -> str:
     """Where an array lives, relative to the checkpoint directory."""
-    return ("experts/" if spec.kind is Kind.EXPERT else "dense/") + spec.name
+    return f"{EXPERTS_DIR}/{spec.name}" if spec.kind is Kind.EXPERT else dense_path(spec.name)
 
 
 def tensor_entry(spec: ArraySpec, dtype: str) -> dict[str, Any]:
@@ -52,7 +75,7 @@ def tensor_entry(spec: ArraySpec, dtype: str) -> dict[str, Any]:
 
 
 def build_manifest(cfg: ModelConfig, *, hf_config: dict[str, Any], source: pathlib.Path,
-                   tokenizer_files: list[str]) -> dict[str, Any]:
+                   tokenizer_files: list[str], orbax_version: str) -> dict[str, Any]:
     """The manifest of a checkpoint of `cfg` (stored in cfg.dtype), converted from `source`."""
     from klotski_jax.constants import __version__
 
@@ -64,6 +87,8 @@ def build_manifest(cfg: ModelConfig, *, hf_config: dict[str, Any], source: pathl
         "hf_config": hf_config,
         "source": os.path.abspath(source),
         "dtype": cfg.dtype,
+        "dense": {**DENSE_OPTIONS, "orbax_version": orbax_version},
+        "experts": dict(EXPERTS_SECTION),
         "tensors": {s.name: tensor_entry(s, cfg.dtype) for s in weight_specs(cfg)},
         "tokenizer_files": sorted(tokenizer_files),
         "created_by": f"klotski-jax {__version__}",
@@ -84,6 +109,19 @@ def _check_header(m: Any, where: pathlib.Path) -> None:
     missing = [k for k in _REQUIRED if k not in m]
     if missing:
         raise ManifestError(f"{where}: missing fields {missing}")
+    if version >= 2:
+        _check_sections(m, where)
+
+
+def _check_sections(m: dict[str, Any], where: pathlib.Path) -> None:
+    dense, experts = m.get("dense"), m.get("experts")
+    if not isinstance(dense, dict) or any(dense.get(k) != v for k, v in DENSE_OPTIONS.items()):
+        raise ManifestError(f"{where}: the 'dense' section is {dense!r}; this klotski-jax reads "
+                            f"only {DENSE_OPTIONS}")
+    if not isinstance(experts, dict) or any(experts.get(k) != v
+                                            for k, v in EXPERTS_SECTION.items()):
+        raise ManifestError(f"{where}: the 'experts' section is {experts!r}; this klotski-jax "
+                            f"reads only {EXPERTS_SECTION}")
 
 
 def _check_tensors(m: dict[str, Any], cfg: ModelConfig, where: pathlib.Path) -> None:
@@ -103,7 +141,8 @@ def _check_tensors(m: dict[str, Any], cfg: ModelConfig, where: pathlib.Path) -> 
                                 f"implies {want}")
         path = entry.get("path")
         if (not isinstance(path, str) or pathlib.PurePosixPath(path).is_absolute()
-                or ".." in pathlib.PurePosixPath(path).parts):
+                or ".." in pathlib.PurePosixPath(path).parts
+                or (m["format_version"] >= 2 and path != want["path"])):
             raise ManifestError(f"{where}: tensor {name!r} has an invalid path {path!r}")
 
 

@@ -6,10 +6,11 @@ Expert arrays: one zarr3 array per (layer, part) shaped [E, out, in] in HF orien
 can read one expert with a single contiguous (even O_DIRECT) read, without TensorStore.
 Compression, sharding, zarr v2 and n5 were measured and were no faster (stack-facts.md).
 
-Dense arrays: also zarr3 with the `bytes` codec, one array per dense tensor, one chunk holding
-the whole array. One format for everything keeps the reader trivial and every file inspectable;
-the dense part is small (attention, norms, routers, embeddings) and is always read whole, so
-orbax's OCDBT batching would buy nothing here.
+Dense arrays (format_version 2) are one orbax checkpoint at `dense/`, written by dense_orbax.py
+with OCDBT off, so each is its own zarr3 array `dense/<flat name>/` (one chunk, orbax's
+`sharding_indexed` codec around the raw bytes). The reader opens it exactly like an expert array:
+one array (one layer) at a time, never restoring the checkpoint. Format 1 wrote the same paths
+with `create_spec(..., Kind.DENSE)` (one plain chunk); TensorStore opens both alike.
 
 Two settings matter for safety: `store_data_equal_to_fill_value` (an all-zero expert still gets
 its chunk file, so the raw-file path never finds a hole) and, on read,
@@ -44,7 +45,7 @@ def file_kvstore(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def chunk_shape(shape: tuple[int, ...] | list[int], kind: Kind) -> list[int]:
-    """One chunk per expert for expert arrays; one chunk for the whole dense array."""
+    """One chunk per expert for expert arrays; one chunk for the whole dense array (format 1)."""
     return [1, *shape[1:]] if kind is Kind.EXPERT else list(shape)
 
 
