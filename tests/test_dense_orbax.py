@@ -128,21 +128,40 @@ def test_one_array_is_read_without_the_others(converted) -> None:
         np.testing.assert_array_equal(reader.dense(name), want[name])
 
 
+def v1_name(name: str) -> str:
+    """The version 1 name of an array: the MoE block's arrays sat directly on the layer."""
+    return (name.replace(".moe.router.weight", ".router").replace(".moe.shared.", ".shared.")
+            .replace(".moe.experts.", ".experts."))
+
+
 def test_version_1_checkpoints_are_still_read(converted, tmp_path) -> None:
     """A v1 checkpoint, as the v1 writer made it: dense/<name>/ plain zarr3 arrays (one chunk,
-    bytes codec) and no orbax files; manifest without the dense/experts sections."""
+    bytes codec) under the v1 names (`layers.i.router`, `layers.i.experts.up`) and no orbax
+    files; manifest without the dense/experts sections. It reads under the v2 names."""
     src, want = converted["qwen3_moe"]
     ckpt = tmp_path / "v1"
     shutil.copytree(src, ckpt)
     shutil.rmtree(ckpt / "dense")
     writer = store.StoreWriter(ckpt)
+    v1 = {name: v1_name(name) for name in want}  # v1 named the MoE block's arrays flat
     for name, value in want.items():
-        writer.write(writer.create(f"dense/{name}", value.shape, "float32", Kind.DENSE), value)
+        writer.write(writer.create(f"dense/{v1[name]}", value.shape, "float32", Kind.DENSE), value)
     writer.flush()
     assert (ckpt / "dense" / "embed" / "c" / "0" / "0").read_bytes() == want["embed"].tobytes()
     m = json.loads((ckpt / mf.MANIFEST_FILE).read_text())
     del m["dense"], m["experts"]
     m["format_version"] = 1
+    tensors = {}
+    for name, entry in m["tensors"].items():
+        old = v1_name(name)
+        if entry["kind"] == "expert":
+            (ckpt / entry["path"]).rename(ckpt / "experts" / old)
+            entry = {**entry, "path": f"experts/{old}"}
+        else:
+            entry = {**entry, "path": f"dense/{old}"}
+        tensors[old] = entry
+    assert "layers.1.router" in tensors and "layers.1.experts.up" in tensors
+    m["tensors"] = tensors
     (ckpt / mf.MANIFEST_FILE).write_text(json.dumps(m))
     reader = CheckpointReader(ckpt)
     assert reader.manifest["format_version"] == 1

@@ -20,9 +20,12 @@ Manifest fields:
   checkpoint)}}, tokenizer_files [names under tokenizer/], created_by ("klotski-jax <version>").
 
 Version 1 had no dense/experts sections and wrote dense/<flat name>/ as plain zarr3 arrays (one
-chunk, `bytes` codec) with no orbax metadata. Its arrays sit at the same paths and TensorStore
+chunk, `bytes` codec) with no orbax metadata, under the names before the MoE block became its own
+NNX module (`layers.i.router`, `layers.i.shared.*`, `layers.i.experts.*`; now
+`layers.i.moe.router.weight`, `layers.i.moe.shared.*`, `layers.i.moe.experts.*`). Reading
+renames a version 1 manifest's tensors (`upgrade_v1_names`) and keeps their paths: TensorStore
 opens both kinds alike, so version 1 checkpoints are still read; only orbax cannot restore their
-dense/ directory (re-convert with `klotski convert HF_DIR OUT_DIR` for that).
+dense/ directory (re-convert with `klotski convert HF_DIR OUT_DIR --overwrite` for that).
 """
 
 from __future__ import annotations
@@ -146,9 +149,29 @@ def _check_tensors(m: dict[str, Any], cfg: ModelConfig, where: pathlib.Path) -> 
             raise ManifestError(f"{where}: tensor {name!r} has an invalid path {path!r}")
 
 
+def v2_name(v1_name: str) -> str:
+    """A version 1 flat name under the version 2 (NNX path) naming."""
+    parts = v1_name.split(".")
+    if len(parts) >= 3 and parts[0] == "layers":
+        head, rest = parts[:2], parts[2:]
+        if rest == ["router"]:
+            return ".".join([*head, "moe", "router", "weight"])
+        if rest[0] in ("shared", "experts"):
+            return ".".join([*head, "moe", *rest])
+    return v1_name
+
+
+def upgrade_v1_names(m: dict[str, Any]) -> None:
+    """Rename a version 1 manifest's tensors in place to version 2 names (paths unchanged)."""
+    if m.get("format_version") == 1 and isinstance(m.get("tensors"), dict):
+        m["tensors"] = {v2_name(n): e for n, e in m["tensors"].items()}
+
+
 def validate_manifest(m: Any, where: pathlib.Path) -> ModelConfig:
-    """Check a manifest dict (read from `where`) and return its config."""
+    """Check a manifest dict (read from `where`) and return its config. A version 1 manifest's
+    tensor names are upgraded in place first (`upgrade_v1_names`)."""
     _check_header(m, where)
+    upgrade_v1_names(m)
     try:
         cfg = ModelConfig.from_dict(m["config"])
     except (ConfigError, KeyError, TypeError, ValueError) as e:

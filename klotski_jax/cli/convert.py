@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import Any
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    # orbax asks JAX for the process index while it saves the dense checkpoint, which starts
+    # JAX's backends: keep a conversion off the accelerator (and its memory) unless the user
+    # chose a platform.
+    if "jax" not in sys.modules:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from klotski_jax.checkpoints.convert import convert
 
     out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
