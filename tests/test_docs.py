@@ -213,7 +213,7 @@ def check_markdown(md: str, page: Path) -> list[str]:
             subs = set(re.findall(r"`klotski ([a-z][\w-]*)`", h.group(2)))
             sub = subs.pop() if len(subs) == 1 else None
         elif sub and line.lstrip().startswith("|"):
-            first = line.strip().strip("|").split("|")[0]
+            first = re.split(r"(?<!\\)\|", line.strip().strip("|"))[0]
             opts = cli_options(sub)
             if opts is None:
                 problems.append(f"heading names `klotski {sub}`, not a subcommand")
