@@ -23,8 +23,8 @@ float32 sums are taken in different orders. In float32 that moves logits by a fe
 bfloat16 a different rounding of one activation (one bf16 ulp, 2^-8 relative) propagates
 through the layers and, rarely, flips a router's top-k choice at a near-tie.
 
-How the numbers were measured (tests/measure_contract.py prints them; README "The exactness
-contract"): `Engine.logits` of every schedule and ablation, 1-3 groups, the minimum and an
+How the numbers were measured (tests/measure_contract.py prints them; docs/exactness.md):
+`Engine.logits` of every schedule and ablation, 1-3 groups, the minimum and an
 unlimited device budget, on the 8 tiny families of hf_models.py in float32 and converted to
 bfloat16, and on the bfloat16 default model (3 batches); against the reference computed with the
 code as is and with "other kernels" emulated: projections that sum their contraction in 2, 3 or 5

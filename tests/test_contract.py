@@ -165,7 +165,7 @@ def _most_routed_expert(model: klotski_jax.Model, ids: np.ndarray, mask: np.ndar
 def test_bf16_wrong_expert_is_rejected(bf16: dict, tmp_path: pathlib.Path) -> None:
     """The bf16 tolerance still catches a real bug: the klotski schedule over a copy of the
     checkpoint whose most-routed layer-0 expert is zeroed (measured: 0.6-0.8 x M per position,
-    against the 0.35 bound; README "The exactness contract")."""
+    against the 0.35 bound; docs/exactness.md)."""
     expert = _most_routed_expert(bf16["model"], bf16["ids"], bf16["mask"])
     bad = contract.zeroed_expert_checkpoint(bf16["ckpt"], tmp_path / "bad", layer=0, expert=expert)
     policy = Policy(groups=2, device_budget=bf16["budget"])

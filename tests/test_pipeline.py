@@ -1,7 +1,7 @@
 """Every schedule of the pipeline against the reference model, under budgets, for every family.
 
 The oracle is `Model.generate_reference` / `Model.logits` (all experts resident). Each run must
-keep the exactness contract (tests/contract.py, README "The exactness contract"): teacher-forced
+keep the exactness contract (tests/contract.py, docs/exactness.md): teacher-forced
 logits within the float32 tolerance of the reference's, and the reference's greedy tokens wherever
 its top-2 margin is not a near-tie; and its device peak must stay within the budget.
 `verify_memory` additionally cross-checks the ledger against live device arrays.
@@ -286,8 +286,7 @@ def test_a_wrong_expert_breaks_the_contract(cases: Callable[[str], Case],
                                            tmp_path: pathlib.Path) -> None:
     """The float32 tolerance is tight enough to catch a real bug: the klotski schedule over a copy
     of the checkpoint whose layer-0 expert 0 is zeroed (what computing a wrong or missing expert
-    gives) is rejected; the unmodified run passes (measured deviations: README "The exactness
-    contract")."""
+    gives) is rejected; the unmodified run passes (measured deviations: docs/exactness.md)."""
     case = cases("mixtral")
     policy = Policy(groups=2)
     policy = policy.replace(device_budget=case.min_budget(policy))

@@ -58,7 +58,7 @@ def add(sub: Any) -> None:
         help="throughput of the schedules (and HF accelerate) side by side",
         description="Run the schedules on the same prompts and budgets, alternating, with "
                     "repeats after a warm-up; print a Markdown table, write JSON lines, a plot "
-                    "and a trace. See README 'Performance'.")
+                    "and a trace. See docs/benchmarks.md.")
     p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None,
                    help="checkpoint written by `klotski convert` (default: the embedded default "
                         "model, built on first use)")

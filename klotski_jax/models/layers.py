@@ -49,7 +49,7 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     GPUs) picks the matmul kernel, hence the summation order, by shape and instruction set
     (Intel AVX-512/AMX, AMD, GPU tensor cores), and in bf16 a different order can move a
     rounded output by one ulp. So the engine's groups and buckets agree with the oracle within
-    the exactness contract's tolerances (README "The exactness contract"; tests/contract.py),
+    the exactness contract's tolerances (docs/exactness.md; tests/contract.py),
     not bit for bit, and a row's result agrees within bf16 rounding whatever the number of rows
     that share the call (tests/test_models.py).
     """
