@@ -2,7 +2,8 @@
 
     .venv/bin/python tests/measure_contract.py [--out DIR] [--quick]
 
-Not a test (pytest does not collect it): it prints the numbers docs/exactness.md quotes. Models: the eight tiny families of hf_models.py in float32 and
+Not a test (pytest does not collect it): it prints the numbers docs/exactness.md quotes.
+Models: the eight tiny families of hf_models.py in float32 and
 converted to bfloat16, and the bfloat16 default model (three batches: short texts, long texts,
 random tokens). For each, the reference logits (`Model.logits`) are computed once per "kernel"
 in a subprocess each, since a patched projection must be in place before anything is traced:
