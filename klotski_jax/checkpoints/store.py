@@ -4,7 +4,8 @@ Expert arrays: one zarr3 array per (layer, part) shaped [E, out, in] in HF orien
 [1, out, in], codecs = only `bytes` (little endian), default chunk keys. So the chunk file
 `experts/<name>/c/{e}/0/0` is exactly the raw bytes of expert e's [out, in] matrix: the pipeline
 can read one expert with a single contiguous (even O_DIRECT) read, without TensorStore.
-Compression, sharding, zarr v2 and n5 were measured and were no faster (stack-facts.md).
+Compression, sharding, zarr v2 and n5 were measured on this project's CI machine and were no faster
+to read than raw chunks (an expert read is bound by the disk or the page-cache copy, not the codec).
 
 Dense arrays (format_version 2) are one orbax checkpoint at `dense/`, written by dense_orbax.py
 with OCDBT off, so each is its own zarr3 array `dense/<flat name>/` (one chunk, orbax's
