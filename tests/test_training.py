@@ -22,12 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from klotski_jax.config import ModelConfig
 from klotski_jax.demo import PROMPTS
 from klotski_jax.models import layers
 from klotski_jax.models import training as T
+from klotski_jax.models.modules import MoEModel
 from klotski_jax.models.reference import Model
+from klotski_jax.models.specs import weight_specs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,7 +52,7 @@ def hf_family_cfg(name: str) -> ModelConfig:
 
 def perturbed_params(cfg: ModelConfig, seed: int = 0) -> T.Params:
     """init_params with larger weights and non-trivial norms/biases, so routing and every
-    quirk matter."""
+    quirk matter (flat names)."""
     params = T.init_params(cfg, seed, std=0.2)
     key = jax.random.PRNGKey(seed + 1)
     for i, (name, w) in enumerate(sorted(params.items())):
@@ -58,13 +61,17 @@ def perturbed_params(cfg: ModelConfig, seed: int = 0) -> T.Params:
     return params
 
 
+def perturbed_model(cfg: ModelConfig, seed: int = 0) -> MoEModel:
+    return T.model_from_params(cfg, perturbed_params(cfg, seed))
+
+
 @pytest.mark.parametrize("name", ["mixtral", "mixtral-odd", "qwen2_moe", "qwen3_moe", "olmoe-clip"])
 def test_forward_train_equals_reference_model(name: str) -> None:
     cfg = hf_family_cfg(name)
-    params = perturbed_params(cfg)
+    model = Model.from_weights(cfg, perturbed_params(cfg))  # the reference model itself
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 11)).astype(np.int32)
-    logits, router_logits = jax.jit(T.forward_train, static_argnames="cfg")(params, ids, cfg=cfg)
-    ref = Model(cfg, {k: np.asarray(v) for k, v in params.items()}).logits(ids)
+    logits, router_logits = nnx.jit(T.forward_train)(model, jnp.asarray(ids))
+    ref = model.logits(ids)
     np.testing.assert_allclose(np.asarray(logits), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
     assert len(router_logits) == sum(cfg.moe_layers)
     assert all(r.shape == (ids.size, cfg.num_experts) for r in router_logits)
@@ -126,10 +133,11 @@ def test_load_balancing_loss_equals_transformers(masked: bool) -> None:
 
 def test_gradients_reach_every_weight() -> None:
     cfg = tiny_cfg()
-    params = perturbed_params(cfg)
+    model = perturbed_model(cfg)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (4, 17)), jnp.int32)
-    grads, metrics = jax.grad(T.loss_fn, has_aux=True)(params, tokens, cfg, 0.02)
-    assert set(grads) == set(params)
+    grads, metrics = nnx.jit(nnx.grad(T.loss_fn, has_aux=True))(model, tokens, 0.02)
+    grads = {".".join(map(str, path)): g[...] for path, g in grads.flat_state()}
+    assert set(grads) == {s.name for s in weight_specs(cfg)} == set(T.flat_params(model))
     for name, g in grads.items():
         assert np.isfinite(np.asarray(g)).all(), name
         assert float(jnp.abs(g).max()) > 0, name  # 64 tokens x top-2 reach all 4 experts
@@ -168,9 +176,9 @@ def test_batch_order_is_a_seeded_permutation_per_epoch() -> None:
 
 def test_routing_skew_counts_every_assignment() -> None:
     cfg = tiny_cfg()
-    params = perturbed_params(cfg)
+    model = perturbed_model(cfg)
     windows = np.random.default_rng(4).integers(0, cfg.vocab_size, (5, 9)).astype(np.int32)
-    skew = T.routing_skew(params, windows, cfg, batch_size=2)
+    skew = T.routing_skew(model, windows, batch_size=2)
     assert skew["windows"] == 5 and skew["tokens"] == 5 * 8
     for layer in range(cfg.num_layers):
         shares = skew["expert_shares"][layer]
