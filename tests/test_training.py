@@ -1,11 +1,12 @@
 """Training code (klotski_jax/models/training.py) and the default model's training script.
 
-- the training forward is the reference model's forward (same weights, same logits), for every
-  family quirk it supports;
+- the training forward over the NNX model is the reference model's forward (the same `Model`,
+  the same logits), for every family quirk it supports;
 - the load-balancing loss equals transformers' `load_balancing_loss_func`;
 - gradients reach every weight, a few steps lower the loss, and a rerun repeats the loss curve;
 - the corpus rules of scripts/train_default_model.py pick exactly the documented docstrings;
-- the script itself runs end to end on a tiny config in CI (`--tiny --steps 5`).
+- the script itself runs end to end on a tiny config in CI (`--tiny --steps 5`), and a tiny run
+  stopped early and resumed from its orbax checkpoint repeats the uninterrupted loss curve.
 """
 
 from __future__ import annotations
@@ -284,3 +285,39 @@ def test_script_tiny_run(script: ModuleType, tmp_path: pathlib.Path) -> None:
     with pytest.raises(FileExistsError, match="--overwrite"):  # never replaces silently
         script.main(["--tiny", "--steps", "1", "--run-dir", str(tmp_path / "run"),
                      "--out-dir", str(out), "--sample-tokens", "1"])
+
+
+def test_script_resume_repeats_the_uninterrupted_loss_curve(script: ModuleType,
+                                                            tmp_path: pathlib.Path) -> None:
+    """A tiny run stopped after 3 of 5 steps (checkpoints every 2) and resumed with --resume
+    logs the loss curve of an uninterrupted run; resuming without a checkpoint, starting fresh
+    over checkpoints, or resuming with another configuration fail with a clear message."""
+    common = ["--tiny", "--steps", "5", "--checkpoint-every", "2"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    run = lambda run_dir, *args: script.main([*common, "--run-dir", str(run_dir), *args])
+    with pytest.raises(T.CheckpointError, match="no checkpoint"):
+        run(part, "--resume", "--stop-after", "5")
+    assert not (part / "checkpoints").exists()
+
+    assert run(whole, "--stop-after", "5") == 0
+    assert run(part, "--stop-after", "3") == 0
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["2", "3"]
+    with pytest.raises(T.CheckpointError, match="--resume.*--restart"):  # never clobbers them
+        run(part, "--stop-after", "3")
+    with pytest.raises(T.CheckpointError, match="different run configuration.*batch_size"):
+        run(part, "--resume", "--stop-after", "5", "--batch-size", "2")
+    assert run(part, "--resume", "--stop-after", "5") == 0
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["3", "4", "5"]  # 3 kept
+
+    want = json.loads((whole / "training_log-stop5.json").read_text())
+    got = json.loads((part / "training_log-stop5.json").read_text())
+    assert [s["step"] for s in got["steps"]] == [1, 2, 3, 4, 5]
+    for key in ("loss", "ce", "aux", "grad_norm", "lr"):
+        np.testing.assert_allclose([s[key] for s in got["steps"]], [s[key] for s in want["steps"]],
+                                   rtol=1e-5, err_msg=key)
+    assert [e["step"] for e in got["evals"]] == [0, 3, 5]  # the stop at 3 evaluated too
+    val = {e["step"]: e["val_loss"] for e in got["evals"]}
+    np.testing.assert_allclose([val[e["step"]] for e in want["evals"]],
+                               [e["val_loss"] for e in want["evals"]], rtol=1e-5)
+    assert got["resumed_at"] == [3] and want["resumed_at"] == []
+    assert "--resume" not in got["command"]  # the run it completes
