@@ -145,19 +145,35 @@ def test_gradients_reach_every_weight() -> None:
     assert 2.0 <= float(metrics["aux"]) <= 4.0  # top-2 of 4: 2 balanced, 4 collapsed
 
 
-def test_fit_lowers_the_loss_and_repeats_its_curve() -> None:
+def test_fit_lowers_the_loss_repeats_its_curve_and_resumes_on_it(tmp_path: pathlib.Path) -> None:
+    """A second run of the same seed repeats the loss curve; stopped after 7 steps and resumed
+    from its orbax checkpoint, it continues on the curve of the uninterrupted run."""
     cfg = tiny_cfg()
     rng = np.random.default_rng(3)
     pattern = rng.integers(4, cfg.vocab_size, 8)
     windows = np.stack([np.roll(np.tile(pattern, 3), -i)[:17] for i in range(8)]).astype(np.int32)
     tc = T.TrainConfig(steps=12, peak_lr=1e-2, warmup_steps=2)
     _, first = T.fit(cfg, tc, windows, windows[:4], batch_size=4, seed=5, eval_every=6)
-    _, again = T.fit(cfg, tc, windows, windows[:0], batch_size=4, seed=5)
+    ckpts = T.TrainCheckpoints(tmp_path / "ckpt", every=0)  # after the last step only
+    _, part = T.fit(cfg, tc, windows, windows[:0], batch_size=4, seed=5, steps_to_run=7,
+                    checkpoints=ckpts)
+    assert ckpts.steps() == [7]
+    with pytest.raises(T.CheckpointError, match="holds checkpoints"):  # never starts over them
+        T.fit(cfg, tc, windows, windows[:0], batch_size=4, seed=5, checkpoints=ckpts)
+    with pytest.raises(T.CheckpointError, match=r"different run configuration \(seed: checkpoint 5"):
+        T.fit(cfg, tc, windows, windows[:0], batch_size=4, seed=6, checkpoints=ckpts, resume=True)
+    _, again = T.fit(cfg, tc, windows, windows[:0], batch_size=4, seed=5, checkpoints=ckpts,
+                     resume=True)
+    ckpts.close()
+    assert ckpts.steps() == [7, 12]
+    assert again["steps"][:7] == part["steps"] and again["resumed_at"] == [7]
     losses = [s["loss"] for s in first["steps"]]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5  # a periodic text is easy to learn
     assert first["evals"][-1]["val_loss"] < first["evals"][0]["val_loss"]
     assert [e["step"] for e in first["evals"]] == [0, 6, 12]
-    np.testing.assert_allclose(losses, [s["loss"] for s in again["steps"]], rtol=0, atol=1e-6)
+    again_losses = [s["loss"] for s in again["steps"]]
+    np.testing.assert_allclose(losses[:7], again_losses[:7], rtol=0, atol=1e-6)  # a rerun
+    np.testing.assert_allclose(losses, again_losses, rtol=1e-5)  # resumed: the same curve
     lrs = [s["lr"] for s in first["steps"]]
     np.testing.assert_allclose(lrs[:3], [5e-3, 7.5e-3, 1e-2], rtol=1e-5)  # warm-up from peak / 2
     assert 1e-3 <= lrs[-1] < 2e-3  # cosine decay towards 10% of the peak at step 12
@@ -246,12 +262,21 @@ def test_corpus_split_is_deterministic_and_disjoint(script: ModuleType) -> None:
     assert script.corpus_documents(tiny=True) == (train, val)
 
 
-def test_script_tiny_run(script: ModuleType, tmp_path: pathlib.Path) -> None:
-    """`--tiny --steps 5`: trains, lowers the validation loss, exports an HF checkpoint with a
-    model card and the log; transformers loads it."""
-    out = tmp_path / "model"
-    assert script.main(["--tiny", "--steps", "5", "--run-dir", str(tmp_path / "run"),
-                        "--out-dir", str(out), "--sample-tokens", "2"]) == 0
+@pytest.fixture(scope="module")
+def tiny_run(script: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """An uninterrupted `--tiny --steps 5` run with its export: ROOT/run (run dir) and
+    ROOT/model (the HF checkpoint)."""
+    root = tmp_path_factory.mktemp("tiny")
+    assert script.main(["--tiny", "--steps", "5", "--run-dir", str(root / "run"),
+                        "--out-dir", str(root / "model"), "--sample-tokens", "2"]) == 0
+    return root
+
+
+def test_script_tiny_run(script: ModuleType, tiny_run: pathlib.Path) -> None:
+    """`--tiny --steps 5`: trains, lowers the validation loss, checkpoints, exports an HF
+    checkpoint with a model card and the log; transformers loads it."""
+    tmp_path, out = tiny_run, tiny_run / "model"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["5"]  # the last
     record = json.loads((out / "training_log.json").read_text())
     evals = record["evals"]
     assert [e["step"] for e in evals] == [0, 5] and evals[-1]["val_loss"] < evals[0]["val_loss"]
@@ -287,29 +312,27 @@ def test_script_tiny_run(script: ModuleType, tmp_path: pathlib.Path) -> None:
                      "--out-dir", str(out), "--sample-tokens", "1"])
 
 
-def test_script_resume_repeats_the_uninterrupted_loss_curve(script: ModuleType,
-                                                            tmp_path: pathlib.Path) -> None:
-    """A tiny run stopped after 3 of 5 steps (checkpoints every 2) and resumed with --resume
-    logs the loss curve of an uninterrupted run; resuming without a checkpoint, starting fresh
-    over checkpoints, or resuming with another configuration fail with a clear message."""
-    common = ["--tiny", "--steps", "5", "--checkpoint-every", "2"]
-    whole, part = tmp_path / "whole", tmp_path / "part"
-    run = lambda run_dir, *args: script.main([*common, "--run-dir", str(run_dir), *args])
+def test_script_resume_repeats_the_uninterrupted_loss_curve(
+        script: ModuleType, tiny_run: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """The tiny run stopped after 3 of 5 steps (checkpoints every 2) and resumed with --resume
+    logs the loss curve of the uninterrupted run; resuming without a checkpoint or starting
+    fresh over checkpoints fails with a clear message (another configuration's checkpoint:
+    test_fit_lowers_the_loss_repeats_its_curve_and_resumes_on_it)."""
+    part = tmp_path / "part"
+    run = lambda *args: script.main(["--tiny", "--steps", "5", "--checkpoint-every", "2",
+                                     "--run-dir", str(part), *args])
     with pytest.raises(T.CheckpointError, match="no checkpoint"):
-        run(part, "--resume", "--stop-after", "5")
+        run("--resume", "--stop-after", "5")
     assert not (part / "checkpoints").exists()
 
-    assert run(whole, "--stop-after", "5") == 0
-    assert run(part, "--stop-after", "3") == 0
+    assert run("--stop-after", "3") == 0
     assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["2", "3"]
     with pytest.raises(T.CheckpointError, match="--resume.*--restart"):  # never clobbers them
-        run(part, "--stop-after", "3")
-    with pytest.raises(T.CheckpointError, match="different run configuration.*batch_size"):
-        run(part, "--resume", "--stop-after", "5", "--batch-size", "2")
-    assert run(part, "--resume", "--stop-after", "5") == 0
+        run("--stop-after", "3")
+    assert run("--resume", "--stop-after", "5") == 0
     assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["3", "4", "5"]  # 3 kept
 
-    want = json.loads((whole / "training_log-stop5.json").read_text())
+    want = json.loads((tiny_run / "model" / "training_log.json").read_text())
     got = json.loads((part / "training_log-stop5.json").read_text())
     assert [s["step"] for s in got["steps"]] == [1, 2, 3, 4, 5]
     for key in ("loss", "ce", "aux", "grad_norm", "lr"):

@@ -28,6 +28,7 @@ Shapes: b batch, t sequence, d hidden, v vocabulary, e experts, k top-k, n = b *
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -208,8 +209,12 @@ def lr_schedule(tc: TrainConfig) -> optax.Schedule:
         decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.peak_lr * tc.final_lr_fraction)
 
 
+@functools.cache
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW (decoupled weight decay on matrices) on `lr_schedule`."""
+    """Global-norm clipping, then AdamW (decoupled weight decay on matrices) on `lr_schedule`.
+
+    One object per TrainConfig: the transformation is a static attribute of the `nnx.Optimizer`,
+    so a new one per run would make `train_step` trace and compile again."""
     return optax.chain(
         optax.clip_by_global_norm(tc.clip_norm),
         optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
@@ -236,31 +241,37 @@ def train_step(model: MoEModel, optimizer: nnx.Optimizer, tokens: jax.Array, tc:
 def eval_loss(model: MoEModel, chunks: np.ndarray, batch_size: int) -> float:
     """Mean next-token cross-entropy over chunks [m, t + 1] (whole batches; the last one is
     padded with repeats of the first chunk and those rows are not counted)."""
+    graphdef, state = nnx.split(model)  # once: an nnx.jit call walks the graph every time
     total, count = 0.0, 0
     for start in range(0, len(chunks), batch_size):
         part = chunks[start:start + batch_size]
         real = len(part)
         if real < batch_size:  # one compiled shape: pad with whole chunks, then drop their rows
             part = np.concatenate([part, np.repeat(chunks[:1], batch_size - real, axis=0)])
-        per_row = _eval_rows(model, jnp.asarray(part))
+        per_row = _eval_rows(graphdef, state, jnp.asarray(part))
         total += float(np.asarray(per_row)[:real].sum())
         count += real * (chunks.shape[1] - 1)
     return total / count
 
 
-@nnx.jit
-def _eval_rows(model: MoEModel, tokens: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_rows(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> jax.Array:
     """Per-row summed next-token cross-entropy of tokens [b, t + 1] -> [b]."""
-    logits, _ = forward_train(model, tokens[:, :-1])
+    logits, _ = forward_train(nnx.merge(graphdef, state), tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).sum(axis=-1)
 
 
-@nnx.jit
 def routing_counts(model: MoEModel, ids: jax.Array) -> jax.Array:
     """Top-k assignments per (sequence, MoE layer, expert) for ids [b, t] -> int32 [b, layers, e].
 
     Each token adds top_k assignments in each MoE layer (the experts it is routed to).
     """
+    return _routing_counts(*nnx.split(model), ids)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _routing_counts(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, state)
     cfg = model.cfg
     b, t = ids.shape
     _, router_logits = forward_train(model, ids)
@@ -347,10 +358,9 @@ class TrainCheckpoints:
             meta=ocp.args.JsonSave(meta)))
         self._mgr().wait_until_finished()
 
-    def restore(self, model: MoEModel, optimizer: nnx.Optimizer, fingerprint: Mapping[str, Any]
-                ) -> dict[str, Any]:
-        """Load the latest checkpoint into `model` and `optimizer` (in place) and return its
-        meta; refuses (CheckpointError) when there is none or it is another run's (its
+    def latest_meta(self, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+        """The meta of the latest checkpoint, checked against this run's fingerprint (nothing
+        else is read); CheckpointError when there is none or it is another run's (its
         fingerprint differs: model, optimisation, batch size, seed or data)."""
         import orbax.checkpoint as ocp
 
@@ -369,12 +379,17 @@ class TrainCheckpoints:
             details = "; ".join(f"{k}: checkpoint {have.get(k)!r}, this run {want.get(k)!r}"
                                 for k in diff)
             raise CheckpointError(f"{where} is from a different run configuration ({details})")
+        return meta
+
+    def load(self, step: int, model: MoEModel, optimizer: nnx.Optimizer) -> None:
+        """Load step's params and optimizer state into `model` and `optimizer`, in place."""
+        import orbax.checkpoint as ocp
+
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._tree(model, optimizer))
         state = self._mgr().restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target)))["state"]
         nnx.update(model, state["model"])
         nnx.update(optimizer, state["optimizer"])
-        return meta
 
 
 def _array_digest(a: np.ndarray) -> dict[str, Any]:
@@ -425,27 +440,29 @@ def fit(cfg: ModelConfig, tc: TrainConfig, train_windows: np.ndarray, val_window
     """
     steps_to_run = tc.steps if steps_to_run is None else steps_to_run
     schedule = lr_schedule(tc)
-    model = init_model(cfg, seed)
-    optimizer = new_optimizer(model, tc)
     order = batch_order(len(train_windows), batch_size, tc.steps, seed)
     fingerprint = run_fingerprint(cfg, tc, train_windows, val_windows, batch_size, seed)
     steps: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     resumed_at: list[int] = []
     start, prior_wall = 0, 0.0
-    if resume:
+    if resume:  # check the checkpoint before building anything
         if checkpoints is None:
             raise ValueError("resume needs checkpoints")
-        meta = checkpoints.restore(model, optimizer, fingerprint)
+        meta = checkpoints.latest_meta(fingerprint)
         start, steps, evals = meta["step"], meta["steps"], meta["evals"]
         prior_wall, resumed_at = meta["train_wall_s"], [*meta["resumed_at"], meta["step"]]
         if start > steps_to_run:
             raise CheckpointError(f"the latest checkpoint in {checkpoints.directory} is at step "
                                   f"{start}, past the {steps_to_run} steps this run trains")
-        log.info("resumed from %s at step %d", checkpoints.directory, start)
     elif checkpoints is not None and (latest := checkpoints.latest_step()) is not None:
         raise CheckpointError(f"{checkpoints.directory} holds checkpoints of a run (up to step "
                               f"{latest}): resume it or delete them")
+    model = init_model(cfg, seed)  # the same init either way: a resumed run then loads into it
+    optimizer = new_optimizer(model, tc)
+    if resume and checkpoints is not None:
+        checkpoints.load(start, model, optimizer)
+        log.info("resumed from %s at step %d", checkpoints.directory, start)
     evaluate = eval_every > 0 and len(val_windows) > 0
 
     def run_eval(step: int) -> None:
@@ -491,13 +508,15 @@ def routing_skew(model: MoEModel, windows: np.ndarray, batch_size: int) -> dict[
     `top2_share_per_window`, the same share within each window, averaged (what one batch sees);
     `expert_shares`, every expert's share.
     """
+    graphdef, state = nnx.split(model)
     per_window = []
     for start in range(0, len(windows), batch_size):
         part = windows[start:start + batch_size, :-1]
         real = len(part)
         if real < batch_size:  # one compiled shape
             part = np.concatenate([part, np.repeat(part[:1], batch_size - real, axis=0)])
-        per_window.append(np.asarray(routing_counts(model, jnp.asarray(part)))[:real])
+        counts = _routing_counts(graphdef, state, jnp.asarray(part))
+        per_window.append(np.asarray(counts)[:real])
     counts = np.concatenate(per_window).astype(np.int64)  # [m, layers, e]
     total = counts.sum(axis=0)  # [layers, e]
     shares = total / total.sum(axis=1, keepdims=True)
