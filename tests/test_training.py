@@ -166,6 +166,8 @@ def test_fit_lowers_the_loss_repeats_its_curve_and_resumes_on_it(tmp_path: pathl
                      resume=True)
     ckpts.close()
     assert ckpts.steps() == [7, 12]
+    ckpts.clear()  # what the script's --restart does
+    assert ckpts.steps() == [] and not ckpts.directory.exists()
     assert again["steps"][:7] == part["steps"] and again["resumed_at"] == [7]
     losses = [s["loss"] for s in first["steps"]]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5  # a periodic text is easy to learn
