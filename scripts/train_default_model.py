@@ -15,10 +15,16 @@ The text differs between Python versions; the log records the version and the co
 
 Training: documents are tokenized as `<s> text </s>`, concatenated and cut into windows of
 seq_len + 1 tokens with stride seq_len; each epoch visits the windows in a seeded random order.
-The model is trained with our JAX model code (`klotski_jax.models.training`: the inference layer
-functions, dense MoE, Mixtral's load-balancing loss) and optax AdamW (warm-up + cosine decay,
-global-norm clipping) from a fixed seed. The run logs the train loss of every step and the
-validation loss every `--eval-every` steps to `training_log.json`.
+The model is trained with our JAX model code (`klotski_jax.models.training`: the NNX modules the
+engine serves, top-k-only MoE, Mixtral's load-balancing loss) and optax AdamW (warm-up + cosine
+decay, global-norm clipping) in an `nnx.Optimizer`, from a fixed seed. The run logs the train loss
+of every step and the validation loss every `--eval-every` steps to `training_log.json`.
+
+Checkpoints: every `--checkpoint-every` steps and after its last step, the run saves an orbax
+checkpoint in RUN_DIR/checkpoints/STEP (float32 params, optimizer state, step, the log so far;
+the 3 latest are kept). `--resume` continues from the latest one (same options otherwise) and
+gives the loss curve of an uninterrupted run; a checkpoint of another configuration, corpus or
+seed is refused. A fresh run refuses to start over existing checkpoints unless `--restart`.
 
 Export: an HF Mixtral checkpoint (bf16 `model.safetensors` with per-expert keys, `config.json`,
 `generation_config.json`, tokenizer files) that `transformers.MixtralForCausalLM` loads. The
@@ -31,6 +37,7 @@ Usage:
   .venv/bin/python scripts/train_default_model.py --overwrite        # the shipped model
   .venv/bin/python scripts/train_default_model.py --tiny --steps 5   # a smoke test (seconds)
   .venv/bin/python scripts/train_default_model.py --stop-after 20    # a prefix of the real run
+  .venv/bin/python scripts/train_default_model.py --overwrite --resume  # continue an interrupted run
   .venv/bin/python scripts/train_default_model.py --rewrite-card     # the card from the log
   .venv/bin/python scripts/train_default_model.py --remeasure        # re-measure, new card
 """
@@ -60,6 +67,8 @@ import numpy as np
 log = logging.getLogger("train_default_model")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SEED = 20250211  # Klotski's arXiv date; any fixed value works
+CHECKPOINT_EVERY = 100  # steps (about 2 minutes of the shipped run on 2 CPU cores)
+KEEP_CHECKPOINTS = 3
 
 # Directories of the stdlib tree whose docstrings are left out: tests, GUI code, vendored or
 # generated modules, and third-party packages.
@@ -91,6 +100,9 @@ class Options:
     tiny: bool
     steps: int
     stop_after: int | None
+    checkpoint_every: int
+    resume: bool
+    restart: bool
     seed: int
     vocab_size: int
     batch_size: int
@@ -118,7 +130,20 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                    help="tokenizer, log and float32 params (default: build/train_default_model)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1100; tiny 5)")
     p.add_argument("--stop-after", type=int, default=None, metavar="K",
-                   help="train only the first K steps of the schedule, write the log, no export")
+                   help="train only the first K steps of the schedule, write the log, no export "
+                        "(the checkpoint at step K lets --resume continue the run later)")
+    p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N",
+                   help=f"save an orbax checkpoint (params, optimizer state, step, log) in "
+                        f"RUN_DIR/checkpoints every N steps and after the last step run; the "
+                        f"{KEEP_CHECKPOINTS} latest are kept; 0: only after the last step "
+                        f"(default {CHECKPOINT_EVERY})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in RUN_DIR/checkpoints (same options; "
+                        "the loss curve is the uninterrupted run's); fails if there is none or it "
+                        "is from a different configuration")
+    p.add_argument("--restart", action="store_true",
+                   help="delete RUN_DIR/checkpoints and train from step 0 (a fresh run refuses to "
+                        "start over existing checkpoints otherwise)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--vocab-size", type=int, default=None, help="default 3072; tiny 512")
     p.add_argument("--batch-size", type=int, default=None, help="default 8; tiny 4")
@@ -143,12 +168,17 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     steps = a.steps if a.steps is not None else (5 if tiny else 1100)
     if steps < 1 or (a.stop_after is not None and not 1 <= a.stop_after <= steps):
         p.error("--steps must be >= 1 and --stop-after in 1..steps")
+    if a.checkpoint_every < 0:
+        p.error("--checkpoint-every must be >= 0")
+    if a.resume and a.restart:
+        p.error("--resume and --restart exclude each other")
     run_dir = a.run_dir or ROOT / "build" / ("train_default_model" + ("-tiny" if tiny else ""))
     out_dir = a.out_dir or (run_dir / "default_model" if tiny
                             else ROOT / "klotski_jax" / "data" / "default_model")
     pick = lambda v, full, small: v if v is not None else (small if tiny else full)
     return Options(
         out_dir=out_dir, run_dir=run_dir, tiny=tiny, steps=steps, stop_after=a.stop_after,
+        checkpoint_every=a.checkpoint_every, resume=a.resume, restart=a.restart,
         seed=a.seed, vocab_size=pick(a.vocab_size, 3072, 512), batch_size=pick(a.batch_size, 8, 4),
         seq_len=pick(a.seq_len, 256, 32), peak_lr=a.lr,
         warmup_steps=a.warmup_steps if a.warmup_steps is not None else max(1, steps // 12),
@@ -282,8 +312,6 @@ def measure_export(opts: Options, hf_dir: pathlib.Path, train_windows: np.ndarra
                    val_windows: np.ndarray) -> dict[str, Any]:
     """Convert the exported bf16 checkpoint with our converter (to float32, exact) and measure
     losses, routing and greedy samples of the shipped weights."""
-    import jax.numpy as jnp
-
     import klotski_jax
     from klotski_jax.bench.options import SAMPLE_REPETITION_PENALTY
     from klotski_jax.checkpoints.store import CheckpointReader
@@ -296,11 +324,11 @@ def measure_export(opts: Options, hf_dir: pathlib.Path, train_windows: np.ndarra
                                overwrite=True, progress=False)
     reader = CheckpointReader(ckpt)
     cfg = reader.config
-    params = {k: jnp.asarray(v) for k, v in reader.read_all().items()}
+    trained = T.model_from_params(cfg, reader.read_all())
     train_sample = train_windows[: len(val_windows)]  # as many windows as validation, fixed
-    train_loss = T.eval_loss(params, train_sample, cfg, opts.batch_size)
-    val_loss = T.eval_loss(params, val_windows, cfg, opts.batch_size)
-    skew = T.routing_skew(params, val_windows, cfg, opts.batch_size)
+    train_loss = T.eval_loss(trained, train_sample, opts.batch_size)
+    val_loss = T.eval_loss(trained, val_windows, opts.batch_size)
+    skew = T.routing_skew(trained, val_windows, opts.batch_size)
 
     model = klotski_jax.load(ckpt)
     batch = model.tokenizer(list(PROMPTS), padding=True, return_tensors="np")
@@ -375,6 +403,14 @@ def model_card(record: dict[str, Any]) -> str:
                   f"the largest difference between the two loss curves was "
                   f"{repro['max_abs_loss_diff']:.2g}." if repro else "")
     excluded = ", ".join(f"`{d}`" for d in EXCLUDED_DIRS)
+    resumed = record.get("resumed_at") or []
+    resume_line = (
+        f"The script saves an orbax checkpoint of the run (float32 params, optimizer state, step,\n"
+        f"loss log) in its run directory every {o.get('checkpoint_every', CHECKPOINT_EVERY)} "
+        f"steps (`--checkpoint-every`); an interrupted run\ncontinues with the same command plus "
+        f"`--resume`, on the loss curve of an uninterrupted run.\n" + (
+            f"This run was resumed at step{'s' if len(resumed) > 1 else ''} "
+            f"{', '.join(map(str, resumed))}." if resumed else "This run was not interrupted."))
     return f"""# klotski-jax default model: a small Mixtral trained on CPython's documentation
 
 The embedded default model of klotski-jax (`klotski demo`, `default_checkpoint()`): an HF
@@ -421,6 +457,8 @@ concatenated and cut into windows of {o["seq_len"]} + 1 tokens.
 ```sh
 {record["command"]}
 ```
+
+{resume_line}
 
 - {record["steps_run"]} steps of {o["batch_size"]} x {o["seq_len"]} tokens: \
 {record["steps"][-1]["tokens"]:,} tokens, {record["steps"][-1]["tokens"] / c["train_tokens"]:.2f} \
@@ -501,17 +539,22 @@ def hf_config(arch: dict[str, Any], vocab_size: int, aux_coef: float) -> dict[st
 
 
 def _install(src: pathlib.Path, out_dir: pathlib.Path, overwrite: bool) -> None:
-    """Move the finished export to out_dir (replacing it only with --overwrite)."""
+    """Move the finished export to out_dir (replacing it only with --overwrite). The old
+    directory is renamed aside first and deleted only once the new one is in place."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
         if not overwrite:
             raise FileExistsError(f"{out_dir} exists (pass --overwrite to replace it)")
-        shutil.rmtree(out_dir)
+        out_dir.replace(old)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(src), str(out_dir))
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
     opts = parse_args(argv)
     if opts.rewrite_card:
         record = json.loads((opts.out_dir / "training_log.json").read_text())
@@ -532,8 +575,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_hf_checkpoint,
     )
     from klotski_jax.config import ModelConfig
-    from klotski_jax.models.training import fit
+    from klotski_jax.models.training import CheckpointError, TrainCheckpoints, fit, flat_params
 
+    checkpoints = TrainCheckpoints(opts.run_dir / "checkpoints", every=opts.checkpoint_every,
+                                   keep=KEEP_CHECKPOINTS)
+    latest = checkpoints.latest_step()  # fail early, before the corpus and tokenizer
+    if opts.resume and latest is None:
+        raise CheckpointError(f"--resume: no checkpoint in {checkpoints.directory} to resume from")
+    if opts.restart:
+        checkpoints.clear()
+    elif not opts.resume and latest is not None:
+        raise CheckpointError(f"{checkpoints.directory} holds checkpoints of an earlier run (up to "
+                              f"step {latest}): pass --resume to continue it, or --restart to "
+                              f"delete them and train from step 0")
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     train_docs, val_docs = corpus_documents(opts.tiny)
     log.info("corpus: %d train documents (%.2f MB), %d validation (%.2f MB)", len(train_docs),
@@ -551,11 +605,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf = hf_config(arch, vocab, opts.router_aux_loss_coef)
     cfg = ModelConfig.from_hf_config(hf).replace(dtype="float32")  # train in float32
     run_steps = opts.stop_after or opts.steps
-    params, run_log = fit(cfg, train_config(opts), train_windows, val_windows,
-                          batch_size=opts.batch_size, seed=opts.seed, steps_to_run=run_steps,
-                          eval_every=opts.eval_every)
+    try:
+        model, run_log = fit(cfg, train_config(opts), train_windows, val_windows,
+                             batch_size=opts.batch_size, seed=opts.seed, steps_to_run=run_steps,
+                             eval_every=opts.eval_every, checkpoints=checkpoints,
+                             resume=opts.resume)
+    finally:
+        checkpoints.close()
+    params = {k: np.asarray(v) for k, v in flat_params(model).items()}
+    # The command of the whole run: a resumed run is the uninterrupted one (its log's
+    # "resumed_at" says where it was resumed).
+    command = [a for a in opts.argv if a not in ("--resume", "--restart")]
     record: dict[str, Any] = {
-        "command": "python scripts/train_default_model.py " + shlex.join(opts.argv),
+        "command": "python scripts/train_default_model.py " + shlex.join(command),
         "options": {k: _show_path(v) if isinstance(v, pathlib.Path) else v
                     for k, v in dataclasses.asdict(opts).items()},
         "hf_config": hf,
@@ -576,12 +638,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write_log(opts.run_dir / f"training_log-stop{opts.stop_after}.json", record)
         return 0
 
-    np.savez(opts.run_dir / "params.npz", **{k: np.asarray(v) for k, v in params.items()})
+    _write_npz(opts.run_dir / "params.npz", params)
     if opts.repro_steps:
         record["reproducibility"] = repro_check(opts, cfg, train_windows, run_log)
     export = opts.run_dir / "export"
     shutil.rmtree(export, ignore_errors=True)
-    write_hf_checkpoint(export, hf, {k: np.asarray(v) for k, v in params.items()}, tok_dir)
+    write_hf_checkpoint(export, hf, params, tok_dir)
     record["export"] = measure_export(opts, export, train_windows, val_windows)
     record["export"]["safetensors_bytes"] = (export / "model.safetensors").stat().st_size
     record["total_wall_s"] = round(time.perf_counter() - t_all, 1)
@@ -632,6 +694,14 @@ def _write_log(path: pathlib.Path, record: dict[str, Any]) -> None:
     _write_text(path, json.dumps(record, indent=1) + "\n")
 
 
+def _write_npz(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez to a temporary file beside path, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(path)
+
+
 def _write_text(path: pathlib.Path, text: str) -> None:
     """Write to a temporary file beside path, then rename: never a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -640,4 +710,9 @@ def _write_text(path: pathlib.Path, text: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from klotski_jax.models.training import CheckpointError
+
+    try:
+        sys.exit(main())
+    except (CheckpointError, FileExistsError, FileNotFoundError) as e:  # a message, no traceback
+        sys.exit(f"error: {e}")

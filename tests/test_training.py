@@ -1,11 +1,12 @@
 """Training code (klotski_jax/models/training.py) and the default model's training script.
 
-- the training forward is the reference model's forward (same weights, same logits), for every
-  family quirk it supports;
+- the training forward over the NNX model is the reference model's forward (the same `Model`,
+  the same logits), for every family quirk it supports;
 - the load-balancing loss equals transformers' `load_balancing_loss_func`;
 - gradients reach every weight, a few steps lower the loss, and a rerun repeats the loss curve;
 - the corpus rules of scripts/train_default_model.py pick exactly the documented docstrings;
-- the script itself runs end to end on a tiny config in CI (`--tiny --steps 5`).
+- the script itself runs end to end on a tiny config in CI (`--tiny --steps 5`), and a tiny run
+  stopped early and resumed from its orbax checkpoint repeats the uninterrupted loss curve.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from klotski_jax.config import ModelConfig
 from klotski_jax.demo import PROMPTS
 from klotski_jax.models import layers
 from klotski_jax.models import training as T
+from klotski_jax.models.modules import MoEModel
 from klotski_jax.models.reference import Model
+from klotski_jax.models.specs import weight_specs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,7 +53,7 @@ def hf_family_cfg(name: str) -> ModelConfig:
 
 def perturbed_params(cfg: ModelConfig, seed: int = 0) -> T.Params:
     """init_params with larger weights and non-trivial norms/biases, so routing and every
-    quirk matter."""
+    quirk matter (flat names)."""
     params = T.init_params(cfg, seed, std=0.2)
     key = jax.random.PRNGKey(seed + 1)
     for i, (name, w) in enumerate(sorted(params.items())):
@@ -58,13 +62,17 @@ def perturbed_params(cfg: ModelConfig, seed: int = 0) -> T.Params:
     return params
 
 
+def perturbed_model(cfg: ModelConfig, seed: int = 0) -> MoEModel:
+    return T.model_from_params(cfg, perturbed_params(cfg, seed))
+
+
 @pytest.mark.parametrize("name", ["mixtral", "mixtral-odd", "qwen2_moe", "qwen3_moe", "olmoe-clip"])
 def test_forward_train_equals_reference_model(name: str) -> None:
     cfg = hf_family_cfg(name)
-    params = perturbed_params(cfg)
+    model = Model.from_weights(cfg, perturbed_params(cfg))  # the reference model itself
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 11)).astype(np.int32)
-    logits, router_logits = jax.jit(T.forward_train, static_argnames="cfg")(params, ids, cfg=cfg)
-    ref = Model(cfg, {k: np.asarray(v) for k, v in params.items()}).logits(ids)
+    logits, router_logits = nnx.jit(T.forward_train)(model, jnp.asarray(ids))
+    ref = model.logits(ids)
     np.testing.assert_allclose(np.asarray(logits), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
     assert len(router_logits) == sum(cfg.moe_layers)
     assert all(r.shape == (ids.size, cfg.num_experts) for r in router_logits)
@@ -126,29 +134,48 @@ def test_load_balancing_loss_equals_transformers(masked: bool) -> None:
 
 def test_gradients_reach_every_weight() -> None:
     cfg = tiny_cfg()
-    params = perturbed_params(cfg)
+    model = perturbed_model(cfg)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (4, 17)), jnp.int32)
-    grads, metrics = jax.grad(T.loss_fn, has_aux=True)(params, tokens, cfg, 0.02)
-    assert set(grads) == set(params)
+    grads, metrics = nnx.jit(nnx.grad(T.loss_fn, has_aux=True))(model, tokens, 0.02)
+    grads = {".".join(map(str, path)): g[...] for path, g in grads.flat_state()}
+    assert set(grads) == {s.name for s in weight_specs(cfg)} == set(T.flat_params(model))
     for name, g in grads.items():
         assert np.isfinite(np.asarray(g)).all(), name
         assert float(jnp.abs(g).max()) > 0, name  # 64 tokens x top-2 reach all 4 experts
     assert 2.0 <= float(metrics["aux"]) <= 4.0  # top-2 of 4: 2 balanced, 4 collapsed
 
 
-def test_fit_lowers_the_loss_and_repeats_its_curve() -> None:
+def test_fit_lowers_the_loss_repeats_its_curve_and_resumes_on_it(tmp_path: pathlib.Path) -> None:
+    """A second run of the same seed repeats the loss curve; stopped after 7 steps and resumed
+    from its orbax checkpoint, it continues on the curve of the uninterrupted run."""
     cfg = tiny_cfg()
     rng = np.random.default_rng(3)
     pattern = rng.integers(4, cfg.vocab_size, 8)
     windows = np.stack([np.roll(np.tile(pattern, 3), -i)[:17] for i in range(8)]).astype(np.int32)
     tc = T.TrainConfig(steps=12, peak_lr=1e-2, warmup_steps=2)
     _, first = T.fit(cfg, tc, windows, windows[:4], batch_size=4, seed=5, eval_every=6)
-    _, again = T.fit(cfg, tc, windows, windows[:0], batch_size=4, seed=5)
+    ckpts = T.TrainCheckpoints(tmp_path / "ckpt", every=0)  # after the last step only
+    _, part = T.fit(cfg, tc, windows, windows[:0], batch_size=4, seed=5, steps_to_run=7,
+                    checkpoints=ckpts)
+    assert ckpts.steps() == [7]
+    with pytest.raises(T.CheckpointError, match="holds checkpoints"):  # never starts over them
+        T.fit(cfg, tc, windows, windows[:0], batch_size=4, seed=5, checkpoints=ckpts)
+    with pytest.raises(T.CheckpointError, match=r"different run configuration \(seed: checkpoint 5"):
+        T.fit(cfg, tc, windows, windows[:0], batch_size=4, seed=6, checkpoints=ckpts, resume=True)
+    _, again = T.fit(cfg, tc, windows, windows[:0], batch_size=4, seed=5, checkpoints=ckpts,
+                     resume=True)
+    ckpts.close()
+    assert ckpts.steps() == [7, 12]
+    ckpts.clear()  # what the script's --restart does
+    assert ckpts.steps() == [] and not ckpts.directory.exists()
+    assert again["steps"][:7] == part["steps"] and again["resumed_at"] == [7]
     losses = [s["loss"] for s in first["steps"]]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5  # a periodic text is easy to learn
     assert first["evals"][-1]["val_loss"] < first["evals"][0]["val_loss"]
     assert [e["step"] for e in first["evals"]] == [0, 6, 12]
-    np.testing.assert_allclose(losses, [s["loss"] for s in again["steps"]], rtol=0, atol=1e-6)
+    again_losses = [s["loss"] for s in again["steps"]]
+    np.testing.assert_allclose(losses[:7], again_losses[:7], rtol=0, atol=1e-6)  # a rerun
+    np.testing.assert_allclose(losses, again_losses, rtol=1e-5)  # resumed: the same curve
     lrs = [s["lr"] for s in first["steps"]]
     np.testing.assert_allclose(lrs[:3], [5e-3, 7.5e-3, 1e-2], rtol=1e-5)  # warm-up from peak / 2
     assert 1e-3 <= lrs[-1] < 2e-3  # cosine decay towards 10% of the peak at step 12
@@ -168,9 +195,9 @@ def test_batch_order_is_a_seeded_permutation_per_epoch() -> None:
 
 def test_routing_skew_counts_every_assignment() -> None:
     cfg = tiny_cfg()
-    params = perturbed_params(cfg)
+    model = perturbed_model(cfg)
     windows = np.random.default_rng(4).integers(0, cfg.vocab_size, (5, 9)).astype(np.int32)
-    skew = T.routing_skew(params, windows, cfg, batch_size=2)
+    skew = T.routing_skew(model, windows, batch_size=2)
     assert skew["windows"] == 5 and skew["tokens"] == 5 * 8
     for layer in range(cfg.num_layers):
         shares = skew["expert_shares"][layer]
@@ -237,12 +264,21 @@ def test_corpus_split_is_deterministic_and_disjoint(script: ModuleType) -> None:
     assert script.corpus_documents(tiny=True) == (train, val)
 
 
-def test_script_tiny_run(script: ModuleType, tmp_path: pathlib.Path) -> None:
-    """`--tiny --steps 5`: trains, lowers the validation loss, exports an HF checkpoint with a
-    model card and the log; transformers loads it."""
-    out = tmp_path / "model"
-    assert script.main(["--tiny", "--steps", "5", "--run-dir", str(tmp_path / "run"),
-                        "--out-dir", str(out), "--sample-tokens", "2"]) == 0
+@pytest.fixture(scope="module")
+def tiny_run(script: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """An uninterrupted `--tiny --steps 5` run with its export: ROOT/run (run dir) and
+    ROOT/model (the HF checkpoint)."""
+    root = tmp_path_factory.mktemp("tiny")
+    assert script.main(["--tiny", "--steps", "5", "--run-dir", str(root / "run"),
+                        "--out-dir", str(root / "model"), "--sample-tokens", "2"]) == 0
+    return root
+
+
+def test_script_tiny_run(script: ModuleType, tiny_run: pathlib.Path) -> None:
+    """`--tiny --steps 5`: trains, lowers the validation loss, checkpoints, exports an HF
+    checkpoint with a model card and the log; transformers loads it."""
+    tmp_path, out = tiny_run, tiny_run / "model"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["5"]  # the last
     record = json.loads((out / "training_log.json").read_text())
     evals = record["evals"]
     assert [e["step"] for e in evals] == [0, 5] and evals[-1]["val_loss"] < evals[0]["val_loss"]
@@ -276,3 +312,37 @@ def test_script_tiny_run(script: ModuleType, tmp_path: pathlib.Path) -> None:
     with pytest.raises(FileExistsError, match="--overwrite"):  # never replaces silently
         script.main(["--tiny", "--steps", "1", "--run-dir", str(tmp_path / "run"),
                      "--out-dir", str(out), "--sample-tokens", "1"])
+
+
+def test_script_resume_repeats_the_uninterrupted_loss_curve(
+        script: ModuleType, tiny_run: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """The tiny run stopped after 3 of 5 steps (checkpoints every 2) and resumed with --resume
+    logs the loss curve of the uninterrupted run; resuming without a checkpoint or starting
+    fresh over checkpoints fails with a clear message (another configuration's checkpoint:
+    test_fit_lowers_the_loss_repeats_its_curve_and_resumes_on_it)."""
+    part = tmp_path / "part"
+    run = lambda *args: script.main(["--tiny", "--steps", "5", "--checkpoint-every", "2",
+                                     "--run-dir", str(part), *args])
+    with pytest.raises(T.CheckpointError, match="no checkpoint"):
+        run("--resume", "--stop-after", "5")
+    assert not (part / "checkpoints").exists()
+
+    assert run("--stop-after", "3") == 0
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["2", "3"]
+    with pytest.raises(T.CheckpointError, match="--resume.*--restart"):  # never clobbers them
+        run("--stop-after", "3")
+    assert run("--resume", "--stop-after", "5") == 0
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["3", "4", "5"]  # 3 kept
+
+    want = json.loads((tiny_run / "model" / "training_log.json").read_text())
+    got = json.loads((part / "training_log-stop5.json").read_text())
+    assert [s["step"] for s in got["steps"]] == [1, 2, 3, 4, 5]
+    for key in ("loss", "ce", "aux", "grad_norm", "lr"):
+        np.testing.assert_allclose([s[key] for s in got["steps"]], [s[key] for s in want["steps"]],
+                                   rtol=1e-5, err_msg=key)
+    assert [e["step"] for e in got["evals"]] == [0, 3, 5]  # the stop at 3 evaluated too
+    val = {e["step"]: e["val_loss"] for e in got["evals"]}
+    np.testing.assert_allclose([val[e["step"]] for e in want["evals"]],
+                               [e["val_loss"] for e in want["evals"]], rtol=1e-5)
+    assert got["resumed_at"] == [3] and want["resumed_at"] == []
+    assert "--resume" not in got["command"]  # the run it completes
