@@ -35,7 +35,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.config import ModelConfig
@@ -465,12 +464,12 @@ def _routing(cfg: ModelConfig, n: int, opts: ProfileOptions) -> float:
     return _median(run, opts)
 
 
-def _expert_weights(reader: CheckpointReader, layer: int) -> nnx.State:
-    """Expert 0 of `layer` on the device, as the `nnx.State` a load gives the scheduler."""
-    return nnx.State({p: jax.device_put(reader.expert(layer, p, 0)) for p in EXPERT_PARTS})
+def _expert_weights(reader: CheckpointReader, layer: int) -> dict[str, jax.Array]:
+    """Expert 0 of `layer` on the device, as the state a load gives the scheduler."""
+    return {p: jax.device_put(reader.expert(layer, p, 0)) for p in EXPERT_PARTS}
 
 
-def _expert(cfg: ModelConfig, w: nnx.State, rows: int, opts: ProfileOptions
+def _expert(cfg: ModelConfig, w: dict[str, jax.Array], rows: int, opts: ProfileOptions
             ) -> float:
     """One expert over a full bucket of `rows` tokens, as Scheduler._expert runs it: gather its
     rows from the routing, pad, run. The scheduler dispatches a layer's experts back to back

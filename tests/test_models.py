@@ -176,7 +176,7 @@ def test_modules_are_nnx_and_their_paths_are_the_flat_names(name):
 
     cfg = ModelConfig.from_hf_config(make_hf_model(name).config.to_dict())
     model = nnx.eval_shape(lambda: MoEModel(cfg, rngs=nnx.Rngs(0)))
-    params = {".".join(map(str, p)): v.value.shape
+    params = {".".join(map(str, p)): v.get_value().shape
               for p, v in nnx.state(model, nnx.Param).flat_state()}
     assert params == {s.name: s.shape for s in weight_specs(cfg)}
     for i in range(cfg.num_layers):
@@ -185,3 +185,48 @@ def test_modules_are_nnx_and_their_paths_are_the_flat_names(name):
                  for p, _ in nnx.state(dense, nnx.Param).flat_state()}
         assert names == {s.name for s in weight_specs(cfg)
                          if s.layer == i and s.kind is Kind.DENSE}
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "olmoe-clip"])
+def test_pure_state_is_nnx_state_of_the_params(name):
+    """The reference's fast `pure_state` is exactly NNX's own pure state of a layer."""
+    import jax
+    from flax import nnx
+    from hf_models import make_hf_model
+
+    from klotski_jax.models.reference import Model, pure_state
+
+    cfg = ModelConfig.from_hf_config(make_hf_model(name).config.to_dict())
+    model = Model(cfg, rngs=nnx.Rngs(0))
+    for layer in model.layers:
+        want = nnx.state(layer, nnx.Param).to_pure_dict()
+        got = pure_state(layer)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        assert all(a is b for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+
+
+def test_steps_take_an_nnx_state_or_its_pure_form():
+    """The jitted steps merge a layer's state into the NNX module: an `nnx.State` and the pure
+    nested dicts the runtime streams give the same result."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from hf_models import make_hf_model
+
+    from klotski_jax.models import blocks
+    from klotski_jax.models.reference import Model, pure_state
+
+    cfg = ModelConfig.from_hf_config(make_hf_model("qwen2_moe").config.to_dict())
+    layer = Model(cfg, rngs=nnx.Rngs(1)).layers[0]
+    h = jnp.ones((2, 3, cfg.hidden_size)) * 0.1
+    pure = pure_state(layer)
+    wrapped = nnx.state(layer, nnx.Param)
+    for step in (blocks.moe_block_reference, blocks.dense_mlp_block):
+        if (step is blocks.moe_block_reference) != cfg.moe_layers[0]:
+            continue
+        np.testing.assert_array_equal(np.asarray(step(pure, h, cfg=cfg)),
+                                      np.asarray(step(wrapped, h, cfg=cfg)))
+    x, w, e = blocks.router_block(pure, h.reshape(6, -1), cfg=cfg) if cfg.moe_layers[0] else (
+        None, None, None)
+    if x is not None:
+        x2, w2, e2 = blocks.router_block(wrapped, h.reshape(6, -1), cfg=cfg)
+        np.testing.assert_array_equal(np.asarray(e), np.asarray(e2))

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from klotski_jax.config import Family, ModelConfig, QKNorm
 from klotski_jax.models import blocks
@@ -65,7 +64,7 @@ def test_steps_do_not_copy_weights(dtype, tokens):
     cache = KVCache.create(cfg, b, 32)
     w0, w1 = layer_state(flat, 0), layer_state(flat, 1)
     e = w0["moe"]["experts"]
-    expert = nnx.State({p: e[p][0] for p in ("gate", "up", "down")})
+    expert = {p: e[p][0] for p in ("gate", "up", "down")}
     x = jnp.zeros((tokens, cfg.hidden_size), dtype)
     rows = jnp.zeros((max(tokens, 2),), jnp.int32)
     lowered = {

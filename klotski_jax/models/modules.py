@@ -10,8 +10,9 @@ one name per array, in the checkpoint, the orbax dense tree, the expert store an
 Parameters keep HF's (out, in) orientation; the math is the pure functions of models/layers.py.
 
 The hot path stays functional: the pipeline does not call these modules with their parameters
-attached. It streams `nnx.State` pytrees (a layer's dense part, one expert) as arguments of
-jitted steps, which `nnx.merge` them into the modules below at trace time (models/blocks.py).
+attached. It streams their states (a layer's dense part, one expert; in NNX's pure nested-dict
+form) as arguments of jitted steps, which `nnx.merge` them into the modules below at trace time
+(models/blocks.py).
 The dense part of a layer is a `DecoderLayer` built with `routed=False`: its MoE block has a
 router and shared expert but no routed experts, which live in the expert store one by one.
 
@@ -126,7 +127,7 @@ class Router(nnx.Module):
 class Expert(nnx.Module):
     """One routed expert (SwiGLU): gate, up [I, D], down [D, I].
 
-    The unit the pipeline streams: its `nnx.State` is what one expert's load moves. Built from
+    The unit the pipeline streams: its state {gate, up, down} is what one expert's load moves. Built from
     its two sizes only, so one graph definition serves every layer and model."""
 
     def __init__(self, hidden: int, intermediate: int, *, rngs: nnx.Rngs, dtype: Any):
@@ -151,9 +152,9 @@ class RoutedExperts(nnx.Module):
         self.gate, self.up = _matrix(rngs, (e, f, d), dtype), _matrix(rngs, (e, f, d), dtype)
         self.down = _matrix(rngs, (e, d, f), dtype)
 
-    def expert_state(self, j: int) -> nnx.State:
-        """Expert j's parameters, as the state of an `Expert` module."""
-        return nnx.State({"gate": self.gate[j], "up": self.up[j], "down": self.down[j]})
+    def expert_state(self, j: int) -> dict[str, jax.Array]:
+        """Expert j's parameters: the pure state of an `Expert` module."""
+        return {"gate": self.gate[j], "up": self.up[j], "down": self.down[j]}
 
     def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
         """sum_k weights[n, k] * Expert_{idx[n, k]}(x[n]) with every expert on every token."""
@@ -268,9 +269,10 @@ class MoEModel(nnx.Module):
         return self.embed[...] if self.lm_head is None else self.lm_head[...]
 
 
-def layer_state(flat: Mapping[str, Any], i: int) -> nnx.State:
-    """Layer i's `nnx.State` from flat names ("layers.i.attn.q" -> state["attn"]["q"]): the
-    state of a `DecoderLayer`, of its dense part when `flat` holds no routed experts."""
+def layer_state(flat: Mapping[str, Any], i: int) -> dict[str, Any]:
+    """Layer i's pure NNX state from flat names ("layers.i.attn.q" -> state["attn"]["q"]): the
+    state of a `DecoderLayer` (of its dense part when `flat` holds no routed experts) as nested
+    dicts, the form `nnx.State.to_pure_dict()` gives and the jitted steps take."""
     prefix = f"layers.{i}."
     tree: dict[str, Any] = {}
     for name, value in flat.items():
@@ -281,4 +283,4 @@ def layer_state(flat: Mapping[str, Any], i: int) -> nnx.State:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return nnx.State(tree)
+    return tree

@@ -2,8 +2,8 @@
 
 This is the oracle every schedule of the pipeline is tested against, and the simplest runnable
 path for users who want to check a conversion. It drives the same jitted per-layer steps
-(models/blocks.py) that the pipeline uses, one layer at a time, passing each layer's `nnx.State`
-as an argument.
+(models/blocks.py) that the pipeline uses, one layer at a time, passing each layer's state (pure
+form) as an argument.
 """
 
 from __future__ import annotations
@@ -63,10 +63,24 @@ class KVCache:
         return cls(kv=kv, valid=np.zeros((batch, max_len), bool))
 
 
-def pure_state(module: nnx.Module) -> nnx.State:
-    """A module's parameters as an `nnx.State` of plain arrays (nested dicts inside), the form
-    the pipeline streams: the jitted steps see one pytree structure from both."""
-    return nnx.State(nnx.state(module, nnx.Param).to_pure_dict())
+def pure_state(module: nnx.Module) -> dict[str, Any]:
+    """A module's parameters in NNX's pure form (nested dicts of arrays), the form the
+    pipeline streams: the jitted steps see one pytree structure from both.
+
+    The same tree as `nnx.state(module, nnx.Param).to_pure_dict()`, read straight from the
+    attributes: NNX's general graph traversal costs about 0.3 ms per decoder layer, which the
+    reference model would pay for every layer of every step."""
+    return _pure_params(module)
+
+
+def _pure_params(module: nnx.Module) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in vars(module).items():
+        if isinstance(value, nnx.Param):
+            out[name] = value.get_value()
+        elif isinstance(value, nnx.Module):
+            out[name] = _pure_params(value)
+    return out
 
 
 def state_from_flat(abstract: nnx.Module, flat: Mapping[str, Any], dtype: Any) -> nnx.State:
@@ -76,9 +90,10 @@ def state_from_flat(abstract: nnx.Module, flat: Mapping[str, Any], dtype: Any) -
     for path, var in state.flat_state():
         name = ".".join(str(k) for k in path)
         value = jnp.asarray(np.asarray(flat[name]), dtype)
-        if value.shape != var.value.shape:
-            raise ValueError(f"{name}: shape {value.shape}, the model needs {var.value.shape}")
-        var.value = value
+        if value.shape != var.get_value().shape:
+            raise ValueError(f"{name}: shape {value.shape}, the model needs "
+                             f"{var.get_value().shape}")
+        var.set_value(value)
     return state
 
 
@@ -108,14 +123,13 @@ class Model(MoEModel):
         return model
 
     # ---- one forward step over new tokens ---------------------------------------------------
-    def layer_states(self) -> list[nnx.State]:
-        """Every layer's `pure_state`, the arguments of the jitted steps. Taken once per call of
-        `logits` / `generate_reference` (an NNX graph traversal costs about 0.3 ms per layer,
-        which every decode step would otherwise pay for every layer)."""
+    def layer_states(self) -> list[dict[str, Any]]:
+        """Every layer's `pure_state`, the arguments of the jitted steps (taken once per call of
+        `logits` / `generate_reference`)."""
         return [pure_state(layer) for layer in self.layers]
 
     def forward(self, token_ids: np.ndarray, positions: np.ndarray, cache: KVCache,
-                states: list[nnx.State] | None = None) -> jax.Array:
+                states: list[dict[str, Any]] | None = None) -> jax.Array:
         """Run new tokens [B, T] (slots cache.length..+T, validity already set) -> logits.
         `states`: `layer_states()`, when the caller runs several steps."""
         cfg, h = self.cfg, blocks.embed(self.embed[...], jnp.asarray(token_ids))

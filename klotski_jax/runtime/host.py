@@ -9,6 +9,7 @@ reference path reads the same expert through TensorStore. A test checks both are
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -16,7 +17,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.constants import ALIGN, round_up
@@ -118,6 +118,7 @@ class HostTier:
         self._lock = threading.Lock()
         self._making = 0  # bytes of cached experts being made, not yet in _cache
         self._free_staging: list[StagingBuffer] = []
+        self._staging_ids = itertools.count()
 
     def cached_array_ids(self) -> set[int]:
         """ids of the jax arrays the tier holds (cached experts, dense layers): host memory,
@@ -145,7 +146,8 @@ class HostTier:
             if self._free_staging:
                 return self._free_staging.pop()
         buf = StagingBuffer(self.part_bytes)
-        self.ledger.reserve(("staging", id(buf)), buf.nbytes)
+        # A counter, not id(buf): ids of collected buffers are reused.
+        self.ledger.reserve(("staging", next(self._staging_ids)), buf.nbytes)
         return buf
 
     def give_staging(self, buf: StagingBuffer) -> None:
@@ -190,11 +192,15 @@ class HostTier:
                 self._making -= disk
             return parts, None, disk, False
         staging = take_staging()
-        return self._read_into(layer, e, staging), staging, disk, False
+        try:
+            return self._read_into(layer, e, staging), staging, disk, False
+        except BaseException:
+            self.give_staging(staging)  # a failed read (e.g. a short chunk) keeps no buffer
+            raise
 
-    def _read_into(self, layer: int, e: int, staging: StagingBuffer) -> nnx.State:
+    def _read_into(self, layer: int, e: int, staging: StagingBuffer) -> dict[str, np.ndarray]:
         """Expert e of `layer` read into `staging`: its `modules.Expert` state {gate, up, down}
-        of arrays viewing the buffer."""
+        (pure form) of arrays viewing the buffer."""
         out = {}
         for part in EXPERT_PARTS:
             region = staging.region(part)
@@ -205,7 +211,7 @@ class HostTier:
                 read_file(self.reader.expert_chunk_path(layer, part, e), region,
                            staging.region(part, padded=True), self.io_mode == "direct")
             out[part] = np.frombuffer(region, self.dtype).reshape(self.part_shapes[part])
-        return nnx.State(out)
+        return out
 
     def evict_page_cache(self) -> int:
         """Drop the store's expert files from the OS page cache (a true disk tier for benchmarks).

@@ -238,7 +238,7 @@ class Scheduler:
         return jax.device_put(np.take(self.embed_host, tokens, axis=0))
 
     def _dense(self, s: Step, i: int) -> Any:
-        """Layer i's dense-part `nnx.State` on the device (resident, or loaded)."""
+        """Layer i's dense-part state on the device (resident, or loaded)."""
         if self._resident_dense:
             return self._resident_dense[i]
         return self.transfers.get(("dense", i), busy=self._busy, step=s.name, layer=i).arrays

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from klotski_jax.config import ModelConfig
 from klotski_jax.constants import bucket, buckets_upto
@@ -43,7 +42,7 @@ def zero_accumulator(shape: tuple[int, ...]) -> jax.Array:
 def expert_apply(acc: jax.Array, x: jax.Array, rows: jax.Array, weights: jax.Array,
                  expert: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """acc[rows] += weights * Expert(x[rows]); acc [N, d] float32 (donated), rows [bucket];
-    expert: one expert's `nnx.State` {gate, up, down}, merged into `modules.Expert` here.
+    expert: one expert's state {gate, up, down} (pure form), merged into `modules.Expert` here.
 
     Also returns a scalar computed by the same execution: the fence that says the expert's
     weights are no longer read (acc cannot be one: the next expert's call donates it)."""
@@ -56,8 +55,8 @@ def warm_up_experts(cfg: ModelConfig, n_rows: int) -> None:
     sends a new number of tokens to an expert mid-run never triggers a compile."""
     d, f, dt = cfg.hidden_size, cfg.expert_intermediate_size, jnp.dtype(cfg.dtype)
     x = jnp.zeros((n_rows, d), dt)
-    expert = nnx.State({"gate": jnp.zeros((f, d), dt), "up": jnp.zeros((f, d), dt),
-                        "down": jnp.zeros((d, f), dt)})
+    expert = {"gate": jnp.zeros((f, d), dt), "up": jnp.zeros((f, d), dt),
+              "down": jnp.zeros((d, f), dt)}
     for size in buckets_upto(n_rows):
         acc = jnp.zeros((n_rows, d), jnp.float32)
         jax.block_until_ready(expert_apply(acc, x, jnp.zeros(size, jnp.int32),
