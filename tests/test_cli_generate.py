@@ -260,6 +260,29 @@ def test_budget_below_minimum(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
 
 
+def test_damaged_expert_chunk_is_named(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A truncated expert chunk: one `error:` line naming layer, expert and part, exit 2, no
+    traceback, no output files."""
+    import shutil
+
+    from klotski_jax.checkpoints.store import CheckpointReader
+
+    ckpt = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
+    moe = CheckpointReader(ckpt).config.moe_layer_ids[0]
+    for e in range(CheckpointReader(ckpt).config.num_experts):  # whichever expert is routed
+        chunk = CheckpointReader(ckpt).expert_chunk_path(moe, "up", e)
+        os.truncate(chunk, 100)
+    src = write_lines(tmp_path / "p.jsonl", [{"prompt_token_ids": [3, 4, 5]}])
+    out = tmp_path / "o.jsonl"
+    rc, stdout, err = run_cli(["generate", str(ckpt), "--input", str(src), "--output", str(out),
+                               "--max-new-tokens", "2", "-q"], capsys)
+    assert rc == 2, err
+    assert err.startswith(f"error: damaged checkpoint: layer {moe} expert "), err
+    assert "part 'up'" in err and "short read" in err and "klotski convert" in err
+    assert "Traceback" not in err and stdout == "" and not out.exists()
+
+
 @pytest.mark.parametrize("line, why", [
     ("not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),

@@ -19,6 +19,7 @@ import pytest
 from hf_models import save_hf_model
 
 import klotski_jax
+from klotski_jax.checkpoints.errors import CorruptFileError
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.constants import ALIGN
 from klotski_jax.models.specs import EXPERT_PARTS, Kind, expert_part_shape, total_bytes
@@ -385,7 +386,7 @@ def test_short_chunk_file_is_an_error(ckpts, tmp_path, io_mode):
     tier = _tier(ckpt, host_experts=frozenset(), io_mode=io_mode)
     chunk = tier.reader.expert_chunk_path(1, "down", 2)
     os.truncate(chunk, os.path.getsize(chunk) - 4)
-    with pytest.raises(OSError, match="short read"):
+    with pytest.raises(CorruptFileError, match=r"layer 1 expert 2 part 'down' .*short read"):
         tier.read_expert(1, 2, tier.take_staging)
     parts, staging, _, _ = tier.read_expert(1, 1, tier.take_staging)  # the others still read
     _assert_same(parts["down"], tier.reader.expert(1, "down", 1))

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from klotski_jax.checkpoints.errors import CorruptFileError
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.constants import ALIGN, round_up
 from klotski_jax.models.modules import layer_state
@@ -208,8 +209,15 @@ class HostTier:
                 arr = self.reader.expert(layer, part, e)
                 np.frombuffer(region, np.uint8)[:] = arr.reshape(-1).view(np.uint8)
             else:
-                read_file(self.reader.expert_chunk_path(layer, part, e), region,
-                           staging.region(part, padded=True), self.io_mode == "direct")
+                path = self.reader.expert_chunk_path(layer, part, e)
+                try:
+                    read_file(path, region, staging.region(part, padded=True),
+                              self.io_mode == "direct")
+                except OSError as err:  # truncated or unreadable: name what is damaged
+                    raise CorruptFileError(
+                        f"damaged checkpoint: layer {layer} expert {e} part {part!r} "
+                        f"({path}): {err.strerror or err}; re-convert it with `klotski convert "
+                        f"HF_DIR OUT_DIR --overwrite`") from err
             out[part] = np.frombuffer(region, self.dtype).reshape(self.part_shapes[part])
         return out
 
