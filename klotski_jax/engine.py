@@ -154,6 +154,17 @@ class Engine:
         return PreviousLayerPopularity(cfg.moe_layer_ids, cfg.num_experts, cfg.top_k)
 
     # ---- inputs -------------------------------------------------------------------------------
+    def check_context(self, prompt_tokens: int, max_new_tokens: int, where: str) -> None:
+        """Refuse a prompt whose positions would pass the model's max_position_embeddings:
+        RoPE computes them, but the model was never trained there."""
+        limit, total = self.config.max_position_embeddings, prompt_tokens + max_new_tokens
+        if total > limit:
+            raise ValueError(
+                f"{where}: {prompt_tokens} prompt tokens + {max_new_tokens} new tokens = {total} "
+                f"positions, more than the model's max_position_embeddings {limit}; shorten the "
+                "prompt or generate fewer tokens, or allow it explicitly (allow_long_context / "
+                "--allow-long-context)")
+
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
         """Token ids of each prompt (strings need the checkpoint's tokenizer)."""
         out = []
@@ -265,12 +276,15 @@ class Engine:
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  stop_at_eos: bool = True, trace: Tracer | None = None,
                  progress: Callable[[int], None] | None = None,
-                 repetition_penalty: float = 1.0) -> Generation:
+                 repetition_penalty: float = 1.0,
+                 allow_long_context: bool = False) -> Generation:
         """Generate up to max_new_tokens per prompt. Greedy at temperature 0 (the default).
 
         repetition_penalty > 1 discourages tokens this prompt has already generated (HF
         semantics, applied to the new tokens only); small models loop less with about 1.3.
         progress(n) is called after every decode step with the number of tokens generated.
+        A prompt whose tokens plus max_new_tokens exceed the model's max_position_embeddings is
+        refused (the model never saw such positions) unless allow_long_context.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -279,6 +293,9 @@ class Engine:
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         ids = self.encode(prompts)
+        if not allow_long_context:
+            for i, p in enumerate(ids):
+                self.check_context(len(p), max_new_tokens, where=f"prompt {i}")
         lay = self.layout(len(ids), prompt_bucket(max(len(p) for p in ids)), max_new_tokens)
         per_round = lay.groups * lay.batch
         tracer = trace or Tracer(enabled=False)

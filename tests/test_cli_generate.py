@@ -260,6 +260,27 @@ def test_budget_below_minimum(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
 
 
+def test_prompt_past_max_positions_is_refused(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Prompt tokens + new tokens past max_position_embeddings: refused, naming the line, unless
+    --allow-long-context; the Python API refuses it too."""
+    limit = klotski_jax.Engine(tiny_ckpt).config.max_position_embeddings
+    src = write_lines(tmp_path / "p.jsonl", [{"prompt_token_ids": [3, 4]},
+                                             {"prompt_token_ids": [5] * (limit - 2)}])
+    out = tmp_path / "o.jsonl"
+    argv = ["generate", str(tiny_ckpt), "--input", str(src), "--output", str(out),
+            "--max-new-tokens", "3", "-q"]
+    rc, stdout, err = run_cli(argv, capsys)
+    assert rc == 2 and not out.exists(), err
+    assert err.startswith("error: ") and "p.jsonl:2: " in err and "Traceback" not in err, err
+    assert f"{limit - 2} prompt tokens + 3 new tokens = {limit + 1} positions" in err
+    assert f"max_position_embeddings {limit}" in err and "--allow-long-context" in err
+    rc, _, err = run_cli(argv + ["--allow-long-context"], capsys)
+    assert rc == 0 and out.exists(), err
+    with pytest.raises(ValueError, match=r"prompt 0: .* more than the model's max_position"):
+        klotski_jax.Engine(tiny_ckpt).generate([[5] * limit], max_new_tokens=1)
+
+
 def test_damaged_expert_chunk_is_named(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     """A truncated expert chunk: one `error:` line naming layer, expert and part, exit 2, no

@@ -52,6 +52,7 @@ class GenerateOptions:
     io_mode: str = "buffered"
     evict_page_cache: bool = False
     pinned_host: str = "auto"
+    allow_long_context: bool = False
     quiet: bool = False
 
     @classmethod
@@ -94,9 +95,12 @@ def run_generate(opts: GenerateOptions) -> dict[str, Any]:
     prompt_ids = []
     for r in records:  # tokenize here so an error names the prompt's line
         try:
-            prompt_ids.extend(engine.encode([r.prompt]))
+            ids = engine.encode([r.prompt])
+            if not opts.allow_long_context:
+                engine.check_context(len(ids[0]), opts.max_new_tokens, where="the prompt")
         except ValueError as e:
             raise gio.InputError(f"{r.where}: {e}") from None
+        prompt_ids.extend(ids)
 
     tracer = Tracer() if opts.trace else None
     with progress(len(records) * opts.max_new_tokens, desc="generating", unit="tok",
@@ -104,7 +108,8 @@ def run_generate(opts: GenerateOptions) -> dict[str, Any]:
         gen = engine.generate(prompt_ids, max_new_tokens=opts.max_new_tokens,
                               temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
                               trace=tracer, progress=bar.update,
-                              repetition_penalty=opts.repetition_penalty)
+                              repetition_penalty=opts.repetition_penalty,
+                              allow_long_context=opts.allow_long_context)
     results = gio.results(records, gen.token_ids, gen.texts)
     stats = {**gen.stats.to_dict(), "weight_bytes": weight_bytes,
              "max_new_tokens": opts.max_new_tokens, "prompts": len(records),
@@ -197,6 +202,9 @@ def add(sub: Any) -> None:
                    help="> 1 discourages repeating generated tokens (HF semantics; default: 1, "
                         "off; about 1.3 helps small models that loop)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default: 0)")
+    p.add_argument("--allow-long-context", action="store_true",
+                   help="generate past the model's max_position_embeddings (refused by default: "
+                        "the model was never trained at those positions)")
     p.add_argument("--trace", metavar="FILE",
                    help="write a Chrome trace-event JSON (open in ui.perfetto.dev)")
     p.add_argument("--stats", metavar="FILE", help="write the run's statistics as JSON")
