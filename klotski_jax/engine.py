@@ -47,14 +47,17 @@ DEFAULT_GROUPS = 2  # n when the planner does not choose (flexgen, the no-multi-
 
 @dataclasses.dataclass
 class Sampling:
-    """How a round picks its tokens: temperature / top-p (greedy at 0), the repetition penalty,
-    the random generator, and the EOS ids that end a sequence (empty: never stop early)."""
+    """How a round picks its tokens: temperature with top-k / top-p / min-p (greedy at 0), the
+    repetition penalty, the random generator, and the EOS ids that end a sequence (empty: never
+    stop early)."""
 
     temperature: float
     top_p: float
     penalty: float
     rng: np.random.Generator
     eos: set[int]
+    top_k: int = 0
+    min_p: float = 0.0
 
 
 @dataclasses.dataclass
@@ -107,18 +110,30 @@ def penalize_repeats(logits: np.ndarray, history: Sequence[Sequence[int]],
     return out
 
 
-def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator
-           ) -> np.ndarray:
-    """Next token per row of float32 logits [b, v]: greedy at temperature 0, else nucleus."""
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator,
+           top_k: int = 0, min_p: float = 0.0) -> np.ndarray:
+    """Next token per row of float32 logits [b, v]: greedy at temperature 0, else sampled.
+
+    HF's order and semantics: the logits are divided by the temperature; top_k > 0 keeps the
+    tokens whose logit is at least the k-th largest (ties kept); top_p < 1 keeps the smallest
+    set of the most likely of those whose probability mass reaches top_p; min_p > 0 keeps those
+    at least min_p times as likely as the most likely one. The token is drawn from what is kept,
+    renormalised; the most likely token is always kept."""
     if temperature <= 0:
         return logits.argmax(-1).astype(np.int32)
     z = logits.astype(np.float64) / temperature
+    if 0 < top_k < z.shape[-1]:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k, None]
+        z = np.where(z < kth, -np.inf, z)
     p = np.exp(z - z.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     out = np.empty(len(p), np.int32)
     for r, row in enumerate(p):
         order = np.argsort(-row, kind="stable")
         keep = np.cumsum(row[order]) - row[order] < top_p  # smallest set with mass >= top_p
+        if min_p > 0:
+            keep &= row[order] >= min_p * row[order[0]]
+        keep[0] = True
         probs = row[order[keep]] / row[order[keep]].sum()
         out[r] = order[keep][rng.choice(len(probs), p=probs)]
     return out
@@ -277,14 +292,17 @@ class Engine:
                  stop_at_eos: bool = True, trace: Tracer | None = None,
                  progress: Callable[[int], None] | None = None,
                  repetition_penalty: float = 1.0,
-                 allow_long_context: bool = False) -> Generation:
+                 allow_long_context: bool = False, top_k: int = 0,
+                 min_p: float = 0.0) -> Generation:
         """Generate up to max_new_tokens per prompt. Greedy at temperature 0 (the default).
 
         repetition_penalty > 1 discourages tokens this prompt has already generated (HF
         semantics, applied to the new tokens only); small models loop less with about 1.3.
         progress(n) is called after every decode step with the number of tokens generated.
         A prompt whose tokens plus max_new_tokens exceed the model's max_position_embeddings is
-        refused (the model never saw such positions) unless allow_long_context.
+        refused (the model never saw such positions) unless allow_long_context. With
+        temperature > 0, top_k (0: off), top_p (1: off) and min_p (0: off) filter the
+        distribution as HF's warpers do (`sample`), drawing from a generator seeded by `seed`.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -292,6 +310,10 @@ class Engine:
             raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {top_k}")
+        if not 0 <= min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0: off), got {min_p}")
         ids = self.encode(prompts)
         if not allow_long_context:
             for i, p in enumerate(ids):
@@ -309,7 +331,8 @@ class Engine:
             chunk = ids[start: start + per_round]
             out, placement = self._run_round(chunk, lay, max_new_tokens,
                                              Sampling(temperature, top_p, repetition_penalty,
-                                                      rng, eos if stop_at_eos else set()),
+                                                      rng, eos if stop_at_eos else set(),
+                                                      top_k, min_p),
                                              tracer, stats, progress, host)
             new_tokens.extend(out)
         if stop_at_eos and eos:
@@ -366,7 +389,7 @@ class Engine:
                 for g, x in zip(active, logits):
                     tokens = sample(penalize_repeats(np.asarray(x), [out[r] for r in rows[g]],
                                                      how.penalty),
-                                    how.temperature, how.top_p, how.rng)
+                                    how.temperature, how.top_p, how.rng, how.top_k, how.min_p)
                     for r, tok in zip(rows[g], tokens):
                         out[r].append(int(tok))
                         done[r] |= int(tok) in how.eos

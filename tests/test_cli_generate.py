@@ -281,6 +281,27 @@ def test_prompt_past_max_positions_is_refused(tiny_ckpt: pathlib.Path, tmp_path:
         klotski_jax.Engine(tiny_ckpt).generate([[5] * limit], max_new_tokens=1)
 
 
+def test_seeded_sampling_repeats_through_the_cli(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """--temperature with --top-k / --top-p / --min-p and a seed: the same tokens twice; bad
+    filter values are refused by the engine."""
+    src = write_lines(tmp_path / "p.jsonl", [{"prompt_token_ids": [3, 4, 5]},
+                                             {"prompt_token_ids": [6, 7]}])
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"o{i}.jsonl"
+        rc, _, err = run_cli(["generate", str(tiny_ckpt), "--input", str(src), "--output", str(out),
+                              "--max-new-tokens", "4", "--temperature", "1.2", "--top-k", "20",
+                              "--top-p", "0.9", "--min-p", "0.01", "--seed", "5", "-q"], capsys)
+        assert rc == 0, err
+        outs.append([json.loads(line)["token_ids"] for line in out.read_text().splitlines()])
+    assert outs[0] == outs[1]
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        klotski_jax.Engine(tiny_ckpt).generate([[3, 4]], max_new_tokens=1, top_k=-1)
+    with pytest.raises(ValueError, match="min_p must be in"):
+        klotski_jax.Engine(tiny_ckpt).generate([[3, 4]], max_new_tokens=1, min_p=1.5)
+
+
 def test_damaged_expert_chunk_is_named(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     """A truncated expert chunk: one `error:` line naming layer, expert and part, exit 2, no

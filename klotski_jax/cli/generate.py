@@ -42,6 +42,8 @@ class GenerateOptions:
     hot_experts: int | None = None  # K: the fixed-size hot set instead of the threshold rule
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int = 0
     trace: str | None = None
@@ -107,6 +109,7 @@ def run_generate(opts: GenerateOptions) -> dict[str, Any]:
                   quiet=opts.quiet) as bar:
         gen = engine.generate(prompt_ids, max_new_tokens=opts.max_new_tokens,
                               temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
+                              top_k=opts.top_k, min_p=opts.min_p,
                               trace=tracer, progress=bar.update,
                               repetition_penalty=opts.repetition_penalty,
                               allow_long_context=opts.allow_long_context)
@@ -198,6 +201,12 @@ def add(sub: Any) -> None:
                    help="0 = greedy (default)")
     p.add_argument("--top-p", type=probability, default=1.0, metavar="P",
                    help="nucleus sampling mass when --temperature > 0 (default: 1)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, metavar="K",
+                   help="sample among the K most likely tokens when --temperature > 0 "
+                        "(default: 0, off)")
+    p.add_argument("--min-p", type=unit_interval, default=0.0, metavar="P",
+                   help="drop tokens less than P times as likely as the most likely one when "
+                        "--temperature > 0 (default: 0, off)")
     p.add_argument("--repetition-penalty", type=positive_float, default=1.0, metavar="R",
                    help="> 1 discourages repeating generated tokens (HF semantics; default: 1, "
                         "off; about 1.3 helps small models that loop)")
