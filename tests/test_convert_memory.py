@@ -23,10 +23,9 @@ import textwrap
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from klotski_jax.checkpoints import dense_orbax
 from klotski_jax.config import ModelConfig
 from klotski_jax.models.families import ExpertSource, hf_sources
-from klotski_jax.models.specs import Kind, expert_part_shape, total_bytes, weight_specs
+from klotski_jax.models.specs import Kind, expert_part_shape, flatten, total_bytes, weight_specs
 
 HF_CONFIG = {
     "model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "vocab_size": 1024,
@@ -166,4 +165,4 @@ def test_dense_weights_are_not_all_held_at_once(tmp_path) -> None:
     restored = ocp.StandardCheckpointer().restore(out / "dense")
     reader = CheckpointReader(out)
     for name in ("embed", "lm_head", "layers.7.attn.o"):
-        np.testing.assert_array_equal(dense_orbax.flatten(restored)[name], reader.dense(name))
+        np.testing.assert_array_equal(flatten(restored)[name], reader.dense(name))

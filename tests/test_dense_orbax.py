@@ -19,15 +19,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from klotski_jax.checkpoints import dense_orbax, store
 from klotski_jax.checkpoints import manifest as mf
+from klotski_jax.checkpoints import store
 from klotski_jax.checkpoints.convert import convert
 from klotski_jax.checkpoints.errors import ManifestError
 from klotski_jax.checkpoints.safetensors_io import SafetensorsCheckpoint
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.config import ModelConfig
 from klotski_jax.models.families import TensorSource, hf_sources
-from klotski_jax.models.specs import Kind, weight_specs
+from klotski_jax.models.specs import Kind, flatten, weight_specs
 
 # One family per naming quirk: Qwen2-MoE (biases, shared expert, a dense MLP layer), Qwen3-MoE
 # (per-head q/k norms), Mixtral (block_sparse_moe router), OLMoE (full q/k norms).
@@ -57,7 +57,7 @@ def converted(tmp_path_factory) -> dict[str, tuple[pathlib.Path, dict[str, np.nd
 def _assert_tree_equals(tree, want: dict[str, np.ndarray], array_type: type) -> None:
     assert isinstance(tree["layers"], dict) and sorted(tree["layers"], key=int) == [
         str(i) for i in range(len(tree["layers"]))]
-    got = dense_orbax.flatten(tree)
+    got = flatten(tree)
     assert set(got) == set(want)
     for name, w in want.items():
         g = got[name]

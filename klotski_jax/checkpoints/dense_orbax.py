@@ -38,6 +38,7 @@ import tensorstore as ts
 from orbax.checkpoint import type_handlers
 
 from klotski_jax.checkpoints.manifest import DENSE_OPTIONS
+from klotski_jax.models.specs import nest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,33 +56,6 @@ class LazyArray:
     @property
     def ndim(self) -> int:
         return len(self.shape)
-
-
-def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """{"layers.0.attn.q": x} -> {"layers": {"0": {"attn": {"q": x}}}} (keys split on ".")."""
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"{name!r}: {p!r} is both an array and a group")
-        if leaf in node:
-            raise ValueError(f"{name!r}: duplicate or both an array and a group")
-        node[leaf] = value
-    return tree
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The inverse of `nest`: nested dicts -> {"a.b.c": leaf}."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class _OneLeafAtATimeHandler(type_handlers.NumpyHandler):

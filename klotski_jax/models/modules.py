@@ -33,6 +33,7 @@ from flax import nnx
 
 from klotski_jax.config import ModelConfig, QKNorm
 from klotski_jax.models import layers
+from klotski_jax.models.specs import nest
 
 F32 = jnp.float32
 INIT_STD = 0.02  # HF's initializer_range for every family's random init
@@ -144,17 +145,12 @@ class RoutedExperts(nnx.Module):
     """All routed experts of a layer, stacked: gate, up [E, I, D], down [E, D, I].
 
     Used where every expert is resident (the reference model, training); the expert store keeps
-    the same arrays with one chunk per expert, and `expert_state(j)` is expert j's `Expert`
-    state."""
+    the same arrays with one chunk per expert (row j of each is expert j's `Expert` state)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any):
         e, d, f = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
         self.gate, self.up = _matrix(rngs, (e, f, d), dtype), _matrix(rngs, (e, f, d), dtype)
         self.down = _matrix(rngs, (e, d, f), dtype)
-
-    def expert_state(self, j: int) -> dict[str, jax.Array]:
-        """Expert j's parameters: the pure state of an `Expert` module."""
-        return {"gate": self.gate[j], "up": self.up[j], "down": self.down[j]}
 
     def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
         """sum_k weights[n, k] * Expert_{idx[n, k]}(x[n]) with every expert on every token."""
@@ -274,13 +270,4 @@ def layer_state(flat: Mapping[str, Any], i: int) -> dict[str, Any]:
     state of a `DecoderLayer` (of its dense part when `flat` holds no routed experts) as nested
     dicts, the form `nnx.State.to_pure_dict()` gives and the jitted steps take."""
     prefix = f"layers.{i}."
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        if not name.startswith(prefix):
-            continue
-        *parents, leaf = name[len(prefix):].split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
+    return nest({n[len(prefix):]: v for n, v in flat.items() if n.startswith(prefix)})

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
+from typing import Any
 
 from klotski_jax.config import ModelConfig, QKNorm
 
@@ -110,3 +112,30 @@ def total_bytes(cfg: ModelConfig, kind: Kind | None = None) -> int:
 def expert_name(layer: int, part: str) -> str:
     """The flat name of layer `layer`'s stacked routed-expert array `part` (gate/up/down)."""
     return f"layers.{layer}.moe.experts.{part}"
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"layers.0.attn.q": x} -> {"layers": {"0": {"attn": {"q": x}}}} (keys split on ".")."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{name!r}: {p!r} is both an array and a group")
+        if leaf in node:
+            raise ValueError(f"{name!r}: duplicate or both an array and a group")
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The inverse of `nest`: nested dicts -> {"a.b.c": leaf}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
