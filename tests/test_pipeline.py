@@ -99,11 +99,11 @@ def cases(tmp_path_factory):
     return get
 
 
-# One config per family in the fast suite (each family's quirks: Mixtral with a sliding window and
-# tied embeddings, Qwen2-MoE's biases and
-# shared expert, Qwen3-MoE's q/k norms, OLMoE's full q/k norms and clip_qkv); the variant configs
-# (odd expert counts, sparse steps, sliding window) run with the slow tests: together they took
-# about a minute of a suite that must stay under ten.
+# One config per family in the fast suite, covering each family's quirks (Mixtral with a sliding
+# window and tied embeddings, Qwen2-MoE's biases and shared expert, Qwen3-MoE's q/k norms, OLMoE's
+# full q/k norms and clip_qkv); the other variants (odd expert counts, sparse steps, no
+# renormalisation) run with the slow tests: together they took about a minute of a suite that
+# must stay under ten.
 FAST_FAMILIES = {"mixtral-odd", "qwen2_moe", "qwen3_moe", "olmoe-clip"}
 
 
