@@ -40,7 +40,43 @@ class ConfigError(ValueError):
     """An HF config (or a ModelConfig) that this project cannot represent faithfully."""
 
 
+class Quant(enum.StrEnum):
+    """How the routed experts are stored: in the model dtype, or quantized (models/quant.py).
+
+    int8: symmetric, q in [-127, 127], one scale per group of `expert_group_size` inputs of an
+    output row (0: one per row). int4: asymmetric, q in [0, 15] packed two per byte (low nibble
+    first), a scale and a zero point per group. Scales and zero points are float16."""
+
+    NONE = "none"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+QUANT_SCALE_DTYPE = "float16"
 _DTYPES = ("float32", "bfloat16", "float16")
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1, "int8": 1}
+
+
+def quant_leaves(quant: Quant, group_size: int, out_dim: int, in_dim: int, dtype: str
+                 ) -> tuple[tuple[str, tuple[int, int], str], ...]:
+    """The stored arrays of one [out, in] expert projection: (suffix, shape, dtype) each.
+
+    Unquantized: one array ("", (out, in), dtype). int8: "q" int8 [out, in] and "scale"
+    [out, in / G]; int4: "q" uint8 [out, in / 2] (two values a byte), "scale" and "zero"
+    [out, in / G]. G = group_size, or in_dim for per-row int8 (group_size 0)."""
+    if quant is Quant.NONE:
+        return (("", (out_dim, in_dim), dtype),)
+    groups = in_dim // (group_size or in_dim)
+    scale = ("scale", (out_dim, groups), QUANT_SCALE_DTYPE)
+    if quant is Quant.INT8:
+        return (("q", (out_dim, in_dim), "int8"), scale)
+    return (("q", (out_dim, in_dim // 2), "uint8"), scale, ("zero", (out_dim, groups),
+                                                            QUANT_SCALE_DTYPE))
+
+
+def dtype_itemsize(dtype: str) -> int:
+    """Bytes per element of a stored dtype name."""
+    return _ITEMSIZE[dtype]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +110,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    expert_quant: Quant = Quant.NONE  # how routed experts are stored (dense weights: `dtype`)
+    expert_group_size: int = 0  # inputs per quantization group; 0: per row (int8 only)
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -96,6 +134,27 @@ class ModelConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {_DTYPES}")
         if any(w is not None and w <= 0 for w in self.sliding_windows):
             raise ConfigError(f"sliding windows must be positive: {self.sliding_windows}")
+        self._check_quant()
+
+    def _check_quant(self) -> None:
+        q, g = self.expert_quant, self.expert_group_size
+        if not isinstance(q, Quant):
+            raise ConfigError(f"expert_quant must be a Quant, got {q!r}")
+        if type(g) is not int or g < 0:
+            raise ConfigError(f"expert_group_size must be an integer >= 0, got {g!r}")
+        if q is Quant.NONE:
+            if g:
+                raise ConfigError(f"expert_group_size={g} needs a quantized expert_quant")
+            return
+        if q is Quant.INT4 and (g == 0 or g % 2):
+            raise ConfigError(f"int4 needs an even group size > 0 (two values per byte), got {g}")
+        for dim, what in ((self.hidden_size, "hidden_size: the input of gate and up"),
+                          (self.expert_intermediate_size,
+                           "expert_intermediate_size: the input of down")):
+            if g and dim % g:
+                raise ConfigError(f"group size {g} does not divide the input dimension {dim} "
+                                  f"of the experts ({what}); pick a divisor of both "
+                                  f"{self.hidden_size} and {self.expert_intermediate_size}")
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -127,8 +186,17 @@ class ModelConfig:
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes of one expert (gate, up and down projections)."""
-        return 3 * self.hidden_size * self.expert_intermediate_size * self.itemsize
+        """Bytes of one expert (gate, up and down projections) as stored and moved: quantized
+        experts count their packed values, scales and zero points."""
+        d, i = self.hidden_size, self.expert_intermediate_size
+        return sum(dtype_itemsize(dt) * a * b
+                   for out_dim, in_dim in ((i, d), (i, d), (d, i))
+                   for _, (a, b), dt in quant_leaves(self.expert_quant, self.expert_group_size,
+                                                      out_dim, in_dim, self.dtype))
+
+    @property
+    def quantized(self) -> bool:
+        return self.expert_quant is not Quant.NONE
 
     def kv_cache_bytes(self, batch: int, seq_len: int) -> int:
         """Bytes of the K and V caches of all layers for `batch` sequences of `seq_len` slots."""
@@ -139,6 +207,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["family"] = self.family.value
         d["qk_norm"] = self.qk_norm.value
+        d["expert_quant"] = self.expert_quant.value
         d["moe_layers"] = list(self.moe_layers)
         d["sliding_windows"] = list(self.sliding_windows)
         d["eos_token_ids"] = list(self.eos_token_ids)
@@ -153,6 +222,11 @@ class ModelConfig:
         d = dict(d)
         d["family"] = Family(d["family"])
         d["qk_norm"] = QKNorm(d.get("qk_norm", "none"))
+        quant = d.get("expert_quant", "none")
+        if quant not in {q.value for q in Quant}:
+            raise ConfigError(f"expert quantization {quant!r} is not a scheme this klotski-jax "
+                              f"reads ({', '.join(q.value for q in Quant)}); upgrade it")
+        d["expert_quant"] = Quant(quant)
         d["moe_layers"] = tuple(bool(x) for x in d["moe_layers"])
         d["sliding_windows"] = tuple(None if w is None else int(w) for w in d["sliding_windows"])
         d["eos_token_ids"] = tuple(int(x) for x in d.get("eos_token_ids", ()))

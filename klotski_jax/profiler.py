@@ -41,7 +41,7 @@ from klotski_jax.config import ModelConfig
 from klotski_jax.constants import cache_root, round_up
 from klotski_jax.models import blocks, layers
 from klotski_jax.models.modules import layer_state
-from klotski_jax.models.specs import EXPERT_PARTS
+from klotski_jax.models.specs import expert_leaves, nest
 from klotski_jax.planning.costs import Profile, expected_distinct, fit_nonnegative, model_key
 from klotski_jax.planning.hot import PreviousLayerPopularity
 from klotski_jax.planning.placement import Workload, dense_layer_bytes, place
@@ -296,7 +296,7 @@ def _chunk_files(reader: CheckpointReader, max_bytes: int) -> list[pathlib.Path]
     for layer, e in pairs:
         if out and total + cfg.expert_bytes > max_bytes:
             break
-        out += [reader.expert_chunk_path(layer, part, e) for part in EXPERT_PARTS]
+        out += [reader.expert_chunk_path(layer, leaf.name, e) for leaf in expert_leaves(cfg)]
         total += cfg.expert_bytes
     return out
 
@@ -466,7 +466,8 @@ def _routing(cfg: ModelConfig, n: int, opts: ProfileOptions) -> float:
 
 def _expert_weights(reader: CheckpointReader, layer: int) -> dict[str, jax.Array]:
     """Expert 0 of `layer` on the device, as the state a load gives the scheduler."""
-    return {p: jax.device_put(reader.expert(layer, p, 0)) for p in EXPERT_PARTS}
+    return nest({leaf.name: jax.device_put(reader.expert(layer, leaf.name, 0))
+                 for leaf in expert_leaves(reader.config)})
 
 
 def _expert(cfg: ModelConfig, w: dict[str, jax.Array], rows: int, opts: ProfileOptions
@@ -589,12 +590,11 @@ def _bandwidth(reader: CheckpointReader, tier: HostTier, keys: list[Any],
     tier.evict_page_cache()
     t0 = time.perf_counter()
     for _, layer, e in keys:
-        for part in ("gate", "up", "down"):
+        for part in tier.part_bytes:
             read_file(reader.expert_chunk_path(layer, part, e), staging.region(part),
                        staging.region(part, padded=True), direct=False)
     disk = nbytes * len(keys) / (time.perf_counter() - t0)
-    parts = {p: np.frombuffer(staging.region(p), tier.dtype).reshape(tier.part_shapes[p])
-             for p in ("gate", "up", "down")}
+    parts = tier.views(staging)
     device = jax.devices()[0]
     h2d = nbytes / _median(lambda: jax.block_until_ready(jax.device_put(parts, device)), opts)
     size = max(nbytes, 64 << 20)  # larger than the CPU caches

@@ -451,7 +451,7 @@ def test_reader_rejects_bad_manifests(hf: HFCache, tmp_path) -> None:
     path = out / mf.MANIFEST_FILE
     good = json.loads(path.read_text())
     for change, match in (({"format": "zarr"}, "not a klotski-jax manifest"),
-                          ({"format_version": 3}, "newer klotski-jax"),
+                          ({"format_version": mf.FORMAT_VERSION + 1}, "newer klotski-jax"),
                           ({"dtype": "bfloat16"}, "differs from the config")):
         path.write_text(json.dumps({**good, **change}))
         with pytest.raises(ConversionError, match=match):

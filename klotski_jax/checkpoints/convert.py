@@ -12,7 +12,8 @@ written, then a stream of single-tensor copies:
    tensors are reported here, each naming the key and its file.
 3. Arrays are written one tensor (one expert slice) at a time into `.{out}.tmp-*` next to the
    output, so memory stays near the size of the largest single tensor: experts into the
-   TensorStore zarr3 store (`store.py`), then the dense arrays as one orbax checkpoint at
+   TensorStore zarr3 store (`store.py`; quantized one expert slice at a time with
+   `--quantize int8|int4`, models/quant.py), then the dense arrays as one orbax checkpoint at
    `dense/` (`dense_orbax.py`: lazy leaves, each read from the safetensors only when orbax writes
    it). Then everything is fsynced, the manifest is written last, and the directory is renamed
    into place. Any failure removes the temporary directory, so nothing that looks like a
@@ -54,13 +55,23 @@ from klotski_jax.checkpoints.safetensors_io import (
     slice_range,
 )
 from klotski_jax.checkpoints.store import StoreWriter, fsync_dir, fsync_tree
-from klotski_jax.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
+from klotski_jax.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, Quant
+from klotski_jax.models import quant as qz
 from klotski_jax.models.families import ExpertSource, TensorSource, hf_sources
-from klotski_jax.models.specs import ArraySpec, Kind, expert_part_shape, weight_specs
+from klotski_jax.models.specs import (
+    ArraySpec,
+    Kind,
+    expert_leaves,
+    expert_name,
+    expert_part_shape,
+    weight_specs,
+)
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE = tuple(q.value for q in Quant)
+DEFAULT_INT4_GROUP = 64
 # Derived buffers some older checkpoints carry; recomputed from the config, so safe to skip.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -117,6 +128,29 @@ def with_dtype(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
     if dtype not in DTYPES:
         raise ConversionError(f"unsupported output dtype {dtype!r}; choose one of {DTYPES}")
     return cfg.replace(dtype=dtype)
+
+
+def with_quant(cfg: ModelConfig, quantize: str, group_size: int | None) -> ModelConfig:
+    """The config to store with routed experts quantized as `quantize` ("none", "int8",
+    "int4"); group_size None: 64 for int4, per output row for int8. Errors name the problem
+    (an unknown scheme, a group size that does not divide an expert's input dimension)."""
+    if quantize not in QUANTIZE:
+        raise ConversionError(f"unsupported --quantize {quantize!r}; choose one of "
+                              f"{', '.join(QUANTIZE)}")
+    q = Quant(quantize)
+    if q is Quant.NONE:
+        if group_size is not None:
+            raise ConversionError("--group-size needs --quantize int8 or int4")
+        return cfg
+    if group_size is None:
+        group_size = DEFAULT_INT4_GROUP if q is Quant.INT4 else 0
+    elif group_size <= 0:
+        raise ConversionError(f"--group-size must be a positive number of inputs, got "
+                              f"{group_size} (leave it out for int8's one scale per row)")
+    try:
+        return cfg.replace(expert_quant=q, expert_group_size=group_size)
+    except ConfigError as e:
+        raise ConversionError(f"cannot quantize the experts as {quantize}: {e}") from None
 
 
 # ---- plan -------------------------------------------------------------------------------------
@@ -275,21 +309,34 @@ def _copy_tokenizer(hf_dir: pathlib.Path, tmp: pathlib.Path) -> list[str]:
 # ---- writing ----------------------------------------------------------------------------------
 
 def _write_experts(plan: list[Planned], ckpt: SafetensorsCheckpoint, root: pathlib.Path,
-                   cfg: ModelConfig, bar: tqdm) -> None:
-    """Stream every expert array into the TensorStore store, one expert slice at a time."""
+                   cfg: ModelConfig, bar: tqdm, refine: bool) -> None:
+    """Stream every expert array into the TensorStore store, one expert slice at a time
+    (quantized on the way when cfg quantizes the experts)."""
     dtype = cfg.np_dtype
+    leaves = {spec.name: spec for spec in weight_specs(cfg) if spec.kind is Kind.EXPERT}
     writer = StoreWriter(root)
     try:
         for p in plan:
             if p.spec.kind is not Kind.EXPERT:
                 continue
-            arr = writer.create(mf.tensor_path(p.spec), p.spec.shape, cfg.dtype, p.spec.kind)
+            layer, part = p.spec.layer, p.spec.name.rsplit(".", 1)[1]
+            arrays = {}
+            for leaf in expert_leaves(cfg):
+                if leaf.part == part:
+                    spec = leaves[expert_name(layer, leaf.name)]
+                    arrays[leaf.name.removeprefix(part).lstrip(".")] = writer.create(
+                        mf.tensor_path(spec), spec.shape, leaf.dtype, spec.kind)
             for e, r in enumerate(p.reads):
                 x = ckpt.read(r.key, lead=r.lead, rows=r.rows)
                 nbytes = x.nbytes
-                x = x.astype(dtype, copy=False)
-                writer.write(arr[e], x)
+                if cfg.quantized:
+                    stored = qz.quantize(x, cfg.expert_quant, cfg.expert_group_size, refine)
+                else:
+                    stored = {"": x.astype(dtype, copy=False)}
                 del x
+                for suffix, value in stored.items():
+                    writer.write(arrays[suffix][e], value)
+                del stored
                 bar.update(nbytes)
         writer.flush()
     except BaseException:
@@ -324,18 +371,22 @@ def _write_dense(plan: list[Planned], ckpt: SafetensorsCheckpoint, root: pathlib
 
 def _convert_into(tmp: pathlib.Path, hf_dir: pathlib.Path, hf: dict[str, Any],
                   cfg: ModelConfig, ckpt: SafetensorsCheckpoint, plan: list[Planned],
-                  progress: bool) -> None:
+                  progress: bool, refine: bool, original_dtype: str) -> None:
     total = sum(_read_nbytes(ckpt, r) for p in plan for r in p.reads)
     t0 = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
               disable=not progress) as bar:
-        _write_experts(plan, ckpt, tmp, cfg, bar)
+        _write_experts(plan, ckpt, tmp, cfg, bar, refine)
         _write_dense(plan, ckpt, tmp, cfg, bar)
     tokenizer_files = _copy_tokenizer(hf_dir, tmp)
     fsync_tree(tmp)
+    quantization = mf.quantization_section(
+        cfg, method="rtn+lsq" if refine else "rtn",
+        original_dtype=original_dtype) if cfg.quantized else None
     manifest = mf.build_manifest(cfg, hf_config=hf, source=hf_dir,
                                  tokenizer_files=tokenizer_files,
-                                 orbax_version=dense_orbax.orbax_version())
+                                 orbax_version=dense_orbax.orbax_version(),
+                                 quantization=quantization)
     mf.write_manifest(tmp, manifest)  # last: a directory with a manifest is complete
     fsync_dir(tmp)
     dt = time.perf_counter() - t0
@@ -344,12 +395,17 @@ def _convert_into(tmp: pathlib.Path, hf_dir: pathlib.Path, hf: dict[str, Any],
 
 
 def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
-            dtype: str | None = None, overwrite: bool = False,
-            progress: bool = True) -> pathlib.Path:
+            dtype: str | None = None, overwrite: bool = False, progress: bool = True,
+            quantize: str = "none", group_size: int | None = None,
+            refine: bool = True) -> pathlib.Path:
     """Convert the HF MoE checkpoint in `hf_dir` into a klotski-jax checkpoint at `out_dir`.
 
     dtype: store every weight in this dtype ("float32", "bfloat16", "float16"); default: the
-    config's dtype. The manifest's config records the stored dtype. overwrite: replace an
+    config's dtype. The manifest's config records the stored dtype. quantize: "int8" or "int4"
+    stores the routed experts quantized (dense weights, router and shared experts stay in
+    `dtype`), in groups of `group_size` inputs (default 64 for int4, one group per output row
+    for int8); refine: improve the round-to-nearest scales and zero points by least squares
+    (models/quant.py; the manifest records which). overwrite: replace an
     existing `out_dir` (only an empty directory or a klotski-jax checkpoint), after the new one
     is complete. Returns the absolute output path. Raises a `ConversionError` subclass naming the
     file and tensor for any bad input; nothing is left at `out_dir` (or next to it) on failure.
@@ -358,18 +414,22 @@ def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
     if not hf_dir.is_dir():
         raise MissingFileError(f"{hf_dir} is not a directory")
     hf, cfg = load_hf_config(hf_dir)
-    cfg = with_dtype(cfg, dtype)
+    original_dtype = cfg.dtype
+    source_cfg = with_dtype(cfg, dtype)
+    cfg = with_quant(source_cfg, quantize, group_size)
     _check_output(hf_dir, out, overwrite)
     with open_checkpoint(hf_dir) as ckpt:
-        plan = plan_conversion(cfg, ckpt)
-        log.info("converting %s (%s, %d layers, %d experts) -> %s as %s", hf_dir,
-                 cfg.family.value, cfg.num_layers, cfg.num_experts, out, cfg.dtype)
+        plan = plan_conversion(source_cfg, ckpt)
+        log.info("converting %s (%s, %d layers, %d experts) -> %s as %s%s", hf_dir,
+                 cfg.family.value, cfg.num_layers, cfg.num_experts, out, cfg.dtype,
+                 f", experts {quantize} (group {cfg.expert_group_size or 'per row'})"
+                 if cfg.quantized else "")
         out.parent.mkdir(parents=True, exist_ok=True)
         # Not tempfile.mkdtemp: its 0700 mode would survive the rename.
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            _convert_into(tmp, hf_dir, hf, cfg, ckpt, plan, progress)
+            _convert_into(tmp, hf_dir, hf, cfg, ckpt, plan, progress, refine, original_dtype)
             _install(tmp, out, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -8,6 +8,7 @@ version 2; docs/format.md describes it for users):
   dense/                     ONE orbax checkpoint (PyTree, OCDBT off, zarr3, no compression) of
                              every dense tensor; leaf `a.b.c` is the TensorStore array dense/a.b.c/
   experts/<flat name>/       one zarr3 array [E, out, in] per (layer, part); chunk c/{e}/0/0
+                             (quantized: [E, ...] arrays <part>.q, <part>.scale, <part>.zero)
   tokenizer/                 tokenizer files copied from the HF directory (when it had any)
 
 Manifest fields:
@@ -18,6 +19,12 @@ Manifest fields:
   orbax_version} and experts {format "tensorstore-zarr3", path "experts", chunk "one per
   expert"} (version 2 on), tensors {flat name: {shape, dtype, kind, path (relative to the
   checkpoint)}}, tokenizer_files [names under tokenizer/], created_by ("klotski-jax <version>").
+
+Version 3 is version 2 with quantized routed experts: the config's expert_quant and
+expert_group_size say how, and experts.quantization records {scheme, group_size, scale_dtype,
+method ("rtn" or "rtn+lsq"), original_dtype}. Unquantized checkpoints are still written as
+version 2, so older readers keep reading them; a reader older than version 3 refuses a
+quantized one as "written by a newer klotski-jax".
 
 Version 1 had no dense/experts sections and wrote dense/<flat name>/ as plain zarr3 arrays (one
 chunk, `bytes` codec) with no orbax metadata, under the names before the MoE block became its own
@@ -36,11 +43,12 @@ import pathlib
 from typing import Any
 
 from klotski_jax.checkpoints.errors import ManifestError
-from klotski_jax.config import ConfigError, ModelConfig
+from klotski_jax.config import QUANT_SCALE_DTYPE, ConfigError, ModelConfig, Quant
 from klotski_jax.models.specs import ArraySpec, Kind, weight_specs
 
 FORMAT_NAME = "klotski-jax"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+QUANT_FORMAT_VERSION = 3  # the first version with quantized experts
 DENSE_DIR = "dense"
 EXPERTS_DIR = "experts"
 # The dense part's save options; the reader opens dense/<flat name>/ as a zarr3 array, which
@@ -73,25 +81,39 @@ def tensor_path(spec: ArraySpec) -> str:
 
 
 def tensor_entry(spec: ArraySpec, dtype: str) -> dict[str, Any]:
-    return {"shape": list(spec.shape), "dtype": dtype, "kind": spec.kind.value,
+    """The manifest entry of `spec` in a checkpoint stored in `dtype` (quantized expert arrays
+    keep their own dtypes)."""
+    return {"shape": list(spec.shape), "dtype": spec.dtype or dtype, "kind": spec.kind.value,
             "path": tensor_path(spec)}
 
 
+def quantization_section(cfg: ModelConfig, *, method: str, original_dtype: str
+                         ) -> dict[str, Any]:
+    """experts.quantization of a checkpoint of `cfg` with quantized experts."""
+    return {"scheme": cfg.expert_quant.value, "group_size": cfg.expert_group_size,
+            "scale_dtype": QUANT_SCALE_DTYPE, "method": method, "original_dtype": original_dtype}
+
+
 def build_manifest(cfg: ModelConfig, *, hf_config: dict[str, Any], source: pathlib.Path,
-                   tokenizer_files: list[str], orbax_version: str) -> dict[str, Any]:
-    """The manifest of a checkpoint of `cfg` (stored in cfg.dtype), converted from `source`."""
+                   tokenizer_files: list[str], orbax_version: str,
+                   quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of a checkpoint of `cfg` (stored in cfg.dtype), converted from `source`.
+    `quantization`: the experts' `quantization_section` when cfg quantizes them."""
     from klotski_jax.constants import __version__
 
+    experts = dict(EXPERTS_SECTION)
+    if quantization is not None:
+        experts["quantization"] = quantization
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": QUANT_FORMAT_VERSION if cfg.quantized else 2,
         "family": cfg.family.value,
         "config": cfg.to_dict(),
         "hf_config": hf_config,
         "source": os.path.abspath(source),
         "dtype": cfg.dtype,
         "dense": {**DENSE_OPTIONS, "orbax_version": orbax_version},
-        "experts": dict(EXPERTS_SECTION),
+        "experts": experts,
         "tensors": {s.name: tensor_entry(s, cfg.dtype) for s in weight_specs(cfg)},
         "tokenizer_files": sorted(tokenizer_files),
         "created_by": f"klotski-jax {__version__}",
@@ -125,6 +147,29 @@ def _check_sections(m: dict[str, Any], where: pathlib.Path) -> None:
                                             for k, v in EXPERTS_SECTION.items()):
         raise ManifestError(f"{where}: the 'experts' section is {experts!r}; this klotski-jax "
                             f"reads only {EXPERTS_SECTION}")
+    quant = experts.get("quantization")
+    if quant is None:
+        return
+    schemes = [q.value for q in Quant if q is not Quant.NONE]
+    if m["format_version"] < QUANT_FORMAT_VERSION or not isinstance(quant, dict):
+        raise ManifestError(f"{where}: invalid experts.quantization {quant!r}")
+    if quant.get("scheme") not in schemes:
+        raise ManifestError(f"{where}: experts are quantized as {quant.get('scheme')!r}, a "
+                            f"scheme this klotski-jax does not know (it reads "
+                            f"{', '.join(schemes)}); upgrade klotski-jax or re-convert")
+    if quant.get("scale_dtype") != QUANT_SCALE_DTYPE:
+        raise ManifestError(f"{where}: quantization scales in {quant.get('scale_dtype')!r}; "
+                            f"this klotski-jax reads {QUANT_SCALE_DTYPE} scales only")
+
+
+def _check_quant_agrees(m: dict[str, Any], cfg: ModelConfig, where: pathlib.Path) -> None:
+    """The config's expert storage and the experts.quantization section say the same."""
+    quant = (m.get("experts") or {}).get("quantization") if m["format_version"] >= 2 else None
+    said = ("none", 0) if quant is None else (quant["scheme"], quant.get("group_size"))
+    if said != (cfg.expert_quant.value, cfg.expert_group_size):
+        raise ManifestError(f"{where}: experts.quantization {quant!r} does not match the "
+                            f"config's expert_quant={cfg.expert_quant.value!r}, "
+                            f"expert_group_size={cfg.expert_group_size}")
 
 
 def _check_tensors(m: dict[str, Any], cfg: ModelConfig, where: pathlib.Path) -> None:
@@ -182,6 +227,7 @@ def validate_manifest(m: Any, where: pathlib.Path) -> ModelConfig:
     if m["family"] != cfg.family.value:
         raise ManifestError(f"{where}: family {m['family']!r} differs from the config's "
                             f"{cfg.family.value!r}")
+    _check_quant_agrees(m, cfg, where)
     _check_tensors(m, cfg, where)
     files = m.get("tokenizer_files", [])
     if not isinstance(files, list) or not all(

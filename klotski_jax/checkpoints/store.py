@@ -4,6 +4,8 @@ Expert arrays: one zarr3 array per (layer, part) shaped [E, out, in] in HF orien
 [1, out, in], codecs = only `bytes` (little endian), default chunk keys. So the chunk file
 `experts/<name>/c/{e}/0/0` is exactly the raw bytes of expert e's [out, in] matrix: the pipeline
 can read one expert with a single contiguous (even O_DIRECT) read, without TensorStore.
+Quantized experts store each part as two or three such arrays (`<part>.q`, `.scale`, `.zero`;
+`specs.expert_leaves`), so an expert is six or nine contiguous reads, all of the same kind.
 Compression, sharding, zarr v2 and n5 were measured on this project's CI machine and were no faster
 to read than raw chunks (an expert read is bound by the disk or the page-cache copy, not the codec).
 
@@ -36,7 +38,7 @@ import tensorstore as ts
 from klotski_jax.checkpoints.errors import CorruptFileError
 from klotski_jax.checkpoints.manifest import TOKENIZER_DIR, has_tokenizer, read_manifest
 from klotski_jax.config import ModelConfig
-from klotski_jax.models.specs import EXPERT_PARTS, Kind, expert_name, weight_specs
+from klotski_jax.models.specs import Kind, expert_leaves, expert_name, weight_specs
 
 # ---- specs: plain JSON ------------------------------------------------------------------------
 
@@ -216,7 +218,8 @@ class CheckpointReader:
         return {n: self._read(n) for n, e in self._tensors.items() if e["kind"] == "dense"}
 
     def expert(self, layer: int, part: str, e: int) -> np.ndarray:
-        """Expert e's [out, in] matrix of `part` ("gate", "up" or "down") in layer `layer`."""
+        """Expert e's [out, in] matrix of `part` ("gate", "up" or "down") in layer `layer`; in a
+        quantized store `part` names a stored array ("gate.q", "gate.scale", ...)."""
         name = expert_name(layer, part)
         entry = self._entry(name, Kind.EXPERT)
         if not 0 <= e < entry["shape"][0]:
@@ -224,8 +227,9 @@ class CheckpointReader:
         return self._read(name, e)
 
     def experts(self, layer: int) -> dict[str, np.ndarray]:
-        """All experts of a MoE layer: part -> [E, out, in]."""
-        return {p: self._read(self._entry_name(layer, p)) for p in EXPERT_PARTS}
+        """All experts of a MoE layer: stored array (`ExpertLeaf` name) -> [E, ...]."""
+        return {leaf.name: self._read(self._entry_name(layer, leaf.name))
+                for leaf in expert_leaves(self.config)}
 
     def _entry_name(self, layer: int, part: str) -> str:
         name = expert_name(layer, part)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from klotski_jax.config import ModelConfig
+from klotski_jax.config import ModelConfig, Quant
 from klotski_jax.models import layers
 from klotski_jax.models.modules import DecoderLayer, Expert
 
@@ -40,9 +40,20 @@ def layer_graphdef(cfg: ModelConfig, moe: bool, routed: bool) -> nnx.GraphDef:
 
 
 @functools.cache
-def expert_graphdef() -> nnx.GraphDef:
-    """The graph definition of one routed `Expert` (the same for every layer and model)."""
-    return nnx.split(nnx.eval_shape(lambda: Expert(1, 1, rngs=nnx.Rngs(0), dtype=F32)))[0]
+def expert_graphdef(quant: Quant = Quant.NONE) -> nnx.GraphDef:
+    """The graph definition of one routed `Expert` (the same for every layer and model with
+    the same kind of storage: plain, int8 or int4)."""
+    return nnx.split(nnx.eval_shape(lambda: Expert(
+        2, 2, rngs=nnx.Rngs(0), dtype=F32, quant=quant, group_size=0 if quant is Quant.NONE
+        or quant is Quant.INT8 else 2)))[0]
+
+
+def expert_quant(w: Mapping[str, Any]) -> Quant:
+    """The storage of an expert state {gate, up, down}: plain arrays, or {q, scale[, zero]}."""
+    gate = w["gate"]
+    if not isinstance(gate, Mapping):
+        return Quant.NONE
+    return Quant.INT4 if "zero" in gate else Quant.INT8
 
 
 def merge_layer(w: LayerState, cfg: ModelConfig) -> DecoderLayer:
@@ -54,7 +65,7 @@ def merge_layer(w: LayerState, cfg: ModelConfig) -> DecoderLayer:
 
 def merge_expert(w: Mapping[str, Any]) -> Expert:
     """The `Expert` of one expert's state {gate, up, down} (call inside a jitted function)."""
-    return nnx.merge(expert_graphdef(), w)
+    return nnx.merge(expert_graphdef(expert_quant(w)), w)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "window"), donate_argnames=("kv",))

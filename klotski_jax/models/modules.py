@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from klotski_jax.config import ModelConfig, QKNorm
-from klotski_jax.models import layers
+from klotski_jax.config import ModelConfig, QKNorm, Quant, quant_leaves
+from klotski_jax.models import layers, quant
 from klotski_jax.models.specs import nest
 
 F32 = jnp.float32
@@ -125,42 +125,84 @@ class Router(nnx.Module):
         return layers.route(self.logits(x), self.cfg.top_k, self.cfg.norm_topk_prob)
 
 
+class QuantizedMatrix(nnx.Module):
+    """A stored-quantized projection (models/quant.py): q, scale and (int4) zero as parameters,
+    leading dims allowed (a stack of experts); `weight` dequantizes it inside the trace."""
+
+    def __init__(self, quant: Quant, group_size: int, lead: tuple[int, ...], out_dim: int,
+                 in_dim: int, *, dtype: Any):
+        leaves = {suffix: (shape, dt) for suffix, shape, dt in
+                  quant_leaves(quant, group_size, out_dim, in_dim, str(jnp.dtype(dtype)))}
+        self.q = nnx.Param(jnp.zeros((*lead, *leaves["q"][0]), leaves["q"][1]))
+        self.scale = nnx.Param(jnp.zeros((*lead, *leaves["scale"][0]), leaves["scale"][1]))
+        self.zero = (nnx.Param(jnp.zeros((*lead, *leaves["zero"][0]), leaves["zero"][1]))
+                     if "zero" in leaves else None)
+
+    def weight(self, dtype: Any) -> jax.Array:
+        """The dequantized weights [..., out, in] in `dtype`."""
+        return quant.dequantize(self.q[...], self.scale[...], _value(self.zero), dtype)
+
+
+def _projection(rngs: nnx.Rngs, lead: tuple[int, ...], shape: tuple[int, int], dtype: Any,
+                quant: Quant, group_size: int) -> nnx.Param | QuantizedMatrix:
+    if quant is Quant.NONE:
+        return _matrix(rngs, (*lead, *shape), dtype)
+    return QuantizedMatrix(quant, group_size, lead, *shape, dtype=dtype)
+
+
+def _weight(p: nnx.Param | QuantizedMatrix, dtype: Any) -> jax.Array:
+    """A projection's weights: the parameter, or its dequantized values in `dtype`."""
+    return p.weight(dtype) if isinstance(p, QuantizedMatrix) else p[...]
+
+
 class Expert(nnx.Module):
     """One routed expert (SwiGLU): gate, up [I, D], down [D, I].
 
-    The unit the pipeline streams: its state {gate, up, down} is what one expert's load moves. Built from
-    its two sizes only, so one graph definition serves every layer and model."""
+    The unit the pipeline streams: its state {gate, up, down} is what one expert's load moves.
+    With quantized experts each projection is a `QuantizedMatrix` (state {gate: {q, scale,
+    zero}, ...}), dequantized to the activations' dtype inside the jitted step. Built from its
+    two sizes only, so one graph definition serves every layer and model."""
 
-    def __init__(self, hidden: int, intermediate: int, *, rngs: nnx.Rngs, dtype: Any):
+    def __init__(self, hidden: int, intermediate: int, *, rngs: nnx.Rngs, dtype: Any,
+                 quant: Quant = Quant.NONE, group_size: int = 0):
         d, f = hidden, intermediate
-        self.gate, self.up = _matrix(rngs, (f, d), dtype), _matrix(rngs, (f, d), dtype)
-        self.down = _matrix(rngs, (d, f), dtype)
+        self.gate = _projection(rngs, (), (f, d), dtype, quant, group_size)
+        self.up = _projection(rngs, (), (f, d), dtype, quant, group_size)
+        self.down = _projection(rngs, (), (d, f), dtype, quant, group_size)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [n, D] -> [n, D]."""
-        return layers.swiglu(x, self.gate[...], self.up[...], self.down[...])
+        dt = x.dtype
+        return layers.swiglu(x, _weight(self.gate, dt), _weight(self.up, dt),
+                             _weight(self.down, dt))
 
 
 class RoutedExperts(nnx.Module):
     """All routed experts of a layer, stacked: gate, up [E, I, D], down [E, D, I].
 
     Used where every expert is resident (the reference model, training); the expert store keeps
-    the same arrays with one chunk per expert (row j of each is expert j's `Expert` state)."""
+    the same arrays with one chunk per expert (row j of each is expert j's `Expert` state).
+    Quantized experts are stacked `QuantizedMatrix`es, dequantized (all of them, with the
+    function the engine's expert step uses) to the config's dtype on every call."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any):
         e, d, f = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
-        self.gate, self.up = _matrix(rngs, (e, f, d), dtype), _matrix(rngs, (e, f, d), dtype)
-        self.down = _matrix(rngs, (e, d, f), dtype)
+        q, g = cfg.expert_quant, cfg.expert_group_size
+        self.gate = _projection(rngs, (e,), (f, d), dtype, q, g)
+        self.up = _projection(rngs, (e,), (f, d), dtype, q, g)
+        self.down = _projection(rngs, (e,), (d, f), dtype, q, g)
+
+    def _weights(self, dtype: Any) -> dict[str, jax.Array]:
+        return {"gate": _weight(self.gate, dtype), "up": _weight(self.up, dtype),
+                "down": _weight(self.down, dtype)}
 
     def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
         """sum_k weights[n, k] * Expert_{idx[n, k]}(x[n]) with every expert on every token."""
-        w = {"gate": self.gate[...], "up": self.up[...], "down": self.down[...]}
-        return layers.combine_dense(w, x, weights, idx)
+        return layers.combine_dense(self._weights(x.dtype), x, weights, idx)
 
     def grouped(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
         """The same sum computing only each token's top-k experts (training's fast path)."""
-        w = {"gate": self.gate[...], "up": self.up[...], "down": self.down[...]}
-        return layers.combine_grouped(w, x, weights, idx)
+        return layers.combine_grouped(self._weights(x.dtype), x, weights, idx)
 
 
 class SharedExpert(nnx.Module):

@@ -83,13 +83,14 @@ def _pure_params(module: nnx.Module) -> dict[str, Any]:
     return out
 
 
-def state_from_flat(abstract: nnx.Module, flat: Mapping[str, Any], dtype: Any) -> nnx.State:
+def state_from_flat(abstract: nnx.Module, flat: Mapping[str, Any]) -> nnx.State:
     """The `nnx.State` of `abstract` (a module from `nnx.eval_shape`) filled from flat names:
-    each parameter's path joined with "." is its name in `flat` (models/specs.py)."""
+    each parameter's path joined with "." is its name in `flat` (models/specs.py), cast to the
+    dtype `abstract` declares for it (the model's dtype; a quantized expert's own dtypes)."""
     state = nnx.state(abstract, nnx.Param)
     for path, var in state.flat_state():
         name = ".".join(str(k) for k in path)
-        value = jnp.asarray(np.asarray(flat[name]), dtype)
+        value = jnp.asarray(np.asarray(flat[name]), var.get_value().dtype)
         if value.shape != var.get_value().shape:
             raise ValueError(f"{name}: shape {value.shape}, the model needs "
                              f"{var.get_value().shape}")
@@ -117,7 +118,7 @@ class Model(MoEModel):
             raise ValueError(f"weights are missing {len(missing)} arrays, e.g. {missing[:3]}")
         abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
         graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-        model = nnx.merge(graphdef, state_from_flat(abstract, weights, jnp.dtype(config.dtype)),
+        model = nnx.merge(graphdef, state_from_flat(abstract, weights),
                           rest)
         model.tokenizer = tokenizer
         return model

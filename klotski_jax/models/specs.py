@@ -15,6 +15,8 @@ Flat names (i = layer index):
   layers.i.moe.router.weight [E, D]                        (MoE layers)
   layers.i.moe.shared.{gate, up [Is, D], down [D, Is], gate_logit [1, D]} (Qwen2-MoE)
   layers.i.moe.experts.{gate, up [E, I, D], down [E, D, I]} (kind "expert": one chunk per expert)
+    quantized experts (cfg.expert_quant) store each part as arrays `<part>.q`, `<part>.scale`
+    and (int4) `<part>.zero` instead: `expert_leaves` below, models/quant.py
   layers.i.mlp.{gate, up [Id, D], down [D, Id]}            (dense layers)
 """
 
@@ -25,7 +27,7 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
-from klotski_jax.config import ModelConfig, QKNorm
+from klotski_jax.config import ModelConfig, QKNorm, dtype_itemsize, quant_leaves
 
 
 class Kind(enum.StrEnum):
@@ -42,6 +44,7 @@ class ArraySpec:
     shape: tuple[int, ...]
     kind: Kind
     layer: int | None = None
+    dtype: str | None = None  # None: the config's dtype (every array but quantized experts')
 
     @property
     def size(self) -> int:
@@ -50,11 +53,43 @@ class ArraySpec:
             n *= s
         return n
 
+    def stored_dtype(self, cfg: ModelConfig) -> str:
+        return self.dtype or cfg.dtype
+
+    def nbytes(self, cfg: ModelConfig) -> int:
+        return self.size * dtype_itemsize(self.stored_dtype(cfg))
+
 
 def expert_part_shape(cfg: ModelConfig, part: str) -> tuple[int, int]:
     """(out, in) of one expert's projection `part` in HF orientation."""
     d, i = cfg.hidden_size, cfg.expert_intermediate_size
     return (d, i) if part == "down" else (i, d)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertLeaf:
+    """One stored array of one expert: `name` is "gate" (unquantized) or "gate.q",
+    "gate.scale", "gate.zero" (quantized); its path in the expert's NNX state."""
+
+    name: str
+    part: str
+    shape: tuple[int, int]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * dtype_itemsize(self.dtype)
+
+
+def expert_leaves(cfg: ModelConfig) -> tuple[ExpertLeaf, ...]:
+    """Every array one routed expert is stored and streamed as, in a fixed order (the order of
+    its chunk reads and of its staging buffer)."""
+    out = []
+    for part in EXPERT_PARTS:
+        for suffix, shape, dtype in quant_leaves(cfg.expert_quant, cfg.expert_group_size,
+                                                 *expert_part_shape(cfg, part), cfg.dtype):
+            out.append(ExpertLeaf(f"{part}.{suffix}" if suffix else part, part, shape, dtype))
+    return tuple(out)
 
 
 def layer_specs(cfg: ModelConfig, i: int) -> list[ArraySpec]:
@@ -83,8 +118,9 @@ def layer_specs(cfg: ModelConfig, i: int) -> list[ArraySpec]:
                     ArraySpec(p + "moe.shared.up", (s, d), Kind.DENSE, i),
                     ArraySpec(p + "moe.shared.down", (d, s), Kind.DENSE, i),
                     ArraySpec(p + "moe.shared.gate_logit", (1, d), Kind.DENSE, i)]
-        out += [ArraySpec(p + f"moe.experts.{part}", (cfg.num_experts, *expert_part_shape(cfg, part)),
-                          Kind.EXPERT, i) for part in EXPERT_PARTS]
+        out += [ArraySpec(p + f"moe.experts.{leaf.name}", (cfg.num_experts, *leaf.shape),
+                          Kind.EXPERT, i, None if leaf.dtype == cfg.dtype else leaf.dtype)
+                for leaf in expert_leaves(cfg)]
     else:
         m = cfg.dense_intermediate_size
         out += [ArraySpec(p + "mlp.gate", (m, d), Kind.DENSE, i),
@@ -105,12 +141,13 @@ def weight_specs(cfg: ModelConfig) -> list[ArraySpec]:
 
 
 def total_bytes(cfg: ModelConfig, kind: Kind | None = None) -> int:
-    """Bytes of all weights (or of one kind) at the config's dtype."""
-    return sum(s.size for s in weight_specs(cfg) if kind is None or s.kind is kind) * cfg.itemsize
+    """Bytes of all weights (or of one kind) as stored (quantized experts at their size)."""
+    return sum(s.nbytes(cfg) for s in weight_specs(cfg) if kind is None or s.kind is kind)
 
 
 def expert_name(layer: int, part: str) -> str:
-    """The flat name of layer `layer`'s stacked routed-expert array `part` (gate/up/down)."""
+    """The flat name of layer `layer`'s stacked routed-expert array `part` (an `ExpertLeaf`
+    name: gate/up/down, or e.g. gate.q in a quantized store)."""
     return f"layers.{layer}.moe.experts.{part}"
 
 

@@ -89,7 +89,7 @@ def model_from_params(cfg: ModelConfig, params: Mapping[str, Any]) -> MoEModel:
         raise ValueError(f"params are missing {len(missing)} arrays, e.g. {missing[:3]}")
     abstract = nnx.eval_shape(lambda: MoEModel(cfg, rngs=nnx.Rngs(0), dtype=F32))
     graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
-    return nnx.merge(graphdef, state_from_flat(abstract, params, F32), rest)
+    return nnx.merge(graphdef, state_from_flat(abstract, params), rest)
 
 
 def init_model(cfg: ModelConfig, seed: int, std: float = 0.02) -> MoEModel:

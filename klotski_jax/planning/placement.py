@@ -18,14 +18,14 @@ from typing import Any
 
 from klotski_jax.config import ModelConfig
 from klotski_jax.constants import BudgetError, round_up
-from klotski_jax.models.specs import EXPERT_PARTS, Kind, expert_part_shape, weight_specs
+from klotski_jax.models.specs import Kind, expert_leaves, weight_specs
 from klotski_jax.planning.policy import Policy, Schedule
 
 
 def staged_expert_bytes(cfg: ModelConfig) -> int:
-    """Host bytes of one expert in an aligned staging buffer (each part padded to ALIGN)."""
-    return sum(round_up(a * b * cfg.itemsize)
-               for a, b in (expert_part_shape(cfg, p) for p in EXPERT_PARTS))
+    """Host bytes of one expert in an aligned staging buffer (each stored array padded to
+    ALIGN: three for bf16 experts, six or nine for quantized ones)."""
+    return sum(round_up(leaf.nbytes) for leaf in expert_leaves(cfg))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """The host and disk tiers: dense weights in RAM, a read-through expert cache, raw chunk reads.
 
 One expert is three projections (gate, up, down), each a chunk file holding exactly its raw bytes
-(the converter's zarr3 layout). The fast path reads those files with `readinto` (or O_DIRECT) into
+(the converter's zarr3 layout); a quantized expert is six or nine such files (each projection's
+codes, scales and zero points: `specs.expert_leaves`), read the same way and dequantized only on
+the device, inside the jitted expert step. The fast path reads those files with `readinto` (or O_DIRECT) into
 a 4096-byte-aligned staging buffer, whose views `jax.device_put` can take without a copy; the
 reference path reads the same expert through TensorStore. A test checks both are bit-identical.
 """
@@ -22,7 +24,7 @@ from klotski_jax.checkpoints.errors import CorruptFileError
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.constants import ALIGN, round_up
 from klotski_jax.models.modules import layer_state
-from klotski_jax.models.specs import EXPERT_PARTS, expert_part_shape
+from klotski_jax.models.specs import ExpertLeaf, expert_leaves, nest
 from klotski_jax.planning.placement import staged_expert_bytes
 from klotski_jax.planning.policy import IO_MODES
 from klotski_jax.runtime.ledger import MemoryLedger
@@ -45,14 +47,15 @@ def aligned_copy(a: np.ndarray, align: int = ALIGN) -> np.ndarray:
 
 
 class StagingBuffer:
-    """An aligned buffer holding one expert's three parts, each at an aligned offset."""
+    """An aligned buffer holding one expert's stored arrays (`ExpertLeaf` names: its three
+    parts, or their quantized arrays), each at an aligned offset."""
 
     def __init__(self, part_bytes: dict[str, int]) -> None:
         self.offsets: dict[str, int] = {}
         total = 0
-        for part in EXPERT_PARTS:
+        for part, nbytes in part_bytes.items():
             self.offsets[part] = total
-            total += round_up(part_bytes[part])
+            total += round_up(nbytes)
         self.part_bytes = part_bytes
         self.buf = aligned_empty(total)
 
@@ -102,9 +105,11 @@ class HostTier:
         self.ledger = ledger
         self.io_mode = io_mode
         self.host_experts = host_experts
-        self.dtype = cfg.np_dtype
-        self.part_shapes = {p: expert_part_shape(cfg, p) for p in EXPERT_PARTS}
-        self.part_bytes = {p: int(np.prod(s)) * cfg.itemsize for p, s in self.part_shapes.items()}
+        # The arrays one expert is stored as, in read order; part_bytes by `ExpertLeaf` name.
+        self.leaves: tuple[ExpertLeaf, ...] = expert_leaves(cfg)
+        self.part_bytes = {leaf.name: leaf.nbytes for leaf in self.leaves}
+        self._np_dtypes = {leaf.name: cfg.np_dtype if leaf.dtype == cfg.dtype
+                           else np.dtype(leaf.dtype) for leaf in self.leaves}
         # Dense arrays in page-aligned buffers: `jax.device_put` of an aligned buffer aliases it
         # on a CPU backend, where an unaligned one is copied (at well under 1 GB/s).
         dense = {k: aligned_copy(v) for k, v in reader.all_dense().items()}
@@ -199,11 +204,10 @@ class HostTier:
             self.give_staging(staging)  # a failed read (e.g. a short chunk) keeps no buffer
             raise
 
-    def _read_into(self, layer: int, e: int, staging: StagingBuffer) -> dict[str, np.ndarray]:
-        """Expert e of `layer` read into `staging`: its `modules.Expert` state {gate, up, down}
-        (pure form) of arrays viewing the buffer."""
-        out = {}
-        for part in EXPERT_PARTS:
+    def _read_into(self, layer: int, e: int, staging: StagingBuffer) -> dict[str, Any]:
+        """Expert e of `layer` read into `staging`: its `modules.Expert` state (`views`)."""
+        for leaf in self.leaves:
+            part = leaf.name
             region = staging.region(part)
             if self.io_mode == "tensorstore":
                 arr = self.reader.expert(layer, part, e)
@@ -218,16 +222,22 @@ class HostTier:
                         f"damaged checkpoint: layer {layer} expert {e} part {part!r} "
                         f"({path}): {err.strerror or err}; re-convert it with `klotski convert "
                         f"HF_DIR OUT_DIR --overwrite`") from err
-            out[part] = np.frombuffer(region, self.dtype).reshape(self.part_shapes[part])
-        return out
+        return self.views(staging)
+
+    def views(self, staging: StagingBuffer) -> dict[str, Any]:
+        """The `modules.Expert` state {gate, up, down} (pure form; quantized: {gate: {q, scale,
+        zero}, ...}) of arrays viewing the expert in `staging`."""
+        return nest({leaf.name: np.frombuffer(staging.region(leaf.name),
+                                              self._np_dtypes[leaf.name]).reshape(leaf.shape)
+                     for leaf in self.leaves})
 
     def evict_page_cache(self) -> int:
         """Drop the store's expert files from the OS page cache (a true disk tier for benchmarks).
 
         Returns the number of files advised. No-op where posix_fadvise does not exist.
         """
-        return evict_files(self.reader.expert_chunk_path(layer, part, e)
-                           for layer in self.cfg.moe_layer_ids for part in EXPERT_PARTS
+        return evict_files(self.reader.expert_chunk_path(layer, leaf.name, e)
+                           for layer in self.cfg.moe_layer_ids for leaf in self.leaves
                            for e in range(self.cfg.num_experts))
 
 

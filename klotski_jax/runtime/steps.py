@@ -19,6 +19,7 @@ import numpy as np
 from klotski_jax.config import ModelConfig
 from klotski_jax.constants import bucket, buckets_upto
 from klotski_jax.models import blocks
+from klotski_jax.models.specs import expert_leaves, nest
 
 
 def pad_rows(rows: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -42,7 +43,8 @@ def zero_accumulator(shape: tuple[int, ...]) -> jax.Array:
 def expert_apply(acc: jax.Array, x: jax.Array, rows: jax.Array, weights: jax.Array,
                  expert: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """acc[rows] += weights * Expert(x[rows]); acc [N, d] float32 (donated), rows [bucket];
-    expert: one expert's state {gate, up, down} (pure form), merged into `modules.Expert` here.
+    expert: one expert's state {gate, up, down} (pure form), merged into `modules.Expert` here
+    (a quantized expert's arrays are dequantized here, on the device, next to the matmuls).
 
     Also returns a scalar computed by the same execution: the fence that says the expert's
     weights are no longer read (acc cannot be one: the next expert's call donates it)."""
@@ -53,10 +55,10 @@ def expert_apply(acc: jax.Array, x: jax.Array, rows: jax.Array, weights: jax.Arr
 def warm_up_experts(cfg: ModelConfig, n_rows: int) -> None:
     """Compile expert_apply for every bucket a step of n_rows tokens can produce, so routing that
     sends a new number of tokens to an expert mid-run never triggers a compile."""
-    d, f, dt = cfg.hidden_size, cfg.expert_intermediate_size, jnp.dtype(cfg.dtype)
+    d, dt = cfg.hidden_size, jnp.dtype(cfg.dtype)
     x = jnp.zeros((n_rows, d), dt)
-    expert = {"gate": jnp.zeros((f, d), dt), "up": jnp.zeros((f, d), dt),
-              "down": jnp.zeros((d, f), dt)}
+    expert = nest({leaf.name: jnp.zeros(leaf.shape, jnp.dtype(leaf.dtype))
+                   for leaf in expert_leaves(cfg)})
     for size in buckets_upto(n_rows):
         acc = jnp.zeros((n_rows, d), jnp.float32)
         jax.block_until_ready(expert_apply(acc, x, jnp.zeros(size, jnp.int32),

@@ -1,0 +1,227 @@
+"""Quantized routed experts: group-wise int8 / int4 with float16 scales (and int4 zero points).
+
+A projection w [out, in] is cut into groups of G consecutive inputs of one output row (G =
+`expert_group_size`; per-row int8 uses G = in). Each group g stores float16 values and is
+dequantized as
+
+    int8 (symmetric):   w ~ q * s_g,           q in [-127, 127]
+    int4 (asymmetric):  w ~ (q - z_g) * s_g,   q in [0, 15], two per uint8 (low nibble first)
+
+Quantizing (NumPy, at conversion: `quantize`) is round-to-nearest (RTN); an int4 group's range
+is widened to include 0, so a constant group is its top or bottom code (back within the float16
+rounding of its scale), and an all-zero group gets scale 0 (back exactly). Every value comes back
+within half a step (s_g / 2) plus the float16 rounding of s_g and z_g. The
+optional refinement (`refine=True`) then alternates, a few times per group, a least-squares fit
+of (s, z) to the current codes and a re-rounding of the codes to the new grid, the
+error-minimising idea of HQQ (half-quadratic quantization) with an L2 objective. Each group
+keeps whichever of RTN and refined has the smaller squared error (measured on the float16
+values actually stored), so refinement never makes a group worse.
+
+Dequantizing (`dequantize`, JAX) runs on the device inside the jitted expert step, where XLA
+fuses it with the matmul's operand; the reference model dequantizes the stacked experts with
+the same function, so engine and reference see bit-identical weights. int4 codes are unpacked
+with JAX's native `uint4` bitcast where the backend supports it (checked once per backend by
+`native_int4`), and with shifts and masks otherwise; both give the same integers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from klotski_jax.config import QUANT_SCALE_DTYPE, Quant
+
+F32 = jnp.float32
+INT8_MAX = 127
+INT4_MAX = 15
+REFINE_ITERS = 4
+
+
+# ---- int4 packing -------------------------------------------------------------------------------
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """Codes [..., n] in [0, 15] (n even) -> uint8 [..., n / 2], element 2j in the low nibble."""
+    q = np.asarray(q, np.uint8)
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even last dimension, got {q.shape}")
+    if q.size and q.max() > INT4_MAX:
+        raise ValueError("int4 codes must lie in [0, 15]")
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4_np(packed: np.ndarray) -> np.ndarray:
+    """The inverse of `pack_int4` (NumPy): uint8 [..., m] -> uint8 codes [..., 2m]."""
+    packed = np.asarray(packed, np.uint8)
+    out = np.empty((*packed.shape[:-1], 2 * packed.shape[-1]), np.uint8)
+    out[..., 0::2], out[..., 1::2] = packed & 0xF, packed >> 4
+    return out
+
+
+def _unpack_shift(packed: jax.Array) -> jax.Array:
+    lo, hi = packed & 0xF, packed >> 4
+    return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+def _unpack_native(packed: jax.Array) -> jax.Array:
+    codes = jax.lax.bitcast_convert_type(packed, jnp.uint4)  # [..., m, 2], low nibble first
+    return codes.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+@functools.cache
+def native_int4(platform: str) -> bool:
+    """Whether `platform`'s compiler bitcasts uint8 to JAX's native uint4 with the low nibble
+    first (probed once on a known pattern; False sends unpacking to shifts and masks)."""
+    pattern = np.arange(256, dtype=np.uint8).reshape(2, 128)
+    try:
+        # Called while a jitted step is traced: run the probe now, outside that trace.
+        with jax.ensure_compile_time_eval():
+            x = jax.device_put(pattern, jax.devices(platform)[0])
+            got = np.asarray(jax.jit(lambda p: _unpack_native(p).astype(jnp.int32))(x))
+        return bool(np.array_equal(got, unpack_int4_np(pattern).astype(np.int32)))
+    except Exception:  # noqa: BLE001 - any failure (unsupported type, compile error) = no
+        return False
+
+
+def unpack_int4(packed: jax.Array, native: bool | None = None) -> jax.Array:
+    """uint8 [..., m] -> integer codes [..., 2m] (traced). native: use the uint4 bitcast
+    (default: where the default backend supports it)."""
+    if native is None:
+        native = native_int4(jax.default_backend())
+    return (_unpack_native(packed) if native else _unpack_shift(packed)).astype(jnp.int32)
+
+
+# ---- dequantizing (JAX, inside the jitted steps) ------------------------------------------------
+
+def dequantize(q: jax.Array, scale: jax.Array, zero: jax.Array | None, dtype: Any,
+               native: bool | None = None) -> jax.Array:
+    """The weights [..., out, in] of one stored projection (or a stack of them), in `dtype`.
+
+    q: int8 [..., out, in] (int8) or packed uint8 [..., out, in / 2] (int4); scale, zero:
+    [..., out, in / G]. Computed in float32, then rounded once to `dtype`."""
+    codes = unpack_int4(q, native) if q.dtype == jnp.uint8 else q.astype(jnp.int32)
+    *lead, out, n = codes.shape
+    groups = scale.shape[-1]
+    g = codes.reshape(*lead, out, groups, n // groups).astype(F32)
+    if zero is not None:
+        g = g - zero.astype(F32)[..., None]
+    return (g * scale.astype(F32)[..., None]).reshape(*lead, out, n).astype(dtype)
+
+
+def dequantize_tree(leaves: dict[str, Any], dtype: Any) -> jax.Array:
+    """`dequantize` of a stored projection's arrays {q, scale[, zero]}."""
+    return dequantize(leaves["q"], leaves["scale"], leaves.get("zero"), dtype)
+
+
+# ---- quantizing (NumPy, at conversion) ----------------------------------------------------------
+
+def _groups(w: np.ndarray, group_size: int) -> np.ndarray:
+    out_dim, in_dim = w.shape
+    g = group_size or in_dim
+    if in_dim % g:
+        raise ValueError(f"group size {g} does not divide the input dimension {in_dim}")
+    return np.asarray(w, np.float32).reshape(out_dim, in_dim // g, g)
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    """Round to the stored scale dtype (float16), saturating: a scale past its range would be
+    inf (a group with |w| above ~8e6, which no trained model has)."""
+    dt = np.dtype(QUANT_SCALE_DTYPE)
+    info = np.finfo(dt)
+    return np.clip(x, -info.max, info.max).astype(dt)
+
+
+def _codes_int8(w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    safe = np.where(s == 0, 1.0, s)
+    return np.clip(np.rint(w / safe), -INT8_MAX, INT8_MAX)
+
+
+def _codes_int4(w: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
+    safe = np.where(s == 0, 1.0, s)
+    return np.clip(np.rint(w / safe + z), 0, INT4_MAX)
+
+
+def _err(w: np.ndarray, deq: np.ndarray) -> np.ndarray:
+    return np.sum((w - deq) ** 2, axis=-1)  # per group
+
+
+def _int8(w: np.ndarray, refine: bool) -> tuple[np.ndarray, np.ndarray]:
+    s = _f16(np.max(np.abs(w), axis=-1) / INT8_MAX)[..., None].astype(np.float32)
+    q = _codes_int8(w, s)
+    if refine:
+        best = _err(w, q * s)
+        for _ in range(REFINE_ITERS):
+            qq = np.sum(q * q, axis=-1, keepdims=True)
+            s_new = _f16(np.where(qq > 0, np.sum(q * w, axis=-1, keepdims=True)
+                                  / np.maximum(qq, 1), s)).astype(np.float32)
+            q_new = _codes_int8(w, s_new)
+            err = _err(w, q_new * s_new)
+            better = (err < best)[..., None]
+            s, q, best = np.where(better, s_new, s), np.where(better, q_new, q), np.minimum(err, best)
+    return q.astype(np.int8), s[..., 0].astype(np.float16)
+
+
+def _int4(w: np.ndarray, refine: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lo = np.minimum(np.min(w, axis=-1), 0.0)
+    hi = np.maximum(np.max(w, axis=-1), 0.0)
+    s = _f16((hi - lo) / INT4_MAX)[..., None].astype(np.float32)
+    z = _f16(np.where(s[..., 0] > 0, -lo / np.where(s[..., 0] == 0, 1, s[..., 0]), 0.0)
+             )[..., None].astype(np.float32)
+    q = _codes_int4(w, s, z)
+    if refine:
+        best = _err(w, (q - z) * s)
+        for _ in range(REFINE_ITERS):
+            # least squares of w ~ a * q + b over the group, then s = a, z = -b / a
+            mq, mw = q.mean(-1, keepdims=True), w.mean(-1, keepdims=True)
+            var = np.sum((q - mq) ** 2, -1, keepdims=True)
+            a = np.where(var > 0, np.sum((q - mq) * (w - mw), -1, keepdims=True)
+                         / np.maximum(var, 1e-30), s)
+            ok = (var > 0) & (a > 0)
+            b = mw - a * mq
+            s_new = np.where(ok, _f16(a).astype(np.float32), s)
+            z_new = np.where(ok, _f16(np.clip(-b / np.where(ok, s_new, 1), -INT4_MAX, 2 * INT4_MAX)
+                                      ).astype(np.float32), z)
+            q_new = _codes_int4(w, s_new, z_new)
+            err = _err(w, (q_new - z_new) * s_new)
+            better = (err < best)[..., None]
+            s, z = np.where(better, s_new, s), np.where(better, z_new, z)
+            q, best = np.where(better, q_new, q), np.minimum(err, best)
+    return q.astype(np.uint8), s[..., 0].astype(np.float16), z[..., 0].astype(np.float16)
+
+
+def quantize(w: np.ndarray, quant: Quant, group_size: int, refine: bool = False
+             ) -> dict[str, np.ndarray]:
+    """One projection w [out, in] (any float dtype) as its stored arrays {q, scale[, zero]}
+    (the shapes and dtypes of `config.quant_leaves`)."""
+    quant = Quant(quant)
+    if quant is Quant.NONE:
+        raise ValueError("quantize() needs int8 or int4")
+    if w.ndim != 2:
+        raise ValueError(f"quantize() takes one [out, in] matrix, got shape {w.shape}")
+    if quant is Quant.INT4 and (group_size <= 0 or group_size % 2):
+        raise ValueError(f"int4 needs an even group size > 0, got {group_size}")
+    g = _groups(w, group_size)
+    if not np.all(np.isfinite(g)):
+        raise ValueError("cannot quantize a matrix with NaN or infinite values")
+    out_dim, in_dim = w.shape
+    if quant is Quant.INT8:
+        q, s = _int8(g, refine)
+        return {"q": q.reshape(out_dim, in_dim), "scale": s}
+    q, s, z = _int4(g, refine)
+    return {"q": pack_int4(q.reshape(out_dim, in_dim)), "scale": s, "zero": z}
+
+
+def dequantize_np(leaves: dict[str, np.ndarray], dtype: Any = np.float32) -> np.ndarray:
+    """NumPy dequantization of stored arrays (tests and measurements; the device uses
+    `dequantize`): the same float32 arithmetic, rounded to `dtype`."""
+    q = leaves["q"]
+    codes = unpack_int4_np(q) if q.dtype == np.uint8 else q
+    out_dim, n = codes.shape[-2:]
+    s = leaves["scale"].astype(np.float32)
+    g = codes.reshape(*codes.shape[:-1], s.shape[-1], n // s.shape[-1]).astype(np.float32)
+    if "zero" in leaves:
+        g = g - leaves["zero"].astype(np.float32)[..., None]
+    return (g * s[..., None]).reshape(*codes.shape[:-2], out_dim, n).astype(dtype)
