@@ -106,16 +106,16 @@ _CHILD = textwrap.dedent("""
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    convert(sys.argv[1], sys.argv[2], progress=False)
+    convert(sys.argv[1], sys.argv[2], progress=False, quantize=sys.argv[3])
     dt = time.perf_counter() - t0
     peak = status_kib("VmHWM") if linux else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"base_kib": base, "peak_kib": peak, "seconds": dt}))
 """)
 
 
-def _convert_in_child(src: pathlib.Path, out: pathlib.Path) -> int:
-    """Peak RSS growth (bytes) of convert(src, out) in a fresh process."""
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out)],
+def _convert_in_child(src: pathlib.Path, out: pathlib.Path, quantize: str = "none") -> int:
+    """Peak RSS growth (bytes) of convert(src, out, quantize=quantize) in a fresh process."""
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out), quantize],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -146,6 +146,25 @@ def test_conversion_peak_rss_is_far_below_checkpoint_size(tmp_path) -> None:
     assert reader.expert_chunk_path(1, "up", 3).read_bytes() == gate_up[3, i:].tobytes()
     assert reader.expert_chunk_path(1, "down", 2).read_bytes() == fused[
         "model.layers.1.mlp.experts.down_proj"][2].tobytes()
+
+
+def test_quantized_conversion_streams_too(tmp_path) -> None:
+    """--quantize int4 quantizes one expert slice at a time: the same bound holds, and the
+    stored experts are the quantization of the source's (layer 1 comes from the fused layout)."""
+    from klotski_jax.checkpoints.store import CheckpointReader
+    from klotski_jax.models import quant
+
+    src, out = tmp_path / "hf", tmp_path / "ckpt"
+    nbytes = build_checkpoint(src)
+    assert _convert_in_child(src, out, "int4") < 0.5 * nbytes
+    reader = CheckpointReader(out)
+    cfg = reader.config
+    assert (cfg.expert_quant.value, cfg.expert_group_size) == ("int4", 64)
+    fused = load_file(str(src / "model-00003-of-00003.safetensors"))
+    want = quant.quantize(fused["model.layers.1.mlp.experts.down_proj"][2], cfg.expert_quant, 64,
+                          refine=True)
+    for name, value in want.items():
+        np.testing.assert_array_equal(reader.expert(1, f"down.{name}", 2), value)
 
 
 def test_dense_weights_are_not_all_held_at_once(tmp_path) -> None:

@@ -240,7 +240,9 @@ class Bench:
         cfg, m = self.configs[c], self.cfg
         return {
             "model": f"{m.family.value} {m.num_layers} layers, {m.num_experts} experts "
-                     f"(top-{m.top_k}), hidden {m.hidden_size}, {m.dtype}",
+                     f"(top-{m.top_k}), hidden {m.hidden_size}, {m.dtype}" + (
+                         f", experts {m.expert_quant.value} (group "
+                         f"{m.expert_group_size or 'per row'})" if m.quantized else ""),
             "checkpoint": str(self.ckpt), "weight_bytes": self.weight_bytes,
             "preset": cfg.preset, "prompt_len": cfg.prompt_len, "gen_len": cfg.gen_len,
             "num_prompts": cfg.num_prompts, "groups_option": cfg.groups,

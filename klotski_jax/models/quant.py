@@ -10,7 +10,8 @@ dequantized as
 Quantizing (NumPy, at conversion: `quantize`) is round-to-nearest (RTN); an int4 group's range
 is widened to include 0, so a constant group is its top or bottom code (back within the float16
 rounding of its scale), and an all-zero group gets scale 0 (back exactly). Every value comes back
-within half a step (s_g / 2) plus the float16 rounding of s_g and z_g. The
+within half a step (s_g / 2) plus the float16 rounding of s_g and z_g; a group whose values are
+all below ~1e-5 (float16's subnormal range for its scale) within 127 * 2^-24 (< 1e-5). The
 optional refinement (`refine=True`) then alternates, a few times per group, a least-squares fit
 of (s, z) to the current codes and a re-rounding of the codes to the new grid, the
 error-minimising idea of HQQ (half-quadratic quantization) with an L2 objective. Each group

@@ -43,10 +43,15 @@ Samples = tuple[tuple[float, ...], ...]
 
 
 def model_key(cfg: ModelConfig) -> str:
-    """A short hash of the config's shape fields: profiles are reusable across equal shapes."""
+    """A short hash of the config's shape fields: profiles are reusable across equal shapes.
+    Quantized experts (another expert step, other bytes per load) add their scheme and group
+    size; unquantized models keep the keys they had before quantization existed."""
     d = cfg.to_dict()
     shape = {k: d[k] for k in SHAPE_FIELDS}
     shape["clip_qkv"] = shape["clip_qkv"] is not None
+    if cfg.quantized:
+        shape["expert_quant"], shape["expert_group_size"] = d["expert_quant"], d[
+            "expert_group_size"]
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
