@@ -317,11 +317,14 @@ def refinement_summary(rows: dict[str, dict[str, Any]]) -> tuple[str, list[dict[
                      f"{rtn['val_ppl']:.3f} -> {lsq['val_ppl']:.3f} ({_pct(ppl, 2, True)})")
     if not pairs:
         return "No int4 pair converted; nothing to say about refinement.", pairs
-    err_down = all(p["rel_sq_error_lsq"] < p["rel_sq_error_rtn"] for p in pairs)
-    ppl_down = all(p["val_ppl_lsq"] < p["val_ppl_rtn"] for p in pairs)
+    def lowered(key: str) -> str:
+        down = [p[f"{key}_lsq"] < p[f"{key}_rtn"] for p in pairs]
+        return ("lowered {} in every group size" if all(down) else
+                "did not lower {} in any group size" if not any(down) else
+                "lowered {} in some group sizes only")
     verdict = (f"Least-squares refinement (rtn+lsq vs rtn) "
-               f"{'lowered' if err_down else 'did not always lower'} the expert weight error and "
-               f"{'lowered' if ppl_down else 'did not always lower'} the validation perplexity")
+               f"{lowered('rel_sq_error').format('the expert weight error')} and "
+               f"{lowered('val_ppl').format('the validation perplexity')}")
     return f"{verdict}: {'; '.join(parts)}.", pairs
 
 
@@ -390,7 +393,10 @@ def markdown(result: dict[str, Any]) -> str:
                      " on the limited windows")
                   + f", and the bf16 store (bf16 arithmetic) {rows[BASELINE]['val_ppl']:.2f}. "
                   "The float32 store holds the same weights as bf16 (exactly), so its agreement "
-                  "with bf16 is the floor set by bf16 arithmetic alone, not by quantization."]
+                  "with bf16 is the floor set by bf16 arithmetic alone, not by quantization. "
+                  f"Greedy agreement counts only {result['greedy']['prompts']} x "
+                  f"{result['greedy']['new_tokens']} tokens, and one early divergence changes "
+                  "everything after it: read it as coarse."]
     lines += ["", result["refinement"]["summary"], "", "## Targets", ""]
     for t in result["targets"]:
         change = t["ppl_rel_change"]
@@ -410,7 +416,8 @@ def environment() -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"],
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
+                                "--untracked-files=no"],
                                capture_output=True, text=True, check=True).stdout.strip()
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
@@ -429,6 +436,8 @@ def run(opts: Options, work: pathlib.Path) -> dict[str, Any]:
     from klotski_jax.checkpoints.errors import ConversionError
 
     t_start = time.perf_counter()
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    env = environment()  # before the run: the code that runs is the code recorded
     if opts.hf_dir is None:
         default = default_checkpoint(cache_dir=work / "cache")
         hf_dir = pathlib.Path(json.loads((default / "manifest.json").read_text())["source"])
@@ -476,9 +485,9 @@ def run(opts: Options, work: pathlib.Path) -> dict[str, Any]:
     if record_path.is_file():
         card_ppl = json.loads(record_path.read_text())["export"]["val_ppl"]
     return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": started,
         "command": shlex.join(opts.argv),
-        "environment": environment(),
+        "environment": env,
         "hf_dir": str(hf_dir),
         "validation": {**val_info, "windows_total": len(val_all), "windows_used": len(val),
                        "tokens": int(val[:, 1:].size), "max_windows": opts.max_windows},
