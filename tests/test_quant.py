@@ -166,7 +166,7 @@ def test_quantized_store_layout_and_manifest(tiny_hf: pathlib.Path, int4_ckpt: p
     m = json.loads((int4_ckpt / mf.MANIFEST_FILE).read_text())
     assert m["format_version"] == 3
     assert m["experts"]["quantization"] == {"scheme": "int4", "group_size": 8,
-                                            "scale_dtype": "float16", "method": "rtn+lsq",
+                                            "scale_dtype": "float16", "method": "rtn",
                                             "original_dtype": "float32"}
     reader = CheckpointReader(int4_ckpt)
     cfg = reader.config
