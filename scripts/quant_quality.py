@@ -109,6 +109,8 @@ class Options:
     new_tokens: int
     card_check: bool
     argv: tuple[str, ...]
+    update_card: bool = False
+    card_from: pathlib.Path | None = None
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -125,6 +127,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     p.add_argument("--greedy-prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--update-card", action="store_true",
+                   help="also record the summary in the packaged default model's "
+                        "training_log.json and rewrite its model card")
+    p.add_argument("--card-from", type=pathlib.Path, default=None, metavar="QUALITY_JSON",
+                   help="only update the model card from an earlier run's quality.json")
     p.add_argument("--no-card-check", action="store_true",
                    help="skip the float32 store that reproduces the model card's perplexity")
     a = p.parse_args(argv)
@@ -135,7 +142,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     return Options(work=a.work, out=out, hf_dir=a.hf_dir, max_windows=a.max_windows,
                    batch=a.batch, greedy_prompts=a.greedy_prompts, prompt_len=a.prompt_len,
                    new_tokens=a.new_tokens, card_check=not a.no_card_check,
-                   argv=tuple(sys.argv if argv is None else ["scripts/quant_quality.py", *argv]))
+                   argv=tuple(sys.argv if argv is None else ["scripts/quant_quality.py", *argv]),
+                   update_card=a.update_card, card_from=a.card_from)
 
 
 # ---- validation text ----------------------------------------------------------------------------
@@ -508,6 +516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("absl", "klotski_jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     opts = parse_args(argv)
+    if opts.card_from is not None:
+        update_card(json.loads(opts.card_from.read_text()), opts.card_from)
+        return 0
     if opts.work is None:
         with tempfile.TemporaryDirectory(prefix="quant-quality-") as tmp:
             result = run(opts, pathlib.Path(tmp))
@@ -522,7 +533,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     for t in result["targets"]:
         print(f"{'PASS' if t['pass'] else 'FAIL'}: {t['target']}")
     log.info("wrote %s and %s", opts.out / "quality.json", opts.out / "quality.md")
+    if opts.update_card:
+        update_card(result, opts.out / "quality.json")
     return 0
+
+
+CARD_ROWS = ("bf16", "int8-row", "int8-g64", "int4-g32-rtn", "int4-g64-rtn", "int4-g64-lsq")
+
+
+def update_card(result: dict[str, Any], source: pathlib.Path) -> None:
+    """Record the results' summary in the packaged default model's training_log.json
+    ("quantization_quality") and rewrite its model card from that log (the card's every number
+    comes from the log; `model_card` renders the section)."""
+    card_dir = ROOT / "klotski_jax" / "data" / "default_model"
+    log_path = card_dir / "training_log.json"
+    record = json.loads(log_path.read_text())
+    keep = ("val_ppl", "ppl_rel_change", "top1_agreement", "expert_bytes_ratio", "rel_sq_error")
+    rows = {name: {"quantize": r["variant"]["quantize"], "group_size": r["variant"]["group_size"],
+                   "method": (r.get("quantization") or {}).get("method"),
+                   **{k: r.get(k) for k in keep}}
+            for name, r in result["rows"].items() if name in CARD_ROWS and r["status"] == "ok"}
+    record["quantization_quality"] = {
+        "date": result["date"], "source": str(source.relative_to(ROOT) if source.is_absolute()
+                                               and ROOT in source.parents else source),
+        "validation_tokens": result["validation"].get("tokens"), "rows": rows}
+    train = _training_script()
+    tmp_log, tmp_card = log_path.with_suffix(".json.tmp"), card_dir / "README.md.tmp"
+    tmp_log.write_text(json.dumps(record, indent=1) + "\n")
+    tmp_card.write_text(train.model_card(record))
+    tmp_log.replace(log_path)
+    tmp_card.replace(card_dir / "README.md")
+    log.info("updated %s and the model card", log_path)
 
 
 if __name__ == "__main__":

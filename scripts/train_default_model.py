@@ -403,6 +403,7 @@ def model_card(record: dict[str, Any]) -> str:
                   f"the largest difference between the two loss curves was "
                   f"{repro['max_abs_loss_diff']:.2g}." if repro else "")
     excluded = ", ".join(f"`{d}`" for d in EXCLUDED_DIRS)
+    quantized = quantization_section(record.get("quantization_quality"))
     resumed = record.get("resumed_at") or []
     resume_line = (
         f"The script saves an orbax checkpoint of the run (float32 params, optimizer state, step,\n"
@@ -505,11 +506,41 @@ Greedy continuations of the demo prompts ({o["sample_tokens"]} new tokens, refer
 
 {samples}{penalised}
 
-## Reproducibility
+{quantized}## Reproducibility
 
 Rerunning the command with the same seed, Python, jax and tokenizers versions on the same kind
 of machine gives the same loss curve within float noise (XLA may order float sums differently
 on other machines). {repro_line}
+"""
+
+
+def quantization_section(q: dict[str, Any] | None) -> str:
+    """The card's "Quantized experts" section from the log's `quantization_quality` (written
+    by scripts/quant_quality.py --update-card); empty when the log has none."""
+    if not q:
+        return ""
+    base = q["rows"]["bf16"]
+    lines = []
+    for name, r in q["rows"].items():
+        if r["quantize"] == "none":
+            continue
+        group = "per row" if r["group_size"] is None else str(r["group_size"])
+        lines.append(f"| {r['quantize']} | {group} | {r['method']} | {r['val_ppl']:.2f} | "
+                     f"{100 * r['ppl_rel_change']:+.2f}% | {100 * r['top1_agreement']:.1f}% | "
+                     f"{r['expert_bytes_ratio']:.3f} |")
+    return f"""## Quantized experts
+
+`klotski convert --quantize int8|int4` on this model (`scripts/quant_quality.py`,
+{q["date"][:10]}; `{q["source"]}`): validation perplexity of the stores (bf16:
+{base["val_ppl"]:.2f}), its change against bf16, the share of the {q["validation_tokens"]:,}
+validation positions whose top-1 token equals bf16's, and the bytes of an expert against bf16.
+`rtn` is round-to-nearest (the default), `rtn+lsq` adds the least-squares refinement
+(`--refine`). Group 128 does not divide the experts' width (192): the converter refuses it.
+
+| experts | group | method | validation ppl | vs bf16 | top-1 = bf16 | bytes vs bf16 |
+|---|---|---|---|---|---|---|
+{chr(10).join(lines)}
+
 """
 
 

@@ -102,22 +102,24 @@ def test_refinement_never_increases_a_groups_error(scheme: str, g: int) -> None:
 
 
 def test_int4_packing_round_trips_and_native_unpacking_agrees() -> None:
-    codes = np.random.default_rng(2).integers(0, 16, (7, 40)).astype(np.uint8)
-    packed = quant.pack_int4(codes)
-    assert packed.shape == (7, 20) and packed.dtype == np.uint8
-    np.testing.assert_array_equal(quant.unpack_int4_np(packed), codes)
-    assert packed[0, 0] == codes[0, 0] | (codes[0, 1] << 4)  # low nibble first
-    every = np.arange(256, dtype=np.uint8).reshape(4, 64)
-    want = quant.unpack_int4_np(every).astype(np.int32)
-    shift = jax.jit(lambda p: quant.unpack_int4(p, native=False))(every)
-    np.testing.assert_array_equal(np.asarray(shift), want)
-    if quant.native_int4(jax.default_backend()):
-        native = jax.jit(lambda p: quant.unpack_int4(p, native=True))(every)
-        np.testing.assert_array_equal(np.asarray(native), want)
-    with pytest.raises(ValueError, match="even last dimension"):
-        quant.pack_int4(codes[:, :3])
+    codes = np.random.default_rng(2).integers(0, 16, (7, 48)).astype(np.uint8)
+    packed = quant.pack_int4(codes, 8)
+    assert packed.shape == (7, 24) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(quant.unpack_int4_np(packed, 8), codes)
+    # per group of 8: byte j holds code j (low nibble) and code j + 4 (high nibble)
+    assert packed[0, 0] == codes[0, 0] | (codes[0, 4] << 4)
+    assert packed[2, 5] == codes[2, 9] | (codes[2, 13] << 4)
+    every = np.arange(256, dtype=np.uint8).reshape(4, 64)  # every byte value
+    for g in (2, 8, 64):
+        want = quant.unpack_int4_np(every, g).astype(np.int32)
+        for native in (False, True):  # shifts and masks, or JAX's uint4 bitcast: same codes
+            got = jax.jit(lambda p, n=native, g=g: quant.unpack_int4(p, g, native=n))(every)
+            np.testing.assert_array_equal(np.asarray(got), want)
+    assert quant.native_int4("cpu") is False  # the shifts are faster on XLA:CPU
+    with pytest.raises(ValueError, match="even group size dividing"):
+        quant.pack_int4(codes[:, :3], 2)
     with pytest.raises(ValueError, match="codes must lie in"):
-        quant.pack_int4(np.full((1, 2), 16, np.uint8))
+        quant.pack_int4(np.full((1, 2), 16, np.uint8), 2)
 
 
 @pytest.mark.parametrize("scheme,g", [("int8", 0), ("int4", 8)])
@@ -131,8 +133,7 @@ def test_device_dequantization_equals_numpy(scheme: str, g: int) -> None:
             np.testing.assert_array_equal(np.asarray(got[e]),
                                           quant.dequantize_np(stored[e], np.dtype(dtype)))
     want = np.stack([quant.dequantize_np(x) for x in stored])
-    natives = [False, *([True] if quant.native_int4(jax.default_backend()) else [])]
-    for native in natives:  # unpacked with shifts or with the native uint4: the same weights
+    for native in (False, True):  # unpacked with shifts or with the native uint4: same weights
         got = jax.jit(lambda t, n=native: quant.dequantize(
             t["q"], t["scale"], t.get("zero"), jnp.float32, native=n))(stacked)
         np.testing.assert_array_equal(np.asarray(got), want)
@@ -416,3 +417,32 @@ def test_cli_profile_and_plan_a_quantized_store(int4_ckpt: pathlib.Path, tmp_pat
                                "--profile", str(profile)], capsys)
     assert rc == 0, err
     assert json.loads(stdout)["placement"]["expert_slots"] >= 1
+
+
+def test_bench_quantized_rows(tiny_hf: pathlib.Path, tmp_path: pathlib.Path,
+                              capsys: pytest.CaptureFixture[str],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`klotski bench --quantized int8,int4` adds klotski rows on quantized stores converted
+    next to the checkpoint (reused on the next run); a store the model's shapes do not allow
+    (int4's default group of 64 on 32-wide experts) skips its row with the converter's reason."""
+    monkeypatch.setenv("KLOTSKI_JAX_PROFILES", str(tmp_path / "profiles"))
+    ckpt = klotski_jax.convert(tiny_hf, tmp_path / "ckpt", progress=False)
+    argv = ["bench", str(ckpt), "--schedules", "klotski", "--quantized", "int8,int4", "--json",
+            str(tmp_path / "b.jsonl"), "--prompt-len", "8", "--gen-len", "3", "--num-prompts",
+            "2", "--repeats", "1", "--device-budget", "90%", "-q"]
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    rows = {r["schedule"]: r for r in map(json.loads,
+                                          (tmp_path / "b.jsonl").read_text().splitlines())}
+    int8 = rows["klotski int8"]
+    assert int8["store"] == "int8" and int8["throughput_tokens_per_s"] > 0
+    assert int8["store_checkpoint"] == str(tmp_path / "ckpt-int8")
+    assert int8["device_budget_bytes"] == rows["klotski"]["device_budget_bytes"]  # same bytes
+    assert CheckpointReader(tmp_path / "ckpt-int8").config.expert_quant is Quant.INT8
+    assert "group size 64 does not divide" in rows["klotski int4"]["skipped"]
+    stamp = (tmp_path / "ckpt-int8" / mf.MANIFEST_FILE).stat().st_mtime_ns
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    assert (tmp_path / "ckpt-int8" / mf.MANIFEST_FILE).stat().st_mtime_ns == stamp  # reused
+    rc, _, err = run_cli([*argv[:5], "int3", *argv[6:]], capsys)
+    assert rc == 2 and "int8, int4" in err

@@ -17,6 +17,7 @@ from klotski_jax.planning.policy import Policy, PolicyError
 ENGINE_SCHEDULES = ("klotski", "flexgen", "lru", "sequential")
 HF_SCHEDULE = "hf-accelerate"
 SCHEDULES = (*ENGINE_SCHEDULES, HF_SCHEDULE)
+QUANTIZED = ("int8", "int4")  # --quantized: klotski rows on stores with quantized experts
 RESIDENT = "resident"  # klotski with unlimited budgets: every weight on the device
 # The text sample after the table: a tiny model loops under plain greedy decoding.
 SAMPLE_REPETITION_PENALTY = 1.3
@@ -72,6 +73,7 @@ class BenchOptions:
     profile: bool = False  # measure (or reuse) the planner's profile first: klotski is planned
     repeats: int = 2
     ablation: bool = False
+    quantized: tuple[str, ...] = ()  # also run klotski on these quantized stores of the model
     sweep_groups: tuple[int, ...] = ()
     hf_dir: str | None = None
     json: str | None = None
@@ -91,6 +93,10 @@ class BenchOptions:
             raise PolicyError(f"preset must be auto, {' or '.join(PRESETS)}, got {self.preset!r}")
         if self.repeats < 1:
             raise PolicyError(f"repeats must be >= 1, got {self.repeats}")
+        bad = [q for q in self.quantized if q not in QUANTIZED]
+        if bad:
+            raise PolicyError(f"--quantized must be a list of {', '.join(QUANTIZED)}; got "
+                              f"{', '.join(bad)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +132,7 @@ class Variant:
     schedule: str  # engine schedule, or hf-accelerate
     overrides: tuple[tuple[str, Any], ...] = ()
     ablation: str | None = None
+    store: str | None = None  # a quantized store of the model (--quantized), not the checkpoint
 
     def policy(self, cfg: BenchConfig) -> Policy:
         """The policy of this row under `cfg` (resident: no budgets)."""
@@ -136,9 +143,12 @@ class Variant:
 
 
 # ---- plan -------------------------------------------------------------------------------------
-def variants(schedules: Sequence[str], ablation: bool) -> list[Variant]:
-    """The rows to run: the schedules, the ablation rungs (the last is klotski), the bound."""
+def variants(schedules: Sequence[str], ablation: bool, quantized: Sequence[str] = ()
+             ) -> list[Variant]:
+    """The rows to run: the schedules, klotski on each quantized store, the ablation rungs (the
+    last is klotski), the bound."""
     out = [Variant(s, s) for s in schedules]
+    out += [Variant(f"klotski {q}", "klotski", store=q) for q in quantized]
     if ablation:
         for name, flags in ABLATION_LADDER[:-1]:
             out.append(Variant(f"klotski {name}", "klotski", tuple(flags.items()), name))

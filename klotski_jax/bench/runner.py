@@ -101,7 +101,8 @@ class Bench:
         if opts.prompts:  # the file decides the prompt length (and count, unless given)
             self.configs = [dataclasses.replace(c, prompt_len=max(map(len, p)), num_prompts=len(p))
                             for c, p in zip(self.configs, self.prompts)]
-        self.variants = variants(opts.schedules, opts.ablation)
+        self.variants = variants(opts.schedules, opts.ablation, opts.quantized)
+        self.stores: dict[str, pathlib.Path] = {}  # --quantized scheme -> its store
         self.by_label = {v.label: v for v in self.variants}
         self.runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
         self.tokens: dict[tuple[int, str], list[list[int]]] = {}
@@ -134,6 +135,7 @@ class Bench:
         """Measure the bandwidths, run every (configuration, variant, repeat), build the rows."""
         import tempfile
 
+        self._make_stores()
         if self.opts.profile:
             self._ensure_profile()
         self.bandwidths = profiler.bandwidths(self.base.reader, self.opts.io_mode)
@@ -150,6 +152,24 @@ class Bench:
             self._hf.clear()
         return [self.row(c, v) for c in range(len(self.configs)) for v in self.variants]
 
+    def _make_stores(self) -> None:
+        """The quantized stores of --quantized, converted from the checkpoint's HF source on
+        first use (`<CKPT>-int4`, ...); a store that cannot be made skips its rows."""
+        from klotski_jax.checkpoints.convert import quantized_sibling
+        from klotski_jax.checkpoints.errors import ConversionError
+
+        for q in self.opts.quantized:
+            try:
+                self.stores[q] = quantized_sibling(self.ckpt, q, self.opts.hf_dir,
+                                                   progress=not self.opts.quiet)
+            except ConversionError as e:
+                for c in range(len(self.configs)):
+                    self.skipped[(c, f"klotski {q}")] = f"no {q} store: {e}"
+                status(f"klotski {q}: skipped: {e}", self.opts.quiet)
+
+    def _ckpt(self, v: Variant) -> pathlib.Path:
+        return self.stores[v.store] if v.store else self.ckpt
+
     def _ensure_profile(self) -> None:
         """The profile of this model on this device, as `klotski profile` makes it (the pieces
         measured, then calibrated against timed engine steps; once, then cached), so that
@@ -158,10 +178,11 @@ class Bench:
 
         from klotski_jax.engine_profile import profile_checkpoint
 
-        start = time.perf_counter()
-        _, path, measured = profile_checkpoint(self.ckpt)
-        status(f"profile: {'measured' if measured else 'cached'} {path} "
-               f"({time.perf_counter() - start:.0f} s)", self.opts.quiet)
+        for ckpt in (self.ckpt, *self.stores.values()):
+            start = time.perf_counter()
+            _, path, measured = profile_checkpoint(ckpt)
+            status(f"profile: {'measured' if measured else 'cached'} {path} "
+                   f"({time.perf_counter() - start:.0f} s)", self.opts.quiet)
 
     def _run_one(self, c: int, v: Variant, r: int) -> None:
         from klotski_jax.bench.hf import HFUnavailable
@@ -192,7 +213,7 @@ class Bench:
 
         key = (c, v.label)
         if key not in self._engines:
-            self._engines[key] = Engine(self.ckpt, v.policy(self.configs[c]))
+            self._engines[key] = Engine(self._ckpt(v), v.policy(self.configs[c]))
         tracer = None
         # The trace (for the plot and --trace) comes from the untimed warm-up run: tracing
         # times each piece to its end, which a timed run should not pay.
@@ -254,7 +275,9 @@ class Bench:
     def row(self, c: int, v: Variant) -> dict[str, Any]:
         """The JSON line of one (configuration, variant)."""
         head = {"schedule": v.label, "engine_schedule": v.schedule, "ablation": v.ablation,
-                "policy_overrides": dict(v.overrides) or None, **self.config_fields(c)}
+                "policy_overrides": dict(v.overrides) or None, **self.config_fields(c),
+                "store": v.store,  # --quantized rows: the quantized store they ran on
+                "store_checkpoint": str(self.stores[v.store]) if v.store in self.stores else None}
         runs = self.runs.get((c, v.label))
         if not runs:
             reason = self.skipped.get((c, v.label), "not run")
@@ -267,8 +290,9 @@ class Bench:
         # The bound is the budgeted configuration's; the resident row streams nothing, so its
         # own bound is the compute part alone (its fastest repeat: efficiency <= 1).
         key = "lower_bound_compute_s" if v.label == RESIDENT else "lower_bound_s"
+        # (a quantized store moves other bytes: the checkpoint's bound is not its bound)
         row["efficiency"] = (bound[key] / row["total_s"]
-                             if bound and row["total_s"] > 0 else None)
+                             if bound and row["total_s"] > 0 and not v.store else None)
         row["lower_bound"] = bound
         row["bandwidths"] = self.bandwidths
         row["placement"] = self.placements.get((c, v.label)) or self._hf_info.get((c, v.label))

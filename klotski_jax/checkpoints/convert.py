@@ -394,6 +394,32 @@ def _convert_into(tmp: pathlib.Path, hf_dir: pathlib.Path, hf: dict[str, Any],
              total / max(dt, 1e-9) / 1e6)
 
 
+def quantized_sibling(ckpt_dir: str | os.PathLike[str], quantize: str,
+                      hf_dir: str | os.PathLike[str] | None = None,
+                      progress: bool = False) -> pathlib.Path:
+    """A store of the same model with `quantize`d experts (default group size, round-to-nearest)
+    next to `ckpt_dir`, named `<ckpt_dir>-<quantize>`: reused when one from the same HF source
+    is there, converted from the source (`hf_dir`, default: the manifest's `source`) otherwise.
+    `klotski bench --quantized` runs klotski on it beside the checkpoint."""
+    ckpt = pathlib.Path(os.path.abspath(ckpt_dir))
+    m = mf.read_manifest(ckpt)
+    source = pathlib.Path(hf_dir or m.get("source") or "")
+    if not (source / "config.json").is_file():
+        raise MissingFileError(f"{ckpt}: its HF source {str(source) or '(none recorded)'} is "
+                               "not there to quantize from (pass the HF directory)")
+    out = ckpt.parent / f"{ckpt.name}-{quantize}"
+    try:
+        have = mf.read_manifest(out)
+        q = have["experts"].get("quantization") or {}
+        if (have.get("source") == os.path.abspath(source) and q.get("scheme") == quantize
+                and q.get("method") == "rtn" and have["dtype"] == m["dtype"]):
+            return out
+    except (ConversionError, KeyError):
+        pass
+    return convert(source, out, dtype=m["dtype"], quantize=quantize, overwrite=out.exists(),
+                   progress=progress)
+
+
 def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
             dtype: str | None = None, overwrite: bool = False, progress: bool = True,
             quantize: str = "none", group_size: int | None = None,

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from klotski_jax.bench.options import PRESETS, SCHEDULES  # no JAX import
+from klotski_jax.bench.options import PRESETS, QUANTIZED, SCHEDULES  # no JAX import
 from klotski_jax.cli.options import budget_options, io_options, positive_int
 
 
@@ -18,6 +18,14 @@ def _schedule_list(text: str) -> tuple[str, ...]:
     if bad or not names:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of "
                                          f"{', '.join(SCHEDULES)}; got {text!r}")
+    return names
+
+
+def _quant_list(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not names or any(n not in QUANTIZED for n in names):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of "
+                                         f"{', '.join(QUANTIZED)}; got {text!r}")
     return names
 
 
@@ -85,6 +93,10 @@ def add(sub: Any) -> None:
     p.add_argument("--repeats", type=positive_int, default=2, help="timed runs (default: 2)")
     p.add_argument("--ablation", action="store_true",
                    help="add the paper's ladder: simple, +multi-batch, +hot-only, +reorder")
+    p.add_argument("--quantized", type=_quant_list, metavar="LIST",
+                   help="also run klotski on quantized stores of the model, e.g. int4 or "
+                        "int8,int4, under the same budgets in bytes (converted from the "
+                        "checkpoint's HF source into CKPT-int4 etc. on first use)")
     p.add_argument("--sweep-groups", type=_int_list, metavar="LIST",
                    help="e.g. 1,2,4,8: one configuration per n, each n x --batch-size prompts")
     p.add_argument("--hf-dir", metavar="DIR",

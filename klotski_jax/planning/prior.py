@@ -110,8 +110,11 @@ class _Roofline:
     def expert(self, rows: int) -> float:
         c = self.cfg
         f, d = c.expert_intermediate_size, c.hidden_size
+        # Quantized experts are dequantized before the matmuls: the stored bytes are read, and
+        # the dequantized weights written (and read again by the matmuls, which mm counts).
+        dequant = (c.expert_bytes + 3 * f * d * self.size) if c.quantized else 0
         return (self.r.dispatch_s + 2 * self.mm(rows, f, d) + self.mm(rows, d, f)
-                + self.stream(4.0 * rows * (d * 4 + f * 4)))
+                + self.stream(4.0 * rows * (d * 4 + f * 4) + dequant))
 
     def combine(self, m: int) -> float:
         c = self.cfg
