@@ -521,7 +521,7 @@ def quantization_section(q: dict[str, Any] | None) -> str:
         return ""
     base = q["rows"]["bf16"]
     lines = []
-    for name, r in q["rows"].items():
+    for r in q["rows"].values():
         if r["quantize"] == "none":
             continue
         group = "per row" if r["group_size"] is None else str(r["group_size"])
