@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -100,6 +99,38 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
             f"- int8 throughput >= 1.4x bf16's: {t8:.2f}x, {ok(t8 >= 1.4)}"]
 
 
+def report(results: dict[str, list[dict[str, Any]]], opts: argparse.Namespace,
+           argv: Sequence[str] | None) -> None:
+    """results.md from the rows (also `--report-only`, from an earlier run's rows.jsonl)."""
+    now = datetime.datetime.now(datetime.UTC)
+    first = results[next(iter(results))][0]
+    md = [f"# klotski on bf16, int8 and int4 expert stores ({now:%Y-%m-%d %H:%M} UTC)", "",
+          f"- model: {opts.hf_dir} ({first['model']})",
+          "- machine: " + (", ".join(f"{k} {v}" for k, v in first["machine"].items()
+                                     if k != "loadavg")
+                           if first.get("machine") else f"{os.cpu_count()} CPUs"),
+          f"- measured: {first.get('date', '?')}",
+          f"- command: `python scripts/bench_quant.py "
+          f"{' '.join(sys.argv[1:] if argv is None else argv)}`",
+          "- each row: `klotski bench --schedules klotski --profile` (the planner's choices for "
+          "that store), median of the repeats; `x bf16` = ratio to the bf16 row of the table",
+          ""]
+    for key, rows in results.items():
+        budget, tier = key.split("-")
+        what = (f"{opts.device_share} device / {opts.host_share} host of each store's bytes"
+                if budget == "share" else
+                f"the bf16 store's {opts.device_share} / {opts.host_share} in bytes for every store")
+        disk = ("cold disk, O_DIRECT: every expert read from the disk" if tier == "cold"
+                else "page cache, buffered reads")
+        md += [f"## {what}; {disk}", "", f"workload: {rows[0]['num_prompts']} prompts x "
+               f"{rows[0]['prompt_len']} tokens -> {rows[0]['gen_len']} new", "", table(rows), ""]
+        if tier == "cold":
+            md += ["Targets (issue 12: cold disk, O_DIRECT, 25% device budget):", "",
+                   *verdicts(rows), ""]
+    (opts.out / "results.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("hf_dir", type=pathlib.Path, help="HF checkpoint (e.g. make_bench_model.py "
@@ -111,13 +142,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--host-share", default="50%")
     p.add_argument("--budgets", default="share,fixed", help="share, fixed or both")
     p.add_argument("--tiers", default="cold,warm", help="cold, warm or both")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite results.md from OUT/rows.jsonl without running anything")
     opts = p.parse_args(argv)
+    if opts.report_only:
+        results: dict[str, list[dict[str, Any]]] = {}
+        for line in (opts.out / "rows.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            results.setdefault(row["table"], []).append(row)
+        report(results, opts, argv)
+        return 0
     opts.work.mkdir(parents=True, exist_ok=True)
     opts.out.mkdir(parents=True, exist_ok=True)
     stores = {s: convert(opts.hf_dir, opts.work, s) for s in SCHEMES}
     sizes = {s: weight_bytes(c) for s, c in stores.items()}
     frac = lambda share: float(share.rstrip("%")) / 100
-    results: dict[str, list[dict[str, Any]]] = {}
+    results = {}
     for budget in opts.budgets.split(","):
         for tier in opts.tiers.split(","):
             rows = []
@@ -136,32 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row["store_weight_bytes"] = sizes[s]
                 rows.append(row)
             results[f"{budget}-{tier}"] = rows
-    now = datetime.datetime.now(datetime.UTC)
     with open(opts.out / "rows.jsonl", "w") as f:
         for key, rows in results.items():
             for r in rows:
                 f.write(json.dumps({"table": key, **r}) + "\n")
-    md = [f"# klotski on bf16, int8 and int4 expert stores ({now:%Y-%m-%d %H:%M} UTC)", "",
-          f"- model: {opts.hf_dir} ({results[next(iter(results))][0]['model']})",
-          f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"load average {' / '.join(f'{x:.2f}' for x in os.getloadavg())} at the end",
-          f"- command: `python scripts/bench_quant.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
-          "- each row: `klotski bench --schedules klotski --profile` (the planner's choices for "
-          "that store), median of the repeats; `x bf16` = ratio to the bf16 row of the table",
-          ""]
-    for key, rows in results.items():
-        budget, tier = key.split("-")
-        what = (f"{opts.device_share} device / {opts.host_share} host of each store's bytes"
-                if budget == "share" else
-                f"the bf16 store's {opts.device_share} / {opts.host_share} in bytes for every store")
-        disk = ("cold disk, O_DIRECT: every expert read from the disk" if tier == "cold"
-                else "page cache, buffered reads")
-        md += [f"## {what}; {disk}", "", f"workload: {rows[0]['num_prompts']} prompts x "
-               f"{rows[0]['prompt_len']} tokens -> {rows[0]['gen_len']} new", "", table(rows), ""]
-        if key == "share-cold":
-            md += ["Targets (issue: cold disk, 25% device budget):", "", *verdicts(rows), ""]
-    (opts.out / "results.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    report(results, opts, argv)
     return 0
 
 
