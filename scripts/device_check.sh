@@ -8,11 +8,12 @@
 # jax, flax, optax, tensorstore, torch and transformers are used. Steps, each logged to $OUT:
 #   1. versions and devices (env.txt);
 #   2. the pipeline test matrix on the device (tests/test_pipeline.py: every family x schedule at
-#      the minimum budget, tokens and logits against the reference, memory checks) and the CLI
-#      tests (pytest-*.txt);
+#      the minimum budget, tokens and logits against the reference, memory checks; the same on
+#      int4 and int8 stores, tests/test_quant.py) and the CLI tests (pytest-*.txt);
 #   3. one `klotski generate` per schedule on the default model at 25% of its weights with the
 #      host cache in pinned host memory, stats as JSON (generate-SCHEDULE.json);
-#   4. `klotski bench` of the default model, profiled (bench-default.{jsonl,md,png}).
+#   4. `klotski bench` of the default model, profiled, with a klotski row on its int4 store
+#      (dequantization on the device: bench-default.{jsonl,md,png}).
 # A failing step is recorded (its exit code in summary.txt) and the next one still runs.
 set -u
 OUT=${OUT:?set OUT to the folder for the results}
@@ -46,7 +47,8 @@ d = jax.devices()[0]
 print("memory kinds", sorted(m.kind for m in d.addressable_memories()))
 '
 
-step pytest-pipeline 240 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_pipeline.py
+step pytest-pipeline 300 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_pipeline.py \
+    tests/test_quant.py
 step pytest-cli 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cli_generate.py
 
 CKPT=$("$PY" -c 'from klotski_jax.checkpoints.default_model import default_checkpoint as d; print(d())' \
@@ -59,8 +61,8 @@ for s in klotski flexgen lru sequential; do
       --repetition-penalty 1.3 --stats "$OUT/generate-$s.json" -q
 done
 
-step bench-default 300 "$PY" -m klotski_jax.cli bench "$CKPT" \
-    --schedules klotski,flexgen,lru,sequential,hf-accelerate --profile \
+step bench-default 360 "$PY" -m klotski_jax.cli bench "$CKPT" \
+    --schedules klotski,flexgen,lru,sequential,hf-accelerate --profile --quantized int4 \
     --device-budget 25% --host-budget 50% --cold-disk --repeats 3 --sample 2 \
     --json "$OUT/bench-default.jsonl" --markdown "$OUT/bench-default.md" \
     --plot "$OUT/bench-default.png" -q
