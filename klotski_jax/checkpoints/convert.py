@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from klotski_jax.checkpoints import dense_orbax
+from klotski_jax.checkpoints import checksums, dense_orbax
 from klotski_jax.checkpoints import manifest as mf
 from klotski_jax.checkpoints.errors import (
     ConversionError,
@@ -54,7 +54,7 @@ from klotski_jax.checkpoints.safetensors_io import (
     open_checkpoint,
     slice_range,
 )
-from klotski_jax.checkpoints.store import StoreWriter, fsync_dir, fsync_tree
+from klotski_jax.checkpoints.store import StoreWriter, chunk_relpath, fsync_dir, fsync_tree
 from klotski_jax.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, Quant
 from klotski_jax.models import quant as qz
 from klotski_jax.models.families import ExpertSource, TensorSource, hf_sources
@@ -309,9 +309,11 @@ def _copy_tokenizer(hf_dir: pathlib.Path, tmp: pathlib.Path) -> list[str]:
 # ---- writing ----------------------------------------------------------------------------------
 
 def _write_experts(plan: list[Planned], ckpt: SafetensorsCheckpoint, root: pathlib.Path,
-                   cfg: ModelConfig, bar: tqdm, refine: bool) -> None:
+                   cfg: ModelConfig, bar: tqdm, refine: bool) -> dict[str, dict[str, Any]]:
     """Stream every expert array into the TensorStore store, one expert slice at a time
-    (quantized on the way when cfg quantizes the experts)."""
+    (quantized on the way when cfg quantizes the experts). Returns the checksum entries of the
+    chunk files written (relative path -> size and digest of the bytes written)."""
+    known: dict[str, dict[str, Any]] = {}
     dtype = cfg.np_dtype
     leaves = {spec.name: spec for spec in weight_specs(cfg) if spec.kind is Kind.EXPERT}
     writer = StoreWriter(root)
@@ -320,12 +322,14 @@ def _write_experts(plan: list[Planned], ckpt: SafetensorsCheckpoint, root: pathl
             if p.spec.kind is not Kind.EXPERT:
                 continue
             layer, part = p.spec.layer, p.spec.name.rsplit(".", 1)[1]
-            arrays = {}
+            arrays, paths = {}, {}
             for leaf in expert_leaves(cfg):
                 if leaf.part == part:
                     spec = leaves[expert_name(layer, leaf.name)]
-                    arrays[leaf.name.removeprefix(part).lstrip(".")] = writer.create(
-                        mf.tensor_path(spec), spec.shape, leaf.dtype, spec.kind)
+                    suffix = leaf.name.removeprefix(part).lstrip(".")
+                    paths[suffix] = mf.tensor_path(spec)
+                    arrays[suffix] = writer.create(paths[suffix], spec.shape, leaf.dtype,
+                                                   spec.kind)
             for e, r in enumerate(p.reads):
                 x = ckpt.read(r.key, lead=r.lead, rows=r.rows)
                 nbytes = x.nbytes
@@ -335,6 +339,9 @@ def _write_experts(plan: list[Planned], ckpt: SafetensorsCheckpoint, root: pathl
                     stored = {"": x.astype(dtype, copy=False)}
                 del x
                 for suffix, value in stored.items():
+                    value = np.ascontiguousarray(value)  # a chunk file is exactly these bytes
+                    known[f"{paths[suffix]}/{chunk_relpath(e)}"] = checksums.entry(
+                        value.nbytes, checksums.digest(value))
                     writer.write(arrays[suffix][e], value)
                 del stored
                 bar.update(nbytes)
@@ -342,6 +349,7 @@ def _write_experts(plan: list[Planned], ckpt: SafetensorsCheckpoint, root: pathl
     except BaseException:
         writer.abandon()
         raise
+    return known
 
 
 def _lazy_dense(p: Planned, ckpt: SafetensorsCheckpoint, cfg: ModelConfig,
@@ -376,9 +384,10 @@ def _convert_into(tmp: pathlib.Path, hf_dir: pathlib.Path, hf: dict[str, Any],
     t0 = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
               disable=not progress) as bar:
-        _write_experts(plan, ckpt, tmp, cfg, bar, refine)
+        known = _write_experts(plan, ckpt, tmp, cfg, bar, refine)
         _write_dense(plan, ckpt, tmp, cfg, bar)
     tokenizer_files = _copy_tokenizer(hf_dir, tmp)
+    sums = checksums.section(tmp, known)  # the other files are read back (dense: small)
     fsync_tree(tmp)
     quantization = mf.quantization_section(
         cfg, method="rtn+lsq" if refine else "rtn",
@@ -386,7 +395,7 @@ def _convert_into(tmp: pathlib.Path, hf_dir: pathlib.Path, hf: dict[str, Any],
     manifest = mf.build_manifest(cfg, hf_config=hf, source=hf_dir,
                                  tokenizer_files=tokenizer_files,
                                  orbax_version=dense_orbax.orbax_version(),
-                                 quantization=quantization)
+                                 quantization=quantization, checksums=sums)
     mf.write_manifest(tmp, manifest)  # last: a directory with a manifest is complete
     fsync_dir(tmp)
     dt = time.perf_counter() - t0

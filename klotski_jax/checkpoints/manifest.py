@@ -18,7 +18,9 @@ Manifest fields:
   dense {format "orbax-checkpoint", path "dense", ocdbt false, zarr3 true, compression false,
   orbax_version} and experts {format "tensorstore-zarr3", path "experts", chunk "one per
   expert"} (version 2 on), tensors {flat name: {shape, dtype, kind, path (relative to the
-  checkpoint)}}, tokenizer_files [names under tokenizer/], created_by ("klotski-jax <version>").
+  checkpoint)}}, tokenizer_files [names under tokenizer/], created_by ("klotski-jax <version>"),
+  checksums {algorithm "xxh3_64", files {path: {size, xxh3_64}}} of every other file (written
+  since checksums exist; optional, older checkpoints have none: checkpoints/checksums.py).
 
 Version 3 is version 2 with quantized routed experts: the config's expert_quant and
 expert_group_size say how, and experts.quantization records {scheme, group_size, scale_dtype,
@@ -96,7 +98,8 @@ def quantization_section(cfg: ModelConfig, *, method: str, original_dtype: str
 
 def build_manifest(cfg: ModelConfig, *, hf_config: dict[str, Any], source: pathlib.Path,
                    tokenizer_files: list[str], orbax_version: str,
-                   quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+                   quantization: dict[str, Any] | None = None,
+                   checksums: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of a checkpoint of `cfg` (stored in cfg.dtype), converted from `source`.
     `quantization`: the experts' `quantization_section` when cfg quantizes them."""
     from klotski_jax.constants import __version__
@@ -117,6 +120,7 @@ def build_manifest(cfg: ModelConfig, *, hf_config: dict[str, Any], source: pathl
         "tensors": {s.name: tensor_entry(s, cfg.dtype) for s in weight_specs(cfg)},
         "tokenizer_files": sorted(tokenizer_files),
         "created_by": f"klotski-jax {__version__}",
+        **({} if checksums is None else {"checksums": checksums}),
     }
 
 
@@ -194,6 +198,18 @@ def _check_tensors(m: dict[str, Any], cfg: ModelConfig, where: pathlib.Path) -> 
             raise ManifestError(f"{where}: tensor {name!r} has an invalid path {path!r}")
 
 
+def _check_checksums(sums: Any, where: pathlib.Path) -> None:
+    if sums is None:
+        return
+    files = sums.get("files") if isinstance(sums, dict) else None
+    if (not isinstance(files, dict) or not isinstance(sums.get("algorithm"), str)
+            or not all(isinstance(e, dict) and type(e.get("size")) is int
+                       and isinstance(e.get(sums["algorithm"]), str) for e in files.values())
+            or any(pathlib.PurePosixPath(p).is_absolute() or ".." in p.split("/")
+                   for p in files)):
+        raise ManifestError(f"{where}: invalid checksums section")
+
+
 def v2_name(v1_name: str) -> str:
     """A version 1 flat name under the version 2 (NNX path) naming."""
     parts = v1_name.split(".")
@@ -229,6 +245,7 @@ def validate_manifest(m: Any, where: pathlib.Path) -> ModelConfig:
                             f"{cfg.family.value!r}")
     _check_quant_agrees(m, cfg, where)
     _check_tensors(m, cfg, where)
+    _check_checksums(m.get("checksums"), where)
     files = m.get("tokenizer_files", [])
     if not isinstance(files, list) or not all(
             isinstance(f, str) and pathlib.PurePath(f).name == f for f in files):

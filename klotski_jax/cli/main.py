@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from klotski_jax.cli import bench, calibrate, convert, demo, generate, plan, profile
+from klotski_jax.cli import bench, calibrate, convert, demo, generate, plan, profile, verify
 from klotski_jax.config import ConfigError
 from klotski_jax.constants import PolicyError
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for command in (convert, demo, generate, profile, plan, calibrate, bench):
+    for command in (convert, verify, demo, generate, profile, plan, calibrate, bench):
         command.add(sub)
     return parser
 
