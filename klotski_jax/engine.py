@@ -33,7 +33,7 @@ from klotski_jax.planning.planner import Plan, Planner, PlanRequest
 from klotski_jax.planning.policy import Policy, PolicyError, Schedule
 from klotski_jax.planning.prefetcher import CorrelationPrefetcher, CorrelationTable, TableError
 from klotski_jax.planning.prior import is_prior
-from klotski_jax.runtime.host import HostTier
+from klotski_jax.runtime.host import HostTier, Verified
 from klotski_jax.runtime.ledger import MemoryLedger
 from klotski_jax.runtime.scheduler import GroupState, Scheduler, live_device_bytes
 from klotski_jax.runtime.trace import RunStats, Tracer
@@ -147,6 +147,9 @@ class Engine:
                  profile: Profile | None = None) -> None:
         self.reader = CheckpointReader(ckpt_dir)
         self.config = self.reader.config
+        # Files that passed their checksum check: each is checked on its first read from disk
+        # by any call of this engine (policy.verify_checksums), not on every call.
+        self.verified = Verified()
         self.policy = policy or Policy()
         self.tokenizer = load_tokenizer(self.reader.tokenizer_dir)
         # The checkpoint's prefetch table (klotski calibrate): each round predicts with its own
@@ -429,7 +432,8 @@ class _HostState:
     def get(self, pol: Policy, pl: Placement) -> HostTier:
         if self.tier is None:
             self.tier = HostTier(self.engine.reader, self.ledger, pl.host_experts, pol.io_mode,
-                                 host_memory=cache_memory(jax.devices()[0], use_pinned_host(pol)))
+                                 host_memory=cache_memory(jax.devices()[0], use_pinned_host(pol)),
+                                 verified=self.engine.verified if pol.verify_checksums else None)
             if pol.evict_page_cache:
                 self.tier.evict_page_cache()
         return self.tier

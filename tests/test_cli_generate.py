@@ -320,9 +320,50 @@ def test_damaged_expert_chunk_is_named(tiny_ckpt: pathlib.Path, tmp_path: pathli
     rc, stdout, err = run_cli(["generate", str(ckpt), "--input", str(src), "--output", str(out),
                                "--max-new-tokens", "2", "-q"], capsys)
     assert rc == 2, err
-    assert err.startswith(f"error: damaged checkpoint: layer {moe} expert "), err
-    assert "part 'up'" in err and "short read" in err and "klotski convert" in err
+    assert err.startswith(f"error: {ckpt}: layer {moe} expert "), err
+    assert "(up): truncated: 100 of " in err and "klotski convert" in err
     assert "Traceback" not in err and stdout == "" and not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["overwritten", "missing", "dense"])
+def test_changed_or_missing_files_are_refused_unless_no_verify(
+        tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str],
+        damage: str) -> None:
+    """Bytes overwritten in place (same size) fail the expert's checksum on its first read, a
+    deleted chunk is named as missing, a changed dense file is caught at start-up: exit 2 and
+    one error line; `--no-verify` skips the checksums (an overwritten chunk then runs)."""
+    import shutil
+
+    from klotski_jax.checkpoints.store import CheckpointReader
+
+    ckpt = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
+    reader = CheckpointReader(ckpt)
+    moe = reader.config.moe_layer_ids[0]
+    for e in range(reader.config.num_experts):  # whichever expert is routed
+        chunk = reader.expert_chunk_path(moe, "up", e)
+        if damage == "missing":
+            chunk.unlink()
+        elif damage == "overwritten":
+            data = bytearray(chunk.read_bytes())
+            data[::7] = bytes(len(data[::7]))
+            data[1] ^= 0x55
+            chunk.write_bytes(bytes(data))
+    if damage == "dense":
+        norm = next(p for p in (ckpt / "dense" / f"layers.{moe}.attn_norm").rglob("*")
+                    if p.is_file() and p.name != "zarr.json")
+        norm.write_bytes(norm.read_bytes()[:-2] + b"\x01\x02")
+    src = write_lines(tmp_path / "p.jsonl", [{"prompt_token_ids": [3, 4, 5]}])
+    argv = ["generate", str(ckpt), "--input", str(src), "--max-new-tokens", "2", "-q"]
+    rc, stdout, err = run_cli(argv, capsys)
+    assert rc == 2 and "Traceback" not in err and stdout == "", err
+    want = {"overwritten": f"layer {moe} expert ", "missing": f"layer {moe} expert ",
+            "dense": f"tensor 'layers.{moe}.attn_norm'"}[damage]
+    assert err.startswith(f"error: {ckpt}: {want}"), err
+    assert {"overwritten": "(up): checksum mismatch", "missing": "(up): missing",
+            "dense": ": checksum mismatch"}[damage] in err
+    if damage == "overwritten":
+        rc, stdout, err = run_cli([*argv, "--no-verify"], capsys)
+        assert rc == 0, err
 
 
 @pytest.mark.parametrize("line, why", [

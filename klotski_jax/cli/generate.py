@@ -55,6 +55,7 @@ class GenerateOptions:
     evict_page_cache: bool = False
     pinned_host: str = "auto"
     allow_long_context: bool = False
+    verify: bool = True
     quiet: bool = False
 
     @classmethod
@@ -75,7 +76,8 @@ def _policy(opts: GenerateOptions, weight_bytes: int) -> Policy:
         host_budget=resolve_size(opts.host_budget, weight_bytes=weight_bytes),
         multi_batch=opts.multi_batch, hot_only_prefetch=opts.hot_only_prefetch,
         reorder=opts.reorder, io_mode=opts.io_mode, evict_page_cache=opts.evict_page_cache,
-        pinned_host={"auto": None, "on": True, "off": False}[opts.pinned_host])
+        pinned_host={"auto": None, "on": True, "off": False}[opts.pinned_host],
+        verify_checksums=opts.verify)
 
 
 def run_generate(opts: GenerateOptions) -> dict[str, Any]:
@@ -229,5 +231,8 @@ def add(sub: Any) -> None:
                    help="keep the host expert cache in pinned (page-locked) host memory, which "
                         "makes host-to-device copies asynchronous; auto (default): on GPU/TPU, "
                         "off on CPU; on fails where the device has no pinned_host memory")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking each expert's checksum on its first read from disk (and "
+                        "the dense files' at start-up)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, summary or info logs")
     p.set_defaults(func=_cmd, check=check_args)

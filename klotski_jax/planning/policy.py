@@ -62,6 +62,7 @@ class Policy:
     evict_page_cache: bool = False  # drop the store's files from the page cache before the run
     pinned_host: bool | None = None  # host cache in pinned host memory (None: on GPU/TPU only)
     verify_memory: bool = False  # cross-check the ledger against live device arrays (tests)
+    verify_checksums: bool = True  # check each expert's checksum on its first read from disk
 
     def __post_init__(self) -> None:
         try:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
+import pathlib
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from klotski_jax.checkpoints import checksums
 from klotski_jax.checkpoints.errors import CorruptFileError
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.constants import ALIGN, round_up
@@ -28,6 +31,8 @@ from klotski_jax.models.specs import ExpertLeaf, expert_leaves, nest
 from klotski_jax.planning.placement import staged_expert_bytes
 from klotski_jax.planning.policy import IO_MODES
 from klotski_jax.runtime.ledger import MemoryLedger
+
+log = logging.getLogger(__name__)
 
 
 def aligned_empty(nbytes: int, align: int = ALIGN) -> np.ndarray:
@@ -69,6 +74,14 @@ class StagingBuffer:
         return memoryview(self.buf[start: start + (round_up(n) if padded else n)])
 
 
+class ShortRead(OSError):
+    """A chunk file shorter than the expert array it should hold."""
+
+    def __init__(self, path: os.PathLike[str], got: int, want: int) -> None:
+        super().__init__(f"short read of {path}: {got} of {want} bytes")
+        self.got, self.want = got, want
+
+
 def read_file(path: os.PathLike[str], out: memoryview, padded: memoryview, direct: bool) -> int:
     """Read a whole chunk file into `out` (O_DIRECT into the page-padded view when asked)."""
     if direct and hasattr(os, "O_DIRECT"):
@@ -88,7 +101,7 @@ def read_file(path: os.PathLike[str], out: memoryview, padded: memoryview, direc
     with open(path, "rb", buffering=0) as f:
         n = f.readinto(out)
     if n != len(out):
-        raise OSError(f"short read of {path}: {n} of {len(out)} bytes")
+        raise ShortRead(path, n, len(out))
     return n
 
 
@@ -97,7 +110,11 @@ class HostTier:
 
     def __init__(self, reader: CheckpointReader, ledger: MemoryLedger,
                  host_experts: frozenset[tuple[int, int]] | None, io_mode: str = "buffered",
-                 host_memory: Callable[[dict[str, np.ndarray]], Any] | None = None):
+                 host_memory: Callable[[dict[str, np.ndarray]], Any] | None = None,
+                 verified: Verified | None = None):
+        """`verified`: check files against the manifest's checksums, each expert on its first
+        read from disk (and the dense files now), recording what passed in this shared
+        `Verified` (an engine keeps one, so repeated calls check once); None: no checks."""
         if io_mode not in IO_MODES:
             raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}")
         self.reader = reader
@@ -112,6 +129,14 @@ class HostTier:
                            else np.dtype(leaf.dtype) for leaf in self.leaves}
         # Dense arrays in page-aligned buffers: `jax.device_put` of an aligned buffer aliases it
         # on a CPU backend, where an unaligned one is copied (at well under 1 GB/s).
+        self.verified = verified
+        self._sums: dict[str, dict[str, Any]] = {}
+        if verified is not None:
+            self._sums = reader.manifest.get("checksums", {}).get("files", {})
+            if not self._sums and verified.note_once():
+                log.info("%s has no checksums (converted before klotski-jax recorded them): "
+                         "`klotski convert` again adds them", reader.path)
+            self._verify_dense()
         dense = {k: aligned_copy(v) for k, v in reader.all_dense().items()}
         ledger.reserve("dense", sum(a.nbytes for a in dense.values()))
         # What a cached expert and the dense layers become: numpy by default; the engine passes a
@@ -205,24 +230,76 @@ class HostTier:
             raise
 
     def _read_into(self, layer: int, e: int, staging: StagingBuffer) -> dict[str, Any]:
-        """Expert e of `layer` read into `staging`: its `modules.Expert` state (`views`)."""
+        """Expert e of `layer` read into `staging`: its `modules.Expert` state (`views`),
+        checked against the manifest's checksums on its first read (`verified`)."""
         for leaf in self.leaves:
             part = leaf.name
             region = staging.region(part)
-            if self.io_mode == "tensorstore":
-                arr = self.reader.expert(layer, part, e)
-                np.frombuffer(region, np.uint8)[:] = arr.reshape(-1).view(np.uint8)
-            else:
-                path = self.reader.expert_chunk_path(layer, part, e)
-                try:
+            path = self.reader.expert_chunk_path(layer, part, e)
+            try:
+                if self.io_mode == "tensorstore":
+                    arr = self.reader.expert(layer, part, e)
+                    np.frombuffer(region, np.uint8)[:] = arr.reshape(-1).view(np.uint8)
+                else:
                     read_file(path, region, staging.region(part, padded=True),
                               self.io_mode == "direct")
-                except OSError as err:  # truncated or unreadable: name what is damaged
-                    raise CorruptFileError(
-                        f"damaged checkpoint: layer {layer} expert {e} part {part!r} "
-                        f"({path}): {err.strerror or err}; re-convert it with `klotski convert "
-                        f"HF_DIR OUT_DIR --overwrite`") from err
+            except ShortRead as err:
+                raise self._damaged(layer, e, part, path,
+                                    f"truncated: {err.got} of {err.want} bytes") from err
+            except FileNotFoundError as err:
+                raise self._damaged(layer, e, part, path, "missing") from err
+            except OSError as err:  # unreadable: name what is damaged
+                raise self._damaged(layer, e, part, path, err.strerror or str(err)) from err
+        if self._sums and not self.verified.has((layer, e)):
+            self._check_expert(layer, e, staging)
         return self.views(staging)
+
+    def _check_expert(self, layer: int, e: int, staging: StagingBuffer) -> None:
+        root = self.reader.path
+        for leaf in self.leaves:
+            path = self.reader.expert_chunk_path(layer, leaf.name, e)
+            want = self._sums.get(path.relative_to(root).as_posix())
+            if want is None:
+                raise self._damaged(layer, e, leaf.name, path,
+                                    "not in the manifest's checksums")
+            if want["size"] != leaf.nbytes:
+                raise self._damaged(layer, e, leaf.name, path,
+                                    f"the manifest records {want['size']} bytes for its "
+                                    f"{leaf.nbytes}")
+            if checksums.digest(staging.region(leaf.name)) != want[checksums.ALGORITHM]:
+                raise self._damaged(layer, e, leaf.name, path, "checksum mismatch")
+        self.verified.add((layer, e))
+
+    def _damaged(self, layer: int, e: int, part: str, path: pathlib.Path,
+                 why: str) -> CorruptFileError:
+        return CorruptFileError(
+            f"{self.reader.path}: layer {layer} expert {e} ({part}): {why} ({path}); "
+            f"re-convert it with `klotski convert HF_DIR OUT_DIR --overwrite` (`klotski verify "
+            f"CKPT` lists every damaged file)")
+
+    def _verify_dense(self) -> None:
+        """The dense files (orbax arrays and metadata) against their checksums, once per
+        `verified` (they are read whole at start-up anyway: a small extra read)."""
+        if not self._sums or self.verified.has("dense"):
+            return
+        root = self.reader.path
+        tensors = self.reader.manifest["tensors"]
+        for rel, want in self._sums.items():
+            if not rel.startswith("dense/"):
+                continue
+            try:
+                size, got = checksums.file_digest(root / rel)
+            except FileNotFoundError:
+                size, got = -1, ""
+            why = ("missing" if size < 0 else
+                   f"truncated: {size} of {want['size']} bytes" if size < want["size"] else
+                   f"{size} bytes, the manifest says {want['size']}" if size != want["size"]
+                   else "checksum mismatch" if got != want[checksums.ALGORITHM] else None)
+            if why:
+                raise CorruptFileError(
+                    f"{root}: {checksums.describe(rel, tensors)}: {why}; re-convert it with "
+                    f"`klotski convert HF_DIR OUT_DIR --overwrite`")
+        self.verified.add("dense")
 
     def views(self, staging: StagingBuffer) -> dict[str, Any]:
         """The `modules.Expert` state {gate, up, down} (pure form; quantized: {gate: {q, scale,
@@ -239,6 +316,30 @@ class HostTier:
         return evict_files(self.reader.expert_chunk_path(layer, leaf.name, e)
                            for layer in self.cfg.moe_layer_ids for leaf in self.leaves
                            for e in range(self.cfg.num_experts))
+
+
+class Verified:
+    """What passed its checksum check (expert keys, "dense"), shared by the host tiers of one
+    engine so that repeated calls check each file once. Thread-safe (the I/O threads add)."""
+
+    def __init__(self) -> None:
+        self._done: set[Any] = set()
+        self._lock = threading.Lock()
+        self._noted = False
+
+    def has(self, key: Any) -> bool:
+        with self._lock:
+            return key in self._done
+
+    def add(self, key: Any) -> None:
+        with self._lock:
+            self._done.add(key)
+
+    def note_once(self) -> bool:
+        """True the first time only (one "no checksums" log line per engine)."""
+        with self._lock:
+            first, self._noted = not self._noted, True
+            return first
 
 
 def evict_files(paths: Iterable[os.PathLike[str]]) -> int:
