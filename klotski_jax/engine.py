@@ -144,8 +144,13 @@ class Engine:
 
     def __init__(self, ckpt_dir: str | os.PathLike[str], policy: Policy | None = None,
                  *, predictor_factory: Callable[[Any], HotPredictor] | None = None,
-                 profile: Profile | None = None) -> None:
+                 profile: Profile | None = None,
+                 memory_stats: Callable[[], dict[str, Any] | None] | None = None) -> None:
+        """`memory_stats`: where the device's own memory counts come from (default:
+        `jax.devices()[0].memory_stats()`, None on CPU; tests pass a fake)."""
         self.reader = CheckpointReader(ckpt_dir)
+        self.memory_stats = memory_stats or (lambda: jax.devices()[0].memory_stats())
+        _warn_preallocation(policy)
         self.config = self.reader.config
         # Files that passed their checksum check: each is checked on its first read from disk
         # by any call of this engine (policy.verify_checksums), not on every call.
@@ -504,9 +509,27 @@ class _Session:
         if not self.placement.kv_on_device:
             self.host.release("kv caches")
         self.stats.peak_device_bytes = max(self.stats.peak_device_bytes, self.device.peak)
+        measured = self.engine.memory_stats() or {}
+        if "peak_bytes_in_use" in measured:
+            self.stats.device_peak_bytes_in_use = max(self.stats.device_peak_bytes_in_use or 0,
+                                                      int(measured["peak_bytes_in_use"]))
+        if "bytes_limit" in measured:
+            self.stats.device_bytes_limit = int(measured["bytes_limit"])
         self.stats.peak_host_bytes = max(self.stats.peak_host_bytes, self.host.peak)
         self.stats.device_budget_bytes = self.policy.device_budget
         self.stats.host_budget_bytes = self.policy.host_budget
+
+
+def _warn_preallocation(policy: Policy | None) -> None:
+    """A device budget on a GPU whose XLA client preallocates (its default: 75% of the
+    memory) is not the memory the process takes: say how to turn it off. The CLI turns it off
+    itself, before JAX starts (cli/main.py)."""
+    if policy is None or policy.device_budget is None or jax.default_backend() != "gpu":
+        return
+    if os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true").lower() not in ("false", "0"):
+        log.warning("XLA preallocates most of the GPU's memory, so the device budget is not what "
+                    "this process holds: set XLA_PYTHON_CLIENT_PREALLOCATE=false before JAX "
+                    "starts (the klotski command does)")
 
 
 def use_pinned_host(policy: Policy) -> bool:

@@ -184,3 +184,44 @@ def test_rounds_share_the_host_cache(ckpt):
     every_expert = len(cfg.moe_layer_ids) * cfg.num_experts * cfg.expert_bytes
     assert out.stats.rounds == 3 and out.stats.expert_loads > cfg.num_experts
     assert 0 < out.stats.bytes_read_disk <= every_expert
+
+
+def test_device_memory_stats_are_reported_beside_the_ledger(ckpt) -> None:
+    """Where the backend counts device memory (GPU/TPU `memory_stats()`), the run reports XLA's
+    own peak beside the ledger's; on CPU (None) the fields stay None. A fake provider stands in
+    for the GPU here; the bench table shows both."""
+    from klotski_jax.bench.report import _peak
+
+    calls = []
+
+    def fake() -> dict:
+        calls.append(1)
+        return {"peak_bytes_in_use": 1000 * len(calls), "bytes_limit": 1 << 30,
+                "bytes_in_use": 10}
+
+    out = Engine(ckpt, memory_stats=fake).generate([[3, 4, 5]], max_new_tokens=2)
+    s = out.stats.to_dict()
+    assert calls and s["device_peak_bytes_in_use"] == 1000 * len(calls)
+    assert s["device_bytes_limit"] == 1 << 30 and s["peak_device_bytes"] > 0
+    cpu = Engine(ckpt, memory_stats=lambda: None).generate([[3, 4, 5]], max_new_tokens=2)
+    assert cpu.stats.device_peak_bytes_in_use is None and cpu.stats.device_bytes_limit is None
+    assert _peak({"peak_device_bytes": 2_000_000, "device_peak_bytes_in_use": 3_000_000}) == \
+        "2.0 (XLA 3.0)"
+    assert _peak({"peak_device_bytes": 2_000_000}) == "2.0"
+
+
+def test_the_cli_turns_xla_preallocation_off(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`klotski` sets XLA_PYTHON_CLIENT_PREALLOCATE=false unless the user set it: a device
+    budget is then what the process holds on a GPU."""
+    from klotski_jax import cli
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+    capsys.readouterr()

@@ -64,6 +64,12 @@ def short_reason(reason: str) -> str:
     return reason if len(reason) <= 80 else reason[:77] + "..."
 
 
+def _peak(r: Mapping[str, Any]) -> str:
+    """The ledger's device peak, and XLA's own (process-wide) where the backend reports it."""
+    xla = r.get("device_peak_bytes_in_use")
+    return _mb(r["peak_device_bytes"]) + ("" if xla is None else f" (XLA {_mb(xla)})")
+
+
 def _table_line(r: Mapping[str, Any], klotski: float | None) -> str:
     name = r["schedule"] + (" (no budget: the bound)" if r["schedule"] == RESIDENT else "")
     if r.get("skipped"):
@@ -74,7 +80,7 @@ def _table_line(r: Mapping[str, Any], klotski: float | None) -> str:
     return (f"| {name} | {r['groups']} x {r['batch_size']}{rounds} | {tput:.1f} | "
             f"{_f(r['prefill_tokens_per_s'])} | {_f(r['decode_tokens_per_s'])} | "
             f"{r['io_wait_s']:.2f} ({r['io_wait_fraction']:.0%}) | {_mb(r['bytes_read_disk'])} | "
-            f"{_mb(r['bytes_to_device'])} | {_mb(r['peak_device_bytes'])} | "
+            f"{_mb(r['bytes_to_device'])} | {_peak(r)} | "
             f"{_mb(r['peak_host_bytes'])} | {_f(r['efficiency'], '.2f')} | {vs} |")
 
 

@@ -148,7 +148,9 @@ def _cmd(args: argparse.Namespace) -> int:
               f"({s['throughput_tokens_per_s']:.1f} tok/s), {s['schedule']} schedule, "
               f"{s['groups']} group(s) x {s['batch_size']}; device peak "
               f"{s['peak_device_bytes']:,} B of {'unlimited' if budget is None else f'{budget:,} B'}"
-              f"; waited on I/O {s['io_wait_s']:.2f} s", file=sys.stderr)
+              + ("" if s.get("device_peak_bytes_in_use") is None else
+                 f" (XLA's own peak in this process: {s['device_peak_bytes_in_use']:,} B)")
+              + f"; waited on I/O {s['io_wait_s']:.2f} s", file=sys.stderr)
     return 0
 
 

@@ -50,7 +50,12 @@ class RunStats:
     compute_s: float = 0.0  # compute thread busy in model steps (dispatch to result ready)
     io_wait_s: float = 0.0  # compute thread blocked on a load: the bubbles
     io_busy_s: float = 0.0  # summed over I/O threads
-    peak_device_bytes: int = 0
+    peak_device_bytes: int = 0  # the device ledger's peak: what the pipeline reserved
+    # The device's own count where the backend reports one (`jax.Device.memory_stats()`, GPU and
+    # TPU; None on CPU): XLA's peak bytes in use in this process so far (it cannot be reset, so
+    # it includes earlier runs and compiled programs' scratch), and its allocator's limit.
+    device_peak_bytes_in_use: int | None = None
+    device_bytes_limit: int | None = None
     device_budget_bytes: int | None = None
     peak_host_bytes: int = 0
     host_budget_bytes: int | None = None
