@@ -250,14 +250,26 @@ def zeroed_expert_checkpoint(ckpt: str | os.PathLike[str], out: pathlib.Path, la
     """A copy of checkpoint `ckpt` at `out` whose expert `expert` of `layer` has all-zero gate,
     up and down weights: a schedule run over it computes what a schedule with a wrong (missing)
     expert would, which the contract must reject. Files are symlinked, only the three chunk
-    files of that expert are written (as many zero bytes as the originals)."""
+    files of that expert are written (as many zero bytes as the originals), and the manifest's
+    checksums are updated to match: a consistent checkpoint of another model, so that what
+    rejects it is the contract, not the engine's checksum check."""
+    import json
+
+    from klotski_jax.checkpoints import checksums
+    from klotski_jax.checkpoints.manifest import MANIFEST_FILE
     from klotski_jax.checkpoints.store import CheckpointReader
 
     shutil.copytree(ckpt, out, copy_function=os.symlink)
     reader = CheckpointReader(out)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
     for part in ("gate", "up", "down"):
         chunk = reader.expert_chunk_path(layer, part, expert)
         size = chunk.stat().st_size
         chunk.unlink()
         chunk.write_bytes(bytes(size))
+        if "checksums" in manifest:
+            rel = chunk.relative_to(out).as_posix()
+            manifest["checksums"]["files"][rel] = checksums.entry(*checksums.file_digest(chunk))
+    (out / MANIFEST_FILE).unlink()  # a symlink to the original's: write a new file
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
     return out

@@ -281,7 +281,7 @@ POLICIES = [dict(schedule="klotski"), dict(schedule="klotski", multi_batch=False
             dict(schedule="flexgen"), dict(schedule="lru"), dict(schedule="sequential")]
 
 
-@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("scheme", ["int4", pytest.param("int8", marks=pytest.mark.slow)])
 def test_every_schedule_keeps_the_contract_on_a_quantized_store(
         scheme: str, tiny_hf: pathlib.Path, int4_ckpt: pathlib.Path,
         tmp_path_factory: pytest.TempPathFactory) -> None:
