@@ -532,15 +532,18 @@ def _warn_preallocation(policy: Policy | None) -> None:
                     "starts (the klotski command does)")
 
 
-def use_pinned_host(policy: Policy) -> bool:
-    """Whether the host expert cache lives in pinned host memory (jax's `pinned_host` kind)."""
-    device = jax.devices()[0]
+def use_pinned_host(policy: Policy, device: Any = None) -> bool:
+    """Whether the host expert cache and the host's dense layers live in pinned host memory
+    (jax's `pinned_host` kind). Asked for (`pinned_host=True`) on a backend without that memory
+    kind, they fall back to ordinary host memory, with a log line saying so."""
+    device = device or jax.devices()[0]
     kinds = {m.kind for m in device.addressable_memories()}
     if policy.pinned_host is None:
         return device.platform != "cpu" and "pinned_host" in kinds
     if policy.pinned_host and "pinned_host" not in kinds:
-        raise PolicyError(f"{device.platform} device {device} has no pinned_host memory "
-                          f"(memory kinds: {sorted(kinds)})")
+        log.warning("%s device %s has no pinned_host memory (memory kinds: %s): the host cache "
+                    "stays in ordinary host memory", device.platform, device, sorted(kinds))
+        return False
     return policy.pinned_host
 
 

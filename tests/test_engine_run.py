@@ -225,3 +225,31 @@ def test_the_cli_turns_xla_preallocation_off(monkeypatch: pytest.MonkeyPatch,
         cli.main(["--help"])
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
     capsys.readouterr()
+
+
+def test_pinned_host_falls_back_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """`pinned_host=True` on a device without pinned_host memory keeps the host cache in
+    ordinary host memory and says so; auto never asks for it on a CPU."""
+    import logging
+
+    from klotski_jax.engine import use_pinned_host
+
+    class Memory:
+        def __init__(self, kind: str) -> None:
+            self.kind = kind
+
+    class NoPinned:
+        platform = "gpu"
+
+        def addressable_memories(self) -> list[Memory]:
+            return [Memory("device"), Memory("unpinned_host")]
+
+        def __str__(self) -> str:
+            return "cuda:0"
+
+    with caplog.at_level(logging.WARNING, logger="klotski_jax.engine"):
+        assert use_pinned_host(Policy(pinned_host=True), NoPinned()) is False
+    assert "has no pinned_host memory" in caplog.text and "ordinary host memory" in caplog.text
+    assert use_pinned_host(Policy(pinned_host=None), NoPinned()) is False
+    assert use_pinned_host(Policy(pinned_host=None), jax.devices("cpu")[0]) is False
+    assert use_pinned_host(Policy(pinned_host=False), NoPinned()) is False

@@ -232,7 +232,8 @@ def add(sub: Any) -> None:
     p.add_argument("--pinned-host", choices=("auto", "on", "off"), default="auto",
                    help="keep the host expert cache in pinned (page-locked) host memory, which "
                         "makes host-to-device copies asynchronous; auto (default): on GPU/TPU, "
-                        "off on CPU; on fails where the device has no pinned_host memory")
+                        "off on CPU; on falls back to ordinary host memory, with a warning, where "
+                        "the device has no pinned_host memory")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip checking each expert's checksum on its first read from disk (and "
                         "the dense files' at start-up)")
