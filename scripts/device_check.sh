@@ -50,6 +50,8 @@ print("memory kinds", sorted(m.kind for m in d.addressable_memories()))
 step pytest-pipeline 300 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_pipeline.py \
     tests/test_quant.py
 step pytest-cli 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cli_generate.py
+# The quickstart notebook on the device (skipped where nbclient / ipykernel are not installed).
+step notebook 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_notebook.py
 
 CKPT=$("$PY" -c 'from klotski_jax.checkpoints.default_model import default_checkpoint as d; print(d())' \
        2>> "$OUT/default-model.txt")
