@@ -13,7 +13,10 @@
 #   3. one `klotski generate` per schedule on the default model at 25% of its weights with the
 #      host cache in pinned host memory, stats as JSON (generate-SCHEDULE.json);
 #   4. `klotski bench` of the default model, profiled, with a klotski row on its int4 store
-#      (dequantization on the device: bench-default.{jsonl,md,png}).
+#      (dequantization on the device: bench-default.{jsonl,md,png});
+#   5. the quickstart notebook (tests/test_notebook.py, where nbclient is installed);
+#   6. a profiled bench at Mixtral-8x7B's layer shapes (4 layers, random weights) at 25% of its
+#      weights (bench-m87.{jsonl,md}). Copy what it writes under benchmarks/results/.
 # A failing step is recorded (its exit code in summary.txt) and the next one still runs.
 set -u
 OUT=${OUT:?set OUT to the folder for the results}
@@ -68,5 +71,16 @@ step bench-default 360 "$PY" -m klotski_jax.cli bench "$CKPT" \
     --device-budget 25% --host-budget 50% --cold-disk --repeats 3 --sample 2 \
     --json "$OUT/bench-default.jsonl" --markdown "$OUT/bench-default.md" \
     --plot "$OUT/bench-default.png" -q
+
+# Mixtral-8x7B's layer shapes (random weights, 4 layers: 11.6 GB in bf16) at a device budget
+# that forces streaming: klotski and the baselines where an expert is 352 MB. Last, so that a
+# slow disk only costs this step.
+step mixtral-shapes-model 240 "$PY" scripts/make_bench_model.py mixtral-8x7b "$OUT/m87-hf" \
+    --layers 4 --convert "$OUT/m87"
+step bench-mixtral-shapes 240 "$PY" -m klotski_jax.cli bench "$OUT/m87" \
+    --schedules klotski,flexgen,lru,sequential --profile --device-budget 25% \
+    --host-budget 50% --cold-disk --repeats 2 --json "$OUT/bench-m87.jsonl" \
+    --markdown "$OUT/bench-m87.md" -q
+rm -rf "$OUT/m87-hf" "$OUT/m87"  # 23 GB: the results are the .md / .jsonl
 
 echo "done: $(grep -c 'rc=0 ' "$summary") of $(wc -l < "$summary") steps passed" | tee -a "$summary"
