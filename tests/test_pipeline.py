@@ -116,8 +116,11 @@ def test_every_schedule_and_ablation_at_minimum_budget(cases, family):
         case.check(policy.replace(device_budget=case.min_budget(policy)))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe-sparse-step"])
-@pytest.mark.parametrize("schedule", [s.value for s in Schedule])
+# klotski on qwen2_moe-sparse-step is the slowest pair (14 s warm, most of a minute with a cold
+# compilation cache): it runs with the slow tests; the other schedules cover that family here.
+@pytest.mark.parametrize("family,schedule", [
+    pytest.param(f, s, marks=pytest.mark.slow) if (f, s) == ("qwen2_moe-sparse-step", "klotski")
+    else (f, s) for f in ("mixtral", "qwen2_moe-sparse-step") for s in (x.value for x in Schedule)])
 def test_budget_and_group_sweep(cases, family, schedule):
     case = cases(family)
     for groups in (1, 2, 3):
