@@ -44,8 +44,9 @@ class Quant(enum.StrEnum):
     """How the routed experts are stored: in the model dtype, or quantized (models/quant.py).
 
     int8: symmetric, q in [-127, 127], one scale per group of `expert_group_size` inputs of an
-    output row (0: one per row). int4: asymmetric, q in [0, 15] packed two per byte (low nibble
-    first), a scale and a zero point per group. Scales and zero points are float16."""
+    output row (0: one per row). int4: asymmetric, q in [0, 15] packed two per byte (byte j of a
+    group holds codes j and j + G/2: quant.pack_int4), a scale and a zero point per group.
+    Scales and zero points are float16."""
 
     NONE = "none"
     INT8 = "int8"

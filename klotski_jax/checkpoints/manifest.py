@@ -51,6 +51,7 @@ from klotski_jax.models.specs import ArraySpec, Kind, weight_specs
 FORMAT_NAME = "klotski-jax"
 FORMAT_VERSION = 3
 QUANT_FORMAT_VERSION = 3  # the first version with quantized experts
+PLAIN_FORMAT_VERSION = 2  # what an unquantized checkpoint is written as (older readers read it)
 DENSE_DIR = "dense"
 EXPERTS_DIR = "experts"
 # The dense part's save options; the reader opens dense/<flat name>/ as a zarr3 array, which
@@ -109,7 +110,7 @@ def build_manifest(cfg: ModelConfig, *, hf_config: dict[str, Any], source: pathl
         experts["quantization"] = quantization
     return {
         "format": FORMAT_NAME,
-        "format_version": QUANT_FORMAT_VERSION if cfg.quantized else 2,
+        "format_version": QUANT_FORMAT_VERSION if cfg.quantized else PLAIN_FORMAT_VERSION,
         "family": cfg.family.value,
         "config": cfg.to_dict(),
         "hf_config": hf_config,
@@ -168,7 +169,7 @@ def _check_sections(m: dict[str, Any], where: pathlib.Path) -> None:
 
 def _check_quant_agrees(m: dict[str, Any], cfg: ModelConfig, where: pathlib.Path) -> None:
     """The config's expert storage and the experts.quantization section say the same."""
-    quant = (m.get("experts") or {}).get("quantization") if m["format_version"] >= 2 else None
+    quant = (m.get("experts") or {}).get("quantization")  # (version 1 has no experts section)
     said = ("none", 0) if quant is None else (quant["scheme"], quant.get("group_size"))
     if said != (cfg.expert_quant.value, cfg.expert_group_size):
         raise ManifestError(f"{where}: experts.quantization {quant!r} does not match the "

@@ -20,7 +20,8 @@ values actually stored), so refinement never makes a group worse.
 
 Dequantizing (`dequantize`, JAX) runs on the device inside the jitted expert step, where XLA
 fuses it with the matmul's operand; the reference model dequantizes the stacked experts with
-the same function, so engine and reference see bit-identical weights. int4 codes are unpacked
+the same function, so engine and reference see the same weights (within float rounding where a
+backend fuses the stacked and the single-expert computation differently). int4 codes are unpacked
 with JAX's native `uint4` bitcast on accelerators that support it (`native_int4`), and with
 shifts and masks on the CPU (measured faster there) or where the bitcast is unsupported; both
 give the same integers.
@@ -101,17 +102,6 @@ def native_int4(platform: str) -> bool:
         return False
 
 
-def unpack_int4(packed: jax.Array, group_size: int, native: bool | None = None) -> jax.Array:
-    """uint8 [..., m] -> int32 codes [..., 2m] (traced); the inverse of `pack_int4`. native:
-    use the uint4 bitcast (default: `native_int4` of the default backend)."""
-    grouped = packed.reshape(*packed.shape[:-1], -1, group_size // 2)
-    if native is None:
-        native = native_int4(jax.default_backend())
-    lo, hi = (_halves_native if native else _halves_shift)(grouped)
-    codes = jnp.concatenate([lo.astype(jnp.int32), hi.astype(jnp.int32)], axis=-1)
-    return codes.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
-
-
 # ---- dequantizing (JAX, inside the jitted steps) ------------------------------------------------
 
 def dequantize(q: jax.Array, scale: jax.Array, zero: jax.Array | None, dtype: Any,
@@ -120,28 +110,20 @@ def dequantize(q: jax.Array, scale: jax.Array, zero: jax.Array | None, dtype: An
 
     q: int8 [..., out, in] (int8) or packed uint8 [..., out, in / 2] (int4); scale, zero:
     [..., out, in / G]. Computed in float32, then rounded once to `dtype`. An int4 group is
-    dequantized as its two half-groups (the packing's nibbles), side by side."""
+    dequantized as its two half-groups (the packing's nibbles), side by side. native: unpack
+    int4 with the uint4 bitcast (default: `native_int4` of the default backend)."""
+    *lead, out, m = q.shape
     groups = scale.shape[-1]
+    grouped = q.reshape(*lead, out, groups, m // groups)
     s = scale.astype(F32)[..., None]
-    if q.dtype == jnp.uint8:
-        *lead, out, m = q.shape
-        grouped = q.reshape(*lead, out, groups, m // groups)
-        if native is None:
-            native = native_int4(jax.default_backend())
-        lo, hi = (_halves_native if native else _halves_shift)(grouped)
-        z = zero.astype(F32)[..., None]
-        w = jnp.concatenate([(lo.astype(F32) - z) * s, (hi.astype(F32) - z) * s], axis=-1)
-        return w.reshape(*lead, out, 2 * m).astype(dtype)
-    *lead, out, n = q.shape
-    g = q.reshape(*lead, out, groups, n // groups).astype(F32)
-    if zero is not None:
-        g = g - zero.astype(F32)[..., None]
-    return (g * s).reshape(*lead, out, n).astype(dtype)
-
-
-def dequantize_tree(leaves: dict[str, Any], dtype: Any) -> jax.Array:
-    """`dequantize` of a stored projection's arrays {q, scale[, zero]}."""
-    return dequantize(leaves["q"], leaves["scale"], leaves.get("zero"), dtype)
+    if q.dtype != jnp.uint8:  # int8: symmetric, no zero point
+        return (grouped.astype(F32) * s).reshape(*lead, out, m).astype(dtype)
+    if native is None:
+        native = native_int4(jax.default_backend())
+    lo, hi = (_halves_native if native else _halves_shift)(grouped)
+    z = zero.astype(F32)[..., None]
+    w = jnp.concatenate([(lo.astype(F32) - z) * s, (hi.astype(F32) - z) * s], axis=-1)
+    return w.reshape(*lead, out, 2 * m).astype(dtype)
 
 
 # ---- quantizing (NumPy, at conversion) ----------------------------------------------------------
