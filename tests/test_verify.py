@@ -48,7 +48,8 @@ def test_every_file_is_recorded_and_a_clean_checkpoint_verifies(
         assert (e["size"], e["xxh3_64"]) == checksums.file_digest(clean / rel)
     rc, out, err = run_cli(["verify", str(clean), "-q"], capsys)
     assert rc == 0, err
-    assert out.startswith(f"ok: {len(files) - 1} files")
+    total = sum(e["size"] for e in m["checksums"]["files"].values())
+    assert out.startswith(f"ok: {len(files) - 1} files ({total / 1e6:,.1f} MB)")
 
 
 def test_damage_is_reported_by_layer_expert_and_part(clean: pathlib.Path,

@@ -77,6 +77,24 @@ def _files(root: pathlib.Path) -> Iterable[pathlib.Path]:
             yield path
 
 
+def file_problem(path: pathlib.Path, want: dict[str, Any], progress: Any = None) -> str | None:
+    """What is wrong with a file against its manifest entry: "missing", "truncated: N of M
+    bytes", a size the manifest does not record, "unreadable: ...", "checksum mismatch"; None
+    when it matches."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    if size != want["size"]:
+        return (f"truncated: {size} of {want['size']} bytes" if size < want["size"]
+                else f"{size} bytes, the manifest says {want['size']}")
+    try:
+        _, got = file_digest(path, progress)
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    return None if got == want[ALGORITHM] else "checksum mismatch"
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """One file that is not what the manifest says."""
@@ -122,28 +140,13 @@ def verify(ckpt: os.PathLike[str] | str, manifest: dict[str, Any], experts_only:
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
               disable=not progress) as bar:
         for rel, want in files.items():
-            path = root / rel
-            what = describe(rel, tensors)
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                problems.append(Problem(rel, what, "missing"))
+            why = file_problem(root / rel, want, bar)
+            if why in (None, "checksum mismatch"):  # read whole
+                read += want["size"]
+            else:  # not read: the bar still moves past it
                 bar.update(want["size"])
-                continue
-            if size != want["size"]:
-                why = (f"truncated: {size} of {want['size']} bytes" if size < want["size"]
-                       else f"{size} bytes, the manifest says {want['size']}")
-                problems.append(Problem(rel, what, why))
-                bar.update(want["size"])
-                continue
-            try:
-                _, got = file_digest(path, bar)
-            except OSError as e:
-                problems.append(Problem(rel, what, f"unreadable: {e.strerror or e}"))
-                continue
-            read += size
-            if got != want[ALGORITHM]:
-                problems.append(Problem(rel, what, "checksum mismatch"))
+            if why is not None:
+                problems.append(Problem(rel, describe(rel, tensors), why))
     if not experts_only:  # files the manifest does not know (a mixed-up directory)
         listed = set(files)
         for path in _files(root):

@@ -127,8 +127,6 @@ class HostTier:
         self.part_bytes = {leaf.name: leaf.nbytes for leaf in self.leaves}
         self._np_dtypes = {leaf.name: cfg.np_dtype if leaf.dtype == cfg.dtype
                            else np.dtype(leaf.dtype) for leaf in self.leaves}
-        # Dense arrays in page-aligned buffers: `jax.device_put` of an aligned buffer aliases it
-        # on a CPU backend, where an unaligned one is copied (at well under 1 GB/s).
         self.verified = verified
         self._sums: dict[str, dict[str, Any]] = {}
         if verified is not None:
@@ -137,6 +135,8 @@ class HostTier:
                 log.info("%s has no checksums (converted before klotski-jax recorded them): "
                          "`klotski convert` again adds them", reader.path)
             self._verify_dense()
+        # Dense arrays in page-aligned buffers: `jax.device_put` of an aligned buffer aliases it
+        # on a CPU backend, where an unaligned one is copied (at well under 1 GB/s).
         dense = {k: aligned_copy(v) for k, v in reader.all_dense().items()}
         ledger.reserve("dense", sum(a.nbytes for a in dense.values()))
         # What a cached expert and the dense layers become: numpy by default; the engine passes a
@@ -287,14 +287,7 @@ class HostTier:
         for rel, want in self._sums.items():
             if not rel.startswith("dense/"):
                 continue
-            try:
-                size, got = checksums.file_digest(root / rel)
-            except FileNotFoundError:
-                size, got = -1, ""
-            why = ("missing" if size < 0 else
-                   f"truncated: {size} of {want['size']} bytes" if size < want["size"] else
-                   f"{size} bytes, the manifest says {want['size']}" if size != want["size"]
-                   else "checksum mismatch" if got != want[checksums.ALGORITHM] else None)
+            why = checksums.file_problem(root / rel, want)
             if why:
                 raise CorruptFileError(
                     f"{root}: {checksums.describe(rel, tensors)}: {why}; re-convert it with "
