@@ -386,7 +386,7 @@ def _grids(cfg: ModelConfig, opts: ProfileOptions) -> dict[str, list[Any]]:
     tokens = [m for m in tokens if m <= max(opts.max_rows, 2)]
     if opts.device_budget is not None:  # a working set of scores + KV under a quarter of it
         fits = lambda b, t, s: (3 * b * cfg.num_heads * t * s * 4
-                                + 2 * b * s * cfg.kv_size * cfg.itemsize) <= opts.device_budget / 4
+                                + b * s * cfg.kv_token_bytes) <= opts.device_budget / 4
         prefill = [x for x in prefill if fits(*x)] or prefill[:1]
         decode = [x for x in decode if fits(x[0], 1, x[1])] or decode[:1]
     return {"prefill": prefill, "decode": decode, "tokens": tokens, "heads": heads}
@@ -403,8 +403,7 @@ def _attention(cfg: ModelConfig, w: Any, layer: int, b: int, t: int, s: int,
     """One group's attention step as Scheduler._attention runs it."""
     dt = jnp.dtype(cfg.dtype)
     h = jnp.zeros((b, t, cfg.hidden_size), dt)
-    shape = (b, s, cfg.num_kv_heads, cfg.head_dim)
-    kv = [(jnp.zeros(shape, dt), jnp.zeros(shape, dt))]
+    kv = [tuple(jnp.zeros((b, s, *shape), dt) for shape in cfg.kv_cache_shapes)]
     positions = np.tile(np.arange(t, dtype=np.int32), (b, 1))
     valid = np.ones((b, s), bool)
 

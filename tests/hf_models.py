@@ -48,6 +48,59 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # OLMoE: clip_qkv, renormalised, MHA.
     "olmoe-clip": ("olmoe", dict(intermediate_size=24, num_experts=4, num_experts_per_tok=2,
                                  norm_topk_prob=True, clip_qkv=0.5, num_key_value_heads=4)),
+    # Qwen3-MoE with yarn RoPE (long-context configs): factor 4 over a 64-token original.
+    "qwen3_moe-yarn": ("qwen3_moe", dict(intermediate_size=64, moe_intermediate_size=24,
+                                         num_experts=4, num_experts_per_tok=2, head_dim=16,
+                                         norm_topk_prob=True, rope_parameters=dict(
+                                             rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                             original_max_position_embeddings=64))),
+    # DeepSeek-V2-Lite shape: latent attention without q_lora, greedy softmax routing (no
+    # renormalisation), 2 shared experts, one dense first layer, interleaved RoPE.
+    "deepseek_v2": ("deepseek_v2", dict(intermediate_size=40, moe_intermediate_size=12,
+                                        n_routed_experts=8, num_experts_per_tok=3,
+                                        n_shared_experts=2, first_k_dense_replace=1,
+                                        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                                        qk_nope_head_dim=8, v_head_dim=12,
+                                        num_key_value_heads=4, topk_method="greedy",
+                                        routed_scaling_factor=1.0)),
+    # DeepSeek-V2: q_lora, group-limited routing (2 of 4 groups), scaling, attention biases.
+    "deepseek_v2-group": ("deepseek_v2", dict(intermediate_size=40, moe_intermediate_size=12,
+                                              n_routed_experts=8, num_experts_per_tok=2,
+                                              n_shared_experts=1, first_k_dense_replace=0,
+                                              q_lora_rank=12, kv_lora_rank=16,
+                                              qk_rope_head_dim=4, qk_nope_head_dim=12,
+                                              v_head_dim=8, num_key_value_heads=4,
+                                              topk_method="group_limited_greedy", n_group=4,
+                                              topk_group=2, routed_scaling_factor=2.0,
+                                              attention_bias=True)),
+    # DeepSeek-V3: q_lora, sigmoid noaux_tc routing with correction bias, renormalised and
+    # scaled, a dense first layer, yarn with mscale / mscale_all_dim (softmax scale too).
+    "deepseek_v3": ("deepseek_v3", dict(intermediate_size=40, moe_intermediate_size=12,
+                                        n_routed_experts=8, num_experts_per_tok=3,
+                                        n_shared_experts=1, first_k_dense_replace=1,
+                                        q_lora_rank=12, kv_lora_rank=16, qk_rope_head_dim=8,
+                                        qk_nope_head_dim=8, v_head_dim=12, n_group=4,
+                                        topk_group=2, routed_scaling_factor=2.5,
+                                        norm_topk_prob=True, num_key_value_heads=4,
+                                        rope_parameters=dict(
+                                            rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                            original_max_position_embeddings=64, mscale=1.0,
+                                            mscale_all_dim=0.8, beta_fast=32, beta_slow=1))),
+    # DeepSeek-V3: no q_lora, non-interleaved RoPE, no renormalisation, tied, one group.
+    "deepseek_v3-plain": ("deepseek_v3", dict(intermediate_size=40, moe_intermediate_size=12,
+                                              n_routed_experts=6, num_experts_per_tok=2,
+                                              n_shared_experts=1, first_k_dense_replace=0,
+                                              q_lora_rank=None, kv_lora_rank=8,
+                                              qk_rope_head_dim=4, qk_nope_head_dim=4,
+                                              v_head_dim=8, n_group=1, topk_group=1,
+                                              norm_topk_prob=False, rope_interleave=False,
+                                              num_key_value_heads=4, tie_word_embeddings=True)),
+    # GLM-4.5-MoE: GQA with half rotary, q/k norm, q/k/v biases, V3's router, a dense layer.
+    "glm4_moe": ("glm4_moe", dict(intermediate_size=40, moe_intermediate_size=12,
+                                  n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                                  first_k_dense_replace=1, head_dim=16, n_group=2, topk_group=1,
+                                  routed_scaling_factor=1.5, norm_topk_prob=True,
+                                  use_qk_norm=True, attention_bias=True)),
 }
 
 _CLASSES = {
@@ -55,6 +108,9 @@ _CLASSES = {
     "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
     "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+    "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
+    "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
+    "glm4_moe": (transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM),
 }
 
 
@@ -71,6 +127,9 @@ def make_hf_model(name: str, *, seed: int = 0, **overrides: Any) -> transformers
         for pname, p in model.named_parameters():
             if "norm" in pname or pname.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
+        for bname, buf in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):  # the router's correction bias
+                buf.add_(0.1 * torch.randn_like(buf))
     return model
 
 

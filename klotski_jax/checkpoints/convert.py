@@ -57,7 +57,7 @@ from klotski_jax.checkpoints.safetensors_io import (
 from klotski_jax.checkpoints.store import StoreWriter, chunk_relpath, fsync_dir, fsync_tree
 from klotski_jax.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, Quant
 from klotski_jax.models import quant as qz
-from klotski_jax.models.families import ExpertSource, TensorSource, hf_sources
+from klotski_jax.models.families import ExpertSource, TensorSource, hf_sources, mtp_layer
 from klotski_jax.models.specs import (
     ArraySpec,
     Kind,
@@ -206,11 +206,14 @@ def _plan_expert(cfg: ModelConfig, spec: ArraySpec, src: ExpertSource,
 
 
 def _check_unmapped(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, used: set[str]) -> None:
-    unmapped = []
+    unmapped: list[str] = []
+    mtp: dict[int, int] = {}  # multi-token-prediction layer -> tensors skipped
     for key in ckpt:
         if key in used:
             continue
-        if key.endswith(IGNORED_SUFFIXES):
+        if (layer := mtp_layer(cfg, key)) is not None:
+            mtp[layer] = mtp.get(layer, 0) + 1
+        elif key.endswith(IGNORED_SUFFIXES):
             log.debug("ignoring derived buffer %s", key)
         elif key == "lm_head.weight" and cfg.tie_word_embeddings:
             # HF sometimes writes the tied head; it must at least have the embedding's shape.
@@ -218,6 +221,10 @@ def _check_unmapped(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, used: set[str
             log.info("ignoring lm_head.weight: tie_word_embeddings uses the embedding")
         else:
             unmapped.append(key)
+    if mtp:
+        log.info("skipping %d tensors of the multi-token-prediction layer%s %s (used for "
+                 "speculative decoding, which klotski-jax does not run)", sum(mtp.values()),
+                 "s" if len(mtp) > 1 else "", ", ".join(map(str, sorted(mtp))))
     if unmapped:
         more = f" ({len(unmapped)} unmapped tensors in all: {unmapped[:5]})" if len(
             unmapped) > 1 else ""
@@ -355,13 +362,14 @@ def _write_experts(plan: list[Planned], ckpt: SafetensorsCheckpoint, root: pathl
 def _lazy_dense(p: Planned, ckpt: SafetensorsCheckpoint, cfg: ModelConfig,
                 bar: tqdm) -> dense_orbax.LazyArray:
     (r,) = p.reads
+    dtype = np.dtype(p.spec.stored_dtype(cfg))  # the config's; float32 for DeepSeek's router
 
     def read() -> np.ndarray:
         x = ckpt.read(r.key, lead=r.lead, rows=r.rows)
         bar.update(x.nbytes)
-        return x.astype(cfg.np_dtype, copy=False)
+        return x.astype(dtype, copy=False)
 
-    return dense_orbax.LazyArray(p.spec.shape, np.dtype(cfg.np_dtype), read)
+    return dense_orbax.LazyArray(p.spec.shape, dtype, read)
 
 
 def _write_dense(plan: list[Planned], ckpt: SafetensorsCheckpoint, root: pathlib.Path,

@@ -13,13 +13,15 @@ g query heads per KV head, h head_dim, f FFN width, e experts, n flattened token
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from klotski_jax.config import ModelConfig
+from klotski_jax.config import ModelConfig, ScoreFunc, TopkMethod
 
 Weights = dict[str, Any]
 
@@ -68,15 +70,55 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) 
     return linear(jax.nn.silu(linear(x, w_gate)) * linear(x, w_up), w_down)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding (HF `rotate_half` convention). x [b, t, heads, h], positions [b, t]."""
-    h = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=F32) / h))  # [h/2]
-    freqs = positions.astype(F32)[..., None] * inv_freq  # [b, t, h/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [b, t, 1, h]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
-    x1, x2 = x[..., : h // 2], x[..., h // 2:]
-    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+@functools.cache
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """The rotary inverse frequencies [rot_dim / 2] (float32, host side; constants of the
+    jitted steps), as HF computes them: theta^(-2j/r), or yarn's blend of those and
+    factor-interpolated ones, ramped between the dims that complete beta_fast and beta_slow
+    rotations over the original context (arXiv 2309.00071)."""
+    r, theta = cfg.rot_dim, cfg.rope_theta
+    pos_freqs = theta ** (np.arange(0, r, 2, dtype=np.float32) / np.float32(r))
+    if cfg.rope_type == "default":
+        return (1.0 / pos_freqs).astype(np.float32)
+
+    def correction_dim(rotations: float) -> float:
+        return (r * math.log(cfg.rope_original_max_position / (rotations * 2 * math.pi))
+                / (2 * math.log(theta)))
+
+    low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, r - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = np.clip((np.arange(r // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolate = 1 - ramp  # 1: keep the original frequency (fast-rotating dims)
+    inv = (1.0 / (cfg.rope_factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolate
+    return inv.astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Rotary embedding of the rotated dims of x [b, t, heads, h], positions [b, t].
+
+    GQA rotates each head's first `cfg.rot_dim` dims (all but GLM's partial rotary) and keeps
+    the rest; MLA passes just the rope part. HF's `rotate_half` convention pairs dim j with
+    j + r/2; with `rope_interleave` (DeepSeek) dims 2j and 2j + 1 form a pair, and the output
+    lists the pairs' first then second elements: a fixed permutation of HF's layout, applied
+    alike to queries and keys, so every score is the same. Yarn's attention factor scales cos
+    and sin."""
+    r = cfg.rot_dim
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    freqs = positions.astype(F32)[..., None] * jnp.asarray(rope_frequencies(cfg))  # [b, t, r/2]
+    cos, sin = jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
+    if cfg.rope_attention_factor != 1.0:
+        cos, sin = cos * cfg.rope_attention_factor, sin * cfg.rope_attention_factor
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    if cfg.rope_interleave:
+        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+    else:
+        x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out if x_pass.shape[-1] == 0 else jnp.concatenate([out, x_pass], axis=-1)
 
 
 # ---- attention ----------------------------------------------------------------------------
@@ -102,22 +144,79 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array
     """Grouped-query attention of q [b, t, H, h] over the cache [b, s, k, h] -> [b, t, H*h]."""
     b, t = q.shape[:2]
     qg = q.reshape(b, t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_cache) * (cfg.head_dim ** -0.5)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_cache) * cfg.softmax_scale
     scores = jnp.where(mask[:, None, None], scores.astype(F32), jnp.finfo(F32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_cache)
     return out.reshape(b, t, cfg.q_size)
 
 
+def mla_attend(q_nope: jax.Array, q_rope: jax.Array, latent: jax.Array, k_rope: jax.Array,
+               w_kv_b: jax.Array, mask: jax.Array, cfg: ModelConfig,
+               absorb: bool | None = None) -> jax.Array:
+    """Multi-head latent attention over the compressed cache -> [b, t, H * v].
+
+    q_nope [b, t, H, n] and q_rope [b, t, H, r] (rotated); latent [b, s, 1, L] (normed) and
+    k_rope [b, s, 1, r] (rotated, shared by all heads): the cache. w_kv_b [H * (n + v), L]
+    expands a latent into each head's key part (n) and value (v).
+
+    Expanded form (HF's): build keys and values for every slot, then attend. Absorbed form:
+    fold kv_b's key half into the queries (q_nope @ W_k: a query in latent space) and its value
+    half into the output, attending over the latents themselves; the same sums in another
+    order (exact in real arithmetic). `absorb` None picks the cheaper (`cfg.mla_absorbs`)."""
+    b, t, h, n = q_nope.shape
+    lat, kr = latent[:, :, 0], k_rope[:, :, 0]  # [b, s, L], [b, s, r]
+    v = cfg.v_head_dim
+    if absorb is None:
+        absorb = cfg.mla_absorbs(t, lat.shape[1])
+    w = w_kv_b.reshape(h, n + v, lat.shape[-1])
+    rope_scores = jnp.einsum("bthr,bsr->bhts", q_rope, kr).astype(F32)
+    if absorb:
+        q_lat = jnp.einsum("bthn,hnl->bthl", q_nope, w[:, :n])
+        scores = jnp.einsum("bthl,bsl->bhts", q_lat, lat).astype(F32) + rope_scores
+    else:
+        kv = linear(lat, w_kv_b).reshape(*lat.shape[:2], h, n + v)
+        scores = jnp.einsum("bthn,bshn->bhts", q_nope, kv[..., :n]).astype(F32) + rope_scores
+    scores = jnp.where(mask[:, None], scores * cfg.softmax_scale, jnp.finfo(F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_nope.dtype)
+    if absorb:
+        ctx = jnp.einsum("bhts,bsl->bthl", probs, lat)
+        out = jnp.einsum("bthl,hvl->bthv", ctx, w[:, n:])
+    else:
+        out = jnp.einsum("bhts,bshv->bthv", probs, kv[..., n:])
+    return out.reshape(b, t, h * v)
+
+
 # ---- MoE pieces ---------------------------------------------------------------------------
 
-def route(logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
-    """Softmax-then-top-k routing of router logits [n, E] -> (weights [n, top_k] float32,
-    experts [n, top_k] int32); weights renormalised to sum 1 if norm_topk_prob."""
-    probs = jax.nn.softmax(logits.astype(F32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, top_k)
-    if norm_topk_prob:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+def route(logits: jax.Array, cfg: ModelConfig, bias: jax.Array | None = None
+          ) -> tuple[jax.Array, jax.Array]:
+    """Router logits [n, E] -> (weights [n, top_k] float32, experts [n, top_k] int32), as HF's
+    routers compute them (config.TopkMethod): scores by softmax or sigmoid; with groups, only
+    the topk_group best groups' experts compete (others masked to 0 for group_limited_greedy,
+    to -inf for noaux_tc); experts chosen on scores + `bias` (the correction bias), weighted by
+    their scores, renormalised if norm_topk_prob, times routed_scaling_factor."""
+    logits = logits.astype(F32)
+    sigmoid = cfg.score_func is ScoreFunc.SIGMOID
+    scores = jax.nn.sigmoid(logits) if sigmoid else jax.nn.softmax(logits, axis=-1)
+    choice = scores if bias is None else scores + bias.astype(F32)
+    if cfg.topk_method is not TopkMethod.GREEDY:
+        n, e, g = logits.shape[0], cfg.num_experts, cfg.n_group
+        grouped = choice.reshape(n, g, e // g)
+        if cfg.topk_method is TopkMethod.GROUP_LIMITED:
+            group_scores = jnp.max(grouped, axis=-1)
+        else:
+            group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+        _, best = jax.lax.top_k(group_scores, cfg.topk_group)  # [n, topk_group]
+        keep = jnp.zeros((n, g), bool).at[jnp.arange(n)[:, None], best].set(True)
+        fill = 0.0 if cfg.topk_method is TopkMethod.GROUP_LIMITED else -jnp.inf
+        choice = jnp.where(jnp.repeat(keep, e // g, axis=-1), choice, fill)
+    _, experts = jax.lax.top_k(choice, cfg.top_k)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + (1e-20 if sigmoid else 0))
+    if cfg.routed_scaling_factor != 1.0:
+        weights = weights * cfg.routed_scaling_factor
     return weights, experts.astype(jnp.int32)
 
 

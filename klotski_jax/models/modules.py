@@ -1,8 +1,9 @@
 """The model's building blocks as Flax NNX modules.
 
-Every family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) is built from the same blocks; a family
-differs from another by its `ModelConfig` (biases, q/k norms, clip_qkv, sliding windows, shared
-experts, dense layers), never by a copy of a block.
+Every family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, GLM-4.5-MoE) is built from the
+same blocks; a family differs from another by its `ModelConfig` (biases, q/k norms, clip_qkv,
+sliding windows, latent attention, RoPE variants, router variants, shared experts, dense layers),
+never by a copy of a block.
 
 Each `nnx.Param` is named so that its NNX path, joined with ".", is the array's flat name in
 `models/specs.py` (`layers.3.attn.q`, `layers.3.moe.router.weight`, `layers.3.moe.experts.up`):
@@ -18,7 +19,8 @@ router and shared expert but no routed experts, which live in the expert store o
 
 Module tree (i = layer; `mlp` on dense layers, `moe` on MoE layers):
   MoEModel: embed [V, D], layers[i]: DecoderLayer, final_norm [D], lm_head [V, D] (untied)
-  DecoderLayer: attn_norm [D], attn: Attention, mlp_norm [D], mlp: DenseMLP | moe: MoEBlock
+  DecoderLayer: attn_norm [D], attn: Attention | LatentAttention (MLA), mlp_norm [D],
+                mlp: DenseMLP | moe: MoEBlock
   MoEBlock: router: Router, experts: RoutedExperts (routed=True), shared: SharedExpert | None
 """
 
@@ -31,12 +33,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from klotski_jax.config import ModelConfig, QKNorm, Quant, quant_leaves
+from klotski_jax.config import Attn, ModelConfig, QKNorm, Quant, quant_leaves
 from klotski_jax.models import layers, quant
 from klotski_jax.models.specs import nest
 
 F32 = jnp.float32
 INIT_STD = 0.02  # HF's initializer_range for every family's random init
+MLA_NORM_EPS = 1e-6  # HF builds MLA's q_a and kv_a RMSNorms with their default eps
 
 
 def _matrix(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> nnx.Param:
@@ -66,7 +69,7 @@ class Attention(nnx.Module):
         self.cfg = cfg
         d, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
         self.q, self.k = _matrix(rngs, (q, d), dtype), _matrix(rngs, (kv, d), dtype)
-        self.v, self.o = _matrix(rngs, (kv, d), dtype), _matrix(rngs, (d, q), dtype)
+        self.v, self.o = _matrix(rngs, (kv, d), dtype), _matrix(rngs, (d, cfg.o_size), dtype)
         self.q_bias = _zeros((q,), dtype) if cfg.qkv_bias else None
         self.k_bias = _zeros((kv,), dtype) if cfg.qkv_bias else None
         self.v_bias = _zeros((kv,), dtype) if cfg.qkv_bias else None
@@ -91,7 +94,7 @@ class Attention(nnx.Module):
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm is QKNorm.HEAD:
             q, k = layers.rms_norm(q, self.q_norm[...], eps), layers.rms_norm(k, self.k_norm[...], eps)
-        return layers.rope(q, positions, cfg.rope_theta), layers.rope(k, positions, cfg.rope_theta), v
+        return layers.rope(q, positions, cfg), layers.rope(k, positions, cfg), v
 
     def __call__(self, x: jax.Array, positions: jax.Array, kv: tuple[jax.Array, jax.Array],
                  write_index: jax.Array, kv_valid: jax.Array, window: int | None
@@ -109,20 +112,79 @@ class Attention(nnx.Module):
         return layers.linear(out, self.o[...], _value(self.o_bias)), (k_cache, v_cache)
 
 
-class Router(nnx.Module):
-    """Softmax-then-top-k router; weight [E, D] (HF's `gate`)."""
+class LatentAttention(nnx.Module):
+    """DeepSeek's multi-head latent attention (MLA) over a compressed KV cache.
+
+    Queries: q [H*hd, D], or the low-rank q_a [Q, D] -> RMSNorm q_a_norm -> q_b [H*hd, Q]; each
+    head is a position-free part (nope) and a rotary part (rope). Keys and values: kv_a
+    [L + rope, D] gives a latent [L] (RMSNorm kv_a_norm) and one rope key shared by all heads;
+    kv_b [H*(nope + v), L] expands a latent into each head's key part and value. The cache holds
+    the normed latent and the rotated rope key per token (`cfg.kv_cache_shapes`), L + rope
+    values instead of 2 x H x hd; attention expands or absorbs kv_b (layers.mla_attend)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any):
         self.cfg = cfg
+        d, ql, kvl, r = cfg.hidden_size, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        bias = cfg.mla_bias
+        self.q = None if ql else _matrix(rngs, (cfg.q_size, d), dtype)
+        self.q_a = _matrix(rngs, (ql, d), dtype) if ql else None
+        self.q_a_norm = _ones((ql,), dtype) if ql else None
+        self.q_b = _matrix(rngs, (cfg.q_size, ql), dtype) if ql else None
+        self.q_a_bias = _zeros((ql,), dtype) if ql and bias else None
+        self.kv_a = _matrix(rngs, (kvl + r, d), dtype)
+        self.kv_a_bias = _zeros((kvl + r,), dtype) if bias else None
+        self.kv_a_norm = _ones((kvl,), dtype)
+        self.kv_b = _matrix(rngs, (cfg.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), kvl),
+                            dtype)
+        self.o = _matrix(rngs, (d, cfg.o_size), dtype)
+        self.o_bias = _zeros((d,), dtype) if bias else None
+
+    def __call__(self, x: jax.Array, positions: jax.Array, kv: tuple[jax.Array, jax.Array],
+                 write_index: jax.Array, kv_valid: jax.Array, window: int | None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Attention of new tokens x [b, t, D] (normed), caching their latent and rope key at
+        write_index. kv: (latents [b, s, 1, L], rope keys [b, s, 1, r]); see `Attention`."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        if self.q is not None:
+            q = layers.linear(x, self.q[...])
+        else:
+            qa = layers.linear(x, self.q_a[...], _value(self.q_a_bias))
+            q = layers.linear(layers.rms_norm(qa, self.q_a_norm[...], MLA_NORM_EPS), self.q_b[...])
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        n = cfg.qk_nope_head_dim
+        q_nope, q_rope = q[..., :n], layers.rope(q[..., n:], positions, cfg)
+        c = layers.linear(x, self.kv_a[...], _value(self.kv_a_bias))
+        latent = layers.rms_norm(c[..., : cfg.kv_lora_rank], self.kv_a_norm[...], MLA_NORM_EPS)
+        k_rope = layers.rope(c[..., cfg.kv_lora_rank:][:, :, None, :], positions, cfg)
+        at = (0, write_index, 0, 0)
+        lat_cache = jax.lax.dynamic_update_slice(kv[0], latent[:, :, None].astype(kv[0].dtype), at)
+        rope_cache = jax.lax.dynamic_update_slice(kv[1], k_rope.astype(kv[1].dtype), at)
+        mask = layers.attention_mask(write_index, t, kv_valid, window)
+        out = layers.mla_attend(q_nope, q_rope, lat_cache, rope_cache, self.kv_b[...], mask, cfg)
+        return layers.linear(out, self.o[...], _value(self.o_bias)), (lat_cache, rope_cache)
+
+
+class Router(nnx.Module):
+    """Top-k router: weight [E, D] (HF's `gate`), and the score correction bias [E] of
+    DeepSeek-V3 / GLM-4.5 (`e_score_correction_bias`); both float32 where HF keeps them so
+    (`cfg.router_fp32`), which also computes the logits in float32 as HF does."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any):
+        self.cfg = cfg
+        dtype = F32 if cfg.router_fp32 else dtype
         self.weight = _matrix(rngs, (cfg.num_experts, cfg.hidden_size), dtype)
+        self.bias = _zeros((cfg.num_experts,), dtype) if cfg.router_bias else None
 
     def logits(self, x: jax.Array) -> jax.Array:
         """x [n, D] -> float32 router logits [n, E] (what HF's gate returns)."""
+        if self.cfg.router_fp32:
+            return layers.linear(x.astype(F32), self.weight[...].astype(F32))
         return layers.linear(x, self.weight[...]).astype(F32)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [n, D] -> (routing weights [n, top_k] float32, experts [n, top_k] int32)."""
-        return layers.route(self.logits(x), self.cfg.top_k, self.cfg.norm_topk_prob)
+        return layers.route(self.logits(x), self.cfg, _value(self.bias))
 
 
 class QuantizedMatrix(nnx.Module):
@@ -206,19 +268,23 @@ class RoutedExperts(nnx.Module):
 
 
 class SharedExpert(nnx.Module):
-    """Qwen2-MoE's shared expert with its sigmoid gate: sigmoid(gate_logit(x)) * SwiGLU(x).
+    """The shared expert(s), run on every token: SwiGLU(x), gated by sigmoid(gate_logit(x)) in
+    Qwen2-MoE; DeepSeek and GLM fuse their n_shared_experts into one wider SwiGLU, ungated.
 
-    gate, up [Is, D], down [D, Is], gate_logit [1, D]."""
+    gate, up [Is, D], down [D, Is], gate_logit [1, D] (when gated)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any):
         d, s = cfg.hidden_size, cfg.shared_expert_intermediate_size
         self.gate, self.up = _matrix(rngs, (s, d), dtype), _matrix(rngs, (s, d), dtype)
-        self.down, self.gate_logit = _matrix(rngs, (d, s), dtype), _matrix(rngs, (1, d), dtype)
+        self.down = _matrix(rngs, (d, s), dtype)
+        self.gate_logit = _matrix(rngs, (1, d), dtype) if cfg.shared_expert_gate else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [n, D] -> [n, D]."""
-        gate = jax.nn.sigmoid(layers.linear(x, self.gate_logit[...]))  # [n, 1]
-        return gate * layers.swiglu(x, self.gate[...], self.up[...], self.down[...])
+        out = layers.swiglu(x, self.gate[...], self.up[...], self.down[...])
+        if self.gate_logit is None:
+            return out
+        return jax.nn.sigmoid(layers.linear(x, self.gate_logit[...])) * out  # gate [n, 1]
 
 
 class DenseMLP(nnx.Module):
@@ -263,7 +329,8 @@ class DecoderLayer(nnx.Module):
         dtype = jnp.dtype(cfg.dtype) if dtype is None else dtype
         self.cfg = cfg
         self.attn_norm = _ones((cfg.hidden_size,), dtype)
-        self.attn = Attention(cfg, rngs=rngs, dtype=dtype)
+        self.attn = (LatentAttention(cfg, rngs=rngs, dtype=dtype) if cfg.attention is Attn.MLA
+                     else Attention(cfg, rngs=rngs, dtype=dtype))
         self.mlp_norm = _ones((cfg.hidden_size,), dtype)
         moe = cfg.moe_layers[index]
         self.moe = MoEBlock(cfg, rngs=rngs, dtype=dtype, routed=routed) if moe else None

@@ -47,7 +47,8 @@ def prepare_batch(token_ids: Any, attention_mask: Any | None) -> tuple[np.ndarra
 
 @dataclasses.dataclass
 class KVCache:
-    """Per-layer (K, V) device arrays [B, S_max, kv_heads, head_dim] plus slot validity [B, S_max]."""
+    """Per-layer (K, V) device arrays [B, S_max, kv_heads, head_dim] (MLA: latents [.., 1, L]
+    and rope keys [.., 1, rope]; `ModelConfig.kv_cache_shapes`) plus slot validity [B, S_max]."""
 
     kv: list[tuple[Any, Any]]  # jax arrays, or numpy arrays for a host-resident cache
     valid: np.ndarray  # which slots hold real tokens (left padding is not)
@@ -56,10 +57,10 @@ class KVCache:
     @classmethod
     def create(cls, cfg: ModelConfig, batch: int, max_len: int, *, host: bool = False) -> KVCache:
         """Zeroed caches on the device, or in host memory (numpy) with host=True."""
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        zeros = (lambda: np.zeros(shape, cfg.np_dtype)) if host else (
-            lambda: jnp.zeros(shape, jnp.dtype(cfg.dtype)))
-        kv = [(zeros(), zeros()) for _ in range(cfg.num_layers)]
+        zeros = (lambda shape: np.zeros(shape, cfg.np_dtype)) if host else (
+            lambda shape: jnp.zeros(shape, jnp.dtype(cfg.dtype)))
+        kv = [tuple(zeros((batch, max_len, *shape)) for shape in cfg.kv_cache_shapes)
+              for _ in range(cfg.num_layers)]
         return cls(kv=kv, valid=np.zeros((batch, max_len), bool))
 
 

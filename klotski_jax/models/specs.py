@@ -12,8 +12,14 @@ Flat names (i = layer index):
   layers.i.attn.{q [Hq*hd, D], k [Hkv*hd, D], v [Hkv*hd, D], o [D, Hq*hd]}
   layers.i.attn.{q_bias, k_bias, v_bias, o_bias}          (when the family has them)
   layers.i.attn.{q_norm, k_norm} [hd] or [Hq*hd]/[Hkv*hd] (Qwen3 per head / OLMoE full)
-  layers.i.moe.router.weight [E, D]                        (MoE layers)
-  layers.i.moe.shared.{gate, up [Is, D], down [D, Is], gate_logit [1, D]} (Qwen2-MoE)
+  multi-head latent attention instead (DeepSeek; hd = nope + rope, L = kv_lora_rank):
+  layers.i.attn.{q [H*hd, D] | q_a [Q, D], q_a_norm [Q], q_b [H*hd, Q]}  (Q = q_lora_rank)
+  layers.i.attn.{kv_a [L + rope, D], kv_a_norm [L], kv_b [H*(nope + v), L], o [D, H*v]}
+  layers.i.attn.{q_a_bias, kv_a_bias, o_bias}             (HF attention_bias)
+  layers.i.moe.router.weight [E, D]                        (MoE layers; float32 for DeepSeek/GLM)
+  layers.i.moe.router.bias [E]                             (e_score_correction_bias, float32)
+  layers.i.moe.shared.{gate, up [Is, D], down [D, Is]}     (shared experts; Qwen2-MoE adds
+                                                             its sigmoid gate_logit [1, D])
   layers.i.moe.experts.{gate, up [E, I, D], down [E, D, I]} (kind "expert": one chunk per expert)
     quantized experts (cfg.expert_quant) store each part as arrays `<part>.q`, `<part>.scale`
     and (int4) `<part>.zero` instead: `expert_leaves` below, models/quant.py
@@ -27,7 +33,7 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
-from klotski_jax.config import ModelConfig, QKNorm, dtype_itemsize, quant_leaves
+from klotski_jax.config import Attn, ModelConfig, QKNorm, dtype_itemsize, quant_leaves
 
 
 class Kind(enum.StrEnum):
@@ -92,14 +98,22 @@ def expert_leaves(cfg: ModelConfig) -> tuple[ExpertLeaf, ...]:
     return tuple(out)
 
 
-def layer_specs(cfg: ModelConfig, i: int) -> list[ArraySpec]:
-    """The arrays of decoder layer `i`."""
-    d, p = cfg.hidden_size, f"layers.{i}."
-    specs: list[tuple[str, tuple[int, ...]]] = [
-        ("attn_norm", (d,)), ("mlp_norm", (d,)),
-        ("attn.q", (cfg.q_size, d)), ("attn.k", (cfg.kv_size, d)), ("attn.v", (cfg.kv_size, d)),
-        ("attn.o", (d, cfg.q_size)),
-    ]
+def _attention_specs(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    d = cfg.hidden_size
+    if cfg.attention is Attn.MLA:
+        h, ql, kvl = cfg.num_heads, cfg.q_lora_rank, cfg.kv_lora_rank
+        specs: list[tuple[str, tuple[int, ...]]] = (
+            [("attn.q_a", (ql, d)), ("attn.q_a_norm", (ql,)), ("attn.q_b", (cfg.q_size, ql))]
+            if ql else [("attn.q", (cfg.q_size, d))])
+        specs += [("attn.kv_a", (kvl + cfg.qk_rope_head_dim, d)), ("attn.kv_a_norm", (kvl,)),
+                  ("attn.kv_b", (h * (cfg.qk_nope_head_dim + cfg.v_head_dim), kvl)),
+                  ("attn.o", (d, cfg.o_size))]
+        if cfg.mla_bias:
+            specs += ([("attn.q_a_bias", (ql,))] if ql else []) + [
+                ("attn.kv_a_bias", (kvl + cfg.qk_rope_head_dim,)), ("attn.o_bias", (d,))]
+        return specs
+    specs = [("attn.q", (cfg.q_size, d)), ("attn.k", (cfg.kv_size, d)),
+             ("attn.v", (cfg.kv_size, d)), ("attn.o", (d, cfg.o_size))]
     if cfg.qkv_bias:
         specs += [("attn.q_bias", (cfg.q_size,)), ("attn.k_bias", (cfg.kv_size,)),
                   ("attn.v_bias", (cfg.kv_size,))]
@@ -109,15 +123,28 @@ def layer_specs(cfg: ModelConfig, i: int) -> list[ArraySpec]:
         specs += [("attn.q_norm", (cfg.head_dim,)), ("attn.k_norm", (cfg.head_dim,))]
     elif cfg.qk_norm is QKNorm.FULL:
         specs += [("attn.q_norm", (cfg.q_size,)), ("attn.k_norm", (cfg.kv_size,))]
+    return specs
+
+
+def layer_specs(cfg: ModelConfig, i: int) -> list[ArraySpec]:
+    """The arrays of decoder layer `i`."""
+    d, p = cfg.hidden_size, f"layers.{i}."
+    specs = [("attn_norm", (d,)), ("mlp_norm", (d,)), *_attention_specs(cfg)]
     out = [ArraySpec(p + n, s, Kind.DENSE, i) for n, s in specs]
     if cfg.moe_layers[i]:
-        out.append(ArraySpec(p + "moe.router.weight", (cfg.num_experts, d), Kind.DENSE, i))
+        router_dtype = "float32" if cfg.router_fp32 and cfg.dtype != "float32" else None
+        out.append(ArraySpec(p + "moe.router.weight", (cfg.num_experts, d), Kind.DENSE, i,
+                             router_dtype))
+        if cfg.router_bias:
+            out.append(ArraySpec(p + "moe.router.bias", (cfg.num_experts,), Kind.DENSE, i,
+                                 router_dtype))
         if cfg.shared_expert_intermediate_size:
             s = cfg.shared_expert_intermediate_size
             out += [ArraySpec(p + "moe.shared.gate", (s, d), Kind.DENSE, i),
                     ArraySpec(p + "moe.shared.up", (s, d), Kind.DENSE, i),
-                    ArraySpec(p + "moe.shared.down", (d, s), Kind.DENSE, i),
-                    ArraySpec(p + "moe.shared.gate_logit", (1, d), Kind.DENSE, i)]
+                    ArraySpec(p + "moe.shared.down", (d, s), Kind.DENSE, i)]
+            if cfg.shared_expert_gate:
+                out.append(ArraySpec(p + "moe.shared.gate_logit", (1, d), Kind.DENSE, i))
         out += [ArraySpec(p + f"moe.experts.{leaf.name}", (cfg.num_experts, *leaf.shape),
                           Kind.EXPERT, i, None if leaf.dtype == cfg.dtype else leaf.dtype)
                 for leaf in expert_leaves(cfg)]

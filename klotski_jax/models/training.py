@@ -124,8 +124,7 @@ def forward_train(model: MoEModel, ids: jax.Array) -> tuple[jax.Array, list[jax.
         with jax.named_scope(f"layer{i}"):
             # An empty cache as long as the sequence: the inference attention becomes plain
             # causal self-attention (its K/V outputs are dropped).
-            kv_shape = (b, t, cfg.num_kv_heads, cfg.head_dim)
-            empty = (jnp.zeros(kv_shape, h.dtype), jnp.zeros(kv_shape, h.dtype))
+            empty = tuple(jnp.zeros((b, t, *shape), h.dtype) for shape in cfg.kv_cache_shapes)
             h, _ = layer.attention(h, positions, empty, zero, valid, cfg.sliding_windows[i])
             if layer.moe is None:
                 h = layer.feed_forward(h)
@@ -133,7 +132,8 @@ def forward_train(model: MoEModel, ids: jax.Array) -> tuple[jax.Array, list[jax.
             d = h.shape[-1]
             x = layer.ffn_input(h.reshape(b * t, d))
             logits = layer.moe.router.logits(x)  # [n, e] float32, what HF's gate returns
-            weights, idx = layers.route(logits, cfg.top_k, cfg.norm_topk_prob)
+            bias = layer.moe.router.bias
+            weights, idx = layers.route(logits, cfg, None if bias is None else bias[...])
             out = layer.moe.finish(layer.moe.experts.grouped(x, weights, idx), x)
             h = h + out.reshape(b, t, d)
             router_logits.append(logits)

@@ -23,7 +23,7 @@ import dataclasses
 import json
 from typing import Any
 
-from klotski_jax.config import ModelConfig
+from klotski_jax.config import Attn, ModelConfig
 from klotski_jax.constants import buckets_upto
 from klotski_jax.planning.costs import Profile, model_key
 
@@ -94,13 +94,33 @@ class _Roofline:
 
     def attention(self, b: int, t: int, s: int) -> float:
         c, n = self.cfg, b * t
-        proj = (self.mm(n, c.q_size, c.hidden_size) + 2 * self.mm(n, c.kv_size, c.hidden_size)
-                + self.mm(n, c.hidden_size, c.q_size))
-        scores = 4.0 * b * c.num_heads * t * s * c.head_dim / self.f32
-        kv = self.stream(2.0 * b * s * c.kv_size * self.size)
+        if c.attention is Attn.MLA:
+            proj, scores = self._latent_attention(b, t, s)
+        else:
+            proj = (self.mm(n, c.q_size, c.hidden_size) + 2 * self.mm(n, c.kv_size, c.hidden_size)
+                    + self.mm(n, c.hidden_size, c.q_size))
+            scores = 4.0 * b * c.num_heads * t * s * c.head_dim / self.f32
+        kv = self.stream(1.0 * b * s * c.kv_token_bytes)
         softmax = self.stream(3.0 * 4 * b * c.num_heads * t * s)
         acts = self.stream(4.0 * n * c.hidden_size * 4)
         return self.r.dispatch_s + proj + scores + kv + softmax + acts
+
+    def _latent_attention(self, b: int, t: int, s: int) -> tuple[float, float]:
+        """MLA's projections and score/context work, in the form `layers.mla_attend` picks
+        (absorbed: queries and outputs through kv_b per token; expanded: kv_b over the cache)."""
+        c, n = self.cfg, b * t
+        d, h, lat, r = c.hidden_size, c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim
+        nope, v = c.qk_nope_head_dim, c.v_head_dim
+        q = (self.mm(n, c.q_lora_rank, d) + self.mm(n, c.q_size, c.q_lora_rank)
+             if c.q_lora_rank else self.mm(n, c.q_size, d))
+        proj = q + self.mm(n, lat + r, d) + self.mm(n, d, c.o_size)
+        if c.mla_absorbs(t, s):
+            proj += 2.0 * n * h * lat * (nope + v) / self.f32
+            scores = 2.0 * b * h * t * s * (2 * lat + r) / self.f32
+        else:
+            proj += self.mm(b * s, h * (nope + v), lat)
+            scores = 2.0 * b * h * t * s * (nope + r + v) / self.f32
+        return proj, scores
 
     def router(self, m: int) -> float:
         c = self.cfg

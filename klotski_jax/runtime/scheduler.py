@@ -512,7 +512,7 @@ class Scheduler:
             h = blocks.embed(self.head_w, tokens) if self.embed_host is None else jnp.zeros(
                 (b, t, cfg.hidden_size), dt)
             host_kv = not self.placement.kv_on_device
-            kv = (tuple(jnp.zeros((b, slots, cfg.num_kv_heads, cfg.head_dim), dt) for _ in "kv")
+            kv = (tuple(jnp.zeros((b, slots, *shape), dt) for shape in cfg.kv_cache_shapes)
                   if host_kv else g.cache.kv[i])
             h, new_kv = blocks.attention_block(
                 w, h, tokens, kv, np.int32(0), np.ones((b, slots), bool), cfg=cfg,

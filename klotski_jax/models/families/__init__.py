@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from klotski_jax.config import Family, ModelConfig
+from klotski_jax.models.families.deepseek import DEEPSEEK
 from klotski_jax.models.families.mixtral import MIXTRAL
 from klotski_jax.models.families.olmoe import OLMOE
 from klotski_jax.models.families.qwen_moe import QWEN2_MOE, QWEN3_MOE
@@ -22,6 +23,7 @@ class FamilyAdapter:
 
     moe_prefixes: tuple[str, ...]  # where the MoE block lives; the first is what HF writes
     expert_names: dict[str, str]  # our part ("gate"/"up"/"down") -> HF per-expert module name
+    shared_name: str = "shared_expert"  # the shared expert(s) module under the MoE block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +56,19 @@ class ExpertSource:
 
 ADAPTERS: dict[Family, FamilyAdapter] = {
     f: FamilyAdapter(**a) for f, a in ((Family.MIXTRAL, MIXTRAL), (Family.QWEN2_MOE, QWEN2_MOE),
-                                       (Family.QWEN3_MOE, QWEN3_MOE), (Family.OLMOE, OLMOE))
+                                       (Family.QWEN3_MOE, QWEN3_MOE), (Family.OLMOE, OLMOE),
+                                       (Family.DEEPSEEK_V2, DEEPSEEK),
+                                       (Family.DEEPSEEK_V3, DEEPSEEK), (Family.GLM4_MOE, DEEPSEEK))
 }
 
 _ATTN = {"q": "q_proj.weight", "k": "k_proj.weight", "v": "v_proj.weight", "o": "o_proj.weight",
          "q_bias": "q_proj.bias", "k_bias": "k_proj.bias", "v_bias": "v_proj.bias",
-         "o_bias": "o_proj.bias", "q_norm": "q_norm.weight", "k_norm": "k_norm.weight"}
+         "o_bias": "o_proj.bias", "q_norm": "q_norm.weight", "k_norm": "k_norm.weight",
+         # multi-head latent attention (DeepSeek)
+         "q_a": "q_a_proj.weight", "q_a_bias": "q_a_proj.bias", "q_a_norm": "q_a_layernorm.weight",
+         "q_b": "q_b_proj.weight", "kv_a": "kv_a_proj_with_mqa.weight",
+         "kv_a_bias": "kv_a_proj_with_mqa.bias", "kv_a_norm": "kv_a_layernorm.weight",
+         "kv_b": "kv_b_proj.weight"}
 _MLP = {"gate": "gate_proj.weight", "up": "up_proj.weight", "down": "down_proj.weight"}
 
 
@@ -81,13 +90,28 @@ def _dense_key(adapter: FamilyAdapter, name: str, moe: str) -> str:
         return base + "self_attn." + _ATTN[leaf]
     if rest == "moe.router.weight":
         return base + moe + ".gate.weight"
+    if rest == "moe.router.bias":
+        return base + moe + ".gate.e_score_correction_bias"
     if rest.startswith("moe.shared."):
         leaf = rest.rsplit(".", 1)[1]
         return base + moe + (".shared_expert_gate.weight" if leaf == "gate_logit"
-                             else ".shared_expert." + _MLP[leaf])
+                             else f".{adapter.shared_name}." + _MLP[leaf])
     if group == "mlp":
         return base + "mlp." + _MLP[leaf]
     raise KeyError(name)
+
+
+def mtp_layer(cfg: ModelConfig, key: str) -> int | None:
+    """The layer index of a multi-token-prediction tensor (`model.layers.{i}.*` with i at or
+    past num_layers, as DeepSeek-V3 and GLM-4.5 checkpoints carry them), else None. Those layers
+    only serve speculative decoding, which klotski-jax does not run."""
+    if cfg.family not in (Family.DEEPSEEK_V3, Family.GLM4_MOE):
+        return None
+    parts = key.split(".")
+    if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        i = int(parts[2])
+        return i if i >= cfg.num_layers else None
+    return None
 
 
 def hf_sources(cfg: ModelConfig) -> dict[str, TensorSource | ExpertSource]:
