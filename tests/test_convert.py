@@ -141,10 +141,14 @@ def test_convert_matches_hf(hf: HFCache, tmp_path, name: str, layout: str) -> No
 def test_convert_bfloat16(hf: HFCache, tmp_path, name: str) -> None:
     out = convert(hf.saved(name, "single"), tmp_path / "ckpt", dtype="bfloat16", progress=False)
     reader = CheckpointReader(out)
-    assert reader.config.dtype == reader.manifest["dtype"] == "bfloat16"
-    assert {t["dtype"] for t in reader.manifest["tensors"].values()} == {"bfloat16"}
-    want = {k: v.astype(ml_dtypes.bfloat16)
-            for k, v in expected_arrays(hf.model(name), reader.config).items()}
+    cfg = reader.config
+    assert cfg.dtype == reader.manifest["dtype"] == "bfloat16"
+    # Every array in bfloat16 but DeepSeek's and GLM's routers, float32 as HF keeps them.
+    stored = {s.name: s.stored_dtype(cfg) for s in weight_specs(cfg)}
+    assert {n: t["dtype"] for n, t in reader.manifest["tensors"].items()} == stored
+    assert set(stored.values()) == ({"bfloat16", "float32"} if cfg.router_fp32 else {"bfloat16"})
+    want = {k: v.astype(ml_dtypes.bfloat16 if stored[k] == "bfloat16" else np.float32)
+            for k, v in expected_arrays(hf.model(name), cfg).items()}
     assert_bits_equal(reader.read_all(), want)
 
 

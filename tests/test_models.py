@@ -109,7 +109,7 @@ def test_left_padding_does_not_change_a_row(case):
 @pytest.mark.parametrize("field,value,match", [
     ("model_type", "llama", "supported: mixtral"),
     ("hidden_act", "gelu", "hidden_act"),
-    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "rope_type"),
+    ("rope_parameters", {"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}, "rope_type"),
     ("dtype", "int8", "dtype"),
 ])
 def test_unsupported_config_features_are_rejected(tmp_path, field, value, match):
