@@ -39,6 +39,11 @@ SHAPE_FIELDS = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads"
                 "sliding_windows", "dense_intermediate_size", "shared_expert_intermediate_size",
                 "qkv_bias", "o_bias", "qk_norm", "clip_qkv", "tie_word_embeddings", "dtype")
 
+# Shapes of the other attentions (latent, partial rotary), keyed only where they are used so
+# that profiles of the older families keep their keys.
+MLA_SHAPE_FIELDS = ("attention", "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim",
+                    "rotary_dim")
+
 Samples = tuple[tuple[float, ...], ...]
 
 
@@ -52,6 +57,8 @@ def model_key(cfg: ModelConfig) -> str:
     if cfg.quantized:
         shape["expert_quant"], shape["expert_group_size"] = d["expert_quant"], d[
             "expert_group_size"]
+    if d["attention"] != "gqa" or d["rotary_dim"]:  # (absent for the older families' keys)
+        shape |= {k: d[k] for k in MLA_SHAPE_FIELDS}
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
