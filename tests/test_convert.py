@@ -352,8 +352,8 @@ def _config_feature(s: pathlib.Path) -> list[str]:
 
 
 def _rope_type(s: pathlib.Path) -> list[str]:
-    _edit_config(s, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0})
-    return ["config.json", "yarn"]
+    _edit_config(s, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e6, "factor": 4.0})
+    return ["config.json", "dynamic"]
 
 
 def _no_config(s: pathlib.Path) -> list[str]:
