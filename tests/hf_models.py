@@ -110,6 +110,23 @@ FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 _KEEP_FLOAT = re.compile(r"(embed_tokens|lm_head|\.gate|shared_expert_gate|norm)\.weight$")
 
 
+def load_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file as NumPy (float8 and bfloat16 as ml_dtypes arrays,
+    which `safetensors.numpy.load_file` cannot give), read through safetensors' torch loader."""
+    from safetensors.torch import load_file as load_torch
+
+    views = {torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+             torch.bfloat16: (torch.uint16, ml_dtypes.bfloat16)}
+    out = {}
+    for key, t in load_torch(str(path)).items():
+        if t.dtype in views:
+            raw, dt = views[t.dtype]
+            out[key] = t.view(raw).numpy().view(dt)
+        else:
+            out[key] = t.numpy()
+    return out
+
+
 def fp8_quantize_blocks(w: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """w [..., out, in] -> (float8_e4m3fn [..., out, in], float32 scale_inv [..., ceil(out/B0),
     ceil(in/B1)]) with scale_inv = amax / 448 per block (a partial last block where B does not
