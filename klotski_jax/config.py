@@ -80,17 +80,28 @@ class Quant(enum.StrEnum):
     int8: symmetric, q in [-127, 127], one scale per group of `expert_group_size` inputs of an
     output row (0: one per row). int4: asymmetric, q in [0, 15] packed two per byte (byte j of a
     group holds codes j and j + G/2: quant.pack_int4), a scale and a zero point per group.
-    Scales and zero points are float16."""
+    Scales and zero points are float16. fp8: float8_e4m3fn values with one float32 scale per
+    block of G x G (`expert_group_size`) of the [out, in] matrix, the layout of the block-scaled
+    FP8 checkpoints (DeepSeek-V3 and others: `weight_scale_inv`); a dimension G does not divide
+    gets a last, partial block (the scale grid is ceil(out / G) x ceil(in / G))."""
 
     NONE = "none"
     INT8 = "int8"
     INT4 = "int4"
+    FP8 = "fp8"
 
 
-QUANT_SCALE_DTYPE = "float16"
+QUANT_SCALE_DTYPE = "float16"  # int8 and int4 scales (and int4 zero points)
+FP8_DTYPE = "float8_e4m3fn"  # fp8 expert values (ml_dtypes / JAX / TensorStore name)
+FP8_SCALE_DTYPE = "float32"  # fp8 block scales, as the checkpoints store them
 _DTYPES = ("float32", "bfloat16", "float16")
 _ROPE_TYPES = ("default", "yarn")
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1, "int8": 1}
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1, "int8": 1, FP8_DTYPE: 1}
+
+
+def quant_scale_dtype(quant: Quant) -> str:
+    """The dtype of a quantized expert's scales: float32 for fp8, float16 otherwise."""
+    return FP8_SCALE_DTYPE if quant is Quant.FP8 else QUANT_SCALE_DTYPE
 
 
 def quant_leaves(quant: Quant, group_size: int, out_dim: int, in_dim: int, dtype: str
@@ -99,9 +110,14 @@ def quant_leaves(quant: Quant, group_size: int, out_dim: int, in_dim: int, dtype
 
     Unquantized: one array ("", (out, in), dtype). int8: "q" int8 [out, in] and "scale"
     [out, in / G]; int4: "q" uint8 [out, in / 2] (two values a byte), "scale" and "zero"
-    [out, in / G]. G = group_size, or in_dim for per-row int8 (group_size 0)."""
+    [out, in / G]. G = group_size, or in_dim for per-row int8 (group_size 0). fp8: "q"
+    float8_e4m3fn [out, in] and "scale" float32 [ceil(out / G), ceil(in / G)] (G x G blocks)."""
     if quant is Quant.NONE:
         return (("", (out_dim, in_dim), dtype),)
+    if quant is Quant.FP8:
+        g = group_size
+        return (("q", (out_dim, in_dim), FP8_DTYPE),
+                ("scale", (-(-out_dim // g), -(-in_dim // g)), FP8_SCALE_DTYPE))
     groups = in_dim // (group_size or in_dim)
     scale = ("scale", (out_dim, groups), QUANT_SCALE_DTYPE)
     if quant is Quant.INT8:
@@ -147,7 +163,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     expert_quant: Quant = Quant.NONE  # how routed experts are stored (dense weights: `dtype`)
-    expert_group_size: int = 0  # inputs per quantization group; 0: per row (int8 only)
+    expert_group_size: int = 0  # inputs per quantization group (fp8: block side); 0: per row
     # ---- attention variants (defaults: plain GQA with full-width RoPE) ---------------------
     attention: Attn = Attn.GQA
     # MLA (attention=mla): head_dim is the query/key head (qk_nope + qk_rope_head_dim)
@@ -250,6 +266,10 @@ class ModelConfig:
             return
         if q is Quant.INT4 and (g == 0 or g % 2):
             raise ConfigError(f"int4 needs an even group size > 0 (two values per byte), got {g}")
+        if q is Quant.FP8:  # blocks need not divide: the last block of a dimension is partial
+            if g == 0:
+                raise ConfigError("fp8 needs a block size > 0 (expert_group_size)")
+            return
         for dim, what in ((self.hidden_size, "hidden_size: the input of gate and up"),
                           (self.expert_intermediate_size,
                            "expert_intermediate_size: the input of down")):

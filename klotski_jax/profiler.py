@@ -484,7 +484,8 @@ def _expert(cfg: ModelConfig, w: dict[str, jax.Array], rows: int, opts: ProfileO
         for _ in range(burst):
             r, wts = routing.rows(0)
             pr, pw = steps.pad_rows(r, wts)
-            acc[0], _ = steps.expert_apply(acc[0], x, pr, pw, w)
+            acc[0], _ = steps.expert_apply(acc[0], x, pr, pw, w,
+                                           block=blocks.expert_block(cfg))
         jax.block_until_ready(acc[0])
 
     return _median(run, opts) / burst
@@ -620,7 +621,8 @@ def _interference(reader: CheckpointReader, w: dict[str, jax.Array], opts: Profi
     def compute(reps: int) -> float:
         t0 = time.perf_counter()
         for _ in range(reps):
-            acc[0], _ = steps.expert_apply(acc[0], x, pr, pw, w)
+            acc[0], _ = steps.expert_apply(acc[0], x, pr, pw, w,
+                                           block=blocks.expert_block(cfg))
         jax.block_until_ready(acc[0])
         return time.perf_counter() - t0
 

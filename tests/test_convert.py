@@ -61,18 +61,8 @@ class HFCache:
             elif layout == "sharded":
                 model.save_pretrained(path, max_shard_size="30KB")
             else:
-                _save_fused(model, path)
+                hf_models.save_fused_hf_model(model, path)
         return path
-
-
-def _save_fused(model, path: pathlib.Path, keep_tied_head: bool = False) -> None:
-    """The in-memory transformers 5 state dict (fused experts) as one safetensors file."""
-    path.mkdir()
-    sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings and not keep_tied_head:
-        del sd["lm_head.weight"]
-    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
-    model.config.to_json_file(path / "config.json")
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +155,7 @@ def test_fused_layout_equals_per_expert(hf: HFCache, tmp_path, name: str) -> Non
 def test_tied_lm_head_in_file_is_ignored(hf: HFCache, tmp_path) -> None:
     model = hf.model("mixtral-odd")
     assert model.config.tie_word_embeddings
-    _save_fused(model, tmp_path / "hf", keep_tied_head=True)
+    hf_models.save_fused_hf_model(model, tmp_path / "hf", keep_tied_head=True)
     reader = CheckpointReader(convert(tmp_path / "hf", tmp_path / "ckpt", progress=False))
     assert "lm_head" not in reader.manifest["tensors"]
     assert_bits_equal(reader.read_all(), expected_arrays(model, reader.config))

@@ -197,7 +197,7 @@ def test_quantized_store_layout_and_manifest(tiny_hf: pathlib.Path, int4_ckpt: p
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(quantize="int3"), "unsupported --quantize 'int3'"),
-    (dict(group_size=8), "--group-size needs --quantize int8 or int4"),
+    (dict(group_size=8), "--group-size needs --quantize int8, int4 or fp8"),
     (dict(quantize="int4", group_size=0), "--group-size must be a positive"),
     (dict(quantize="int4", group_size=7), "even group size"),
     (dict(quantize="int4"), "group size 64 does not divide the input dimension 32"),
@@ -265,7 +265,7 @@ def test_unknown_schemes_and_mixed_formats_are_refused(int4_ckpt: pathlib.Path,
         from klotski_jax.config import ModelConfig
 
         ModelConfig.from_dict({**CheckpointReader(int4_ckpt).config.to_dict(),
-                               "expert_quant": "fp8"})
+                               "expert_quant": "nf4"})
 
 
 def test_reference_model_uses_the_dequantized_weights(int4_ckpt: pathlib.Path) -> None:

@@ -34,7 +34,14 @@ class ShapeMismatchError(ConversionError):
 
 
 class UnsupportedDtypeError(ConversionError):
-    """A weight tensor stored in a dtype we cannot convert (e.g. integer or 8-bit float)."""
+    """A weight tensor stored in a dtype we cannot convert (e.g. integer, or an 8-bit float
+    other than block-scaled e4m3)."""
+
+
+class UnsupportedQuantizationError(ConversionError):
+    """config.json's `quantization_config` describes a quantized checkpoint this project does
+    not read (a method other than block-scaled fp8, another fp8 format, a missing or malformed
+    block size), or `--quantize fp8` cannot keep the source's fp8 blocks as they are."""
 
 
 class CorruptFileError(ConversionError):

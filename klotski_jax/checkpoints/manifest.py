@@ -24,7 +24,9 @@ Manifest fields:
 
 Version 3 is version 2 with quantized routed experts: the config's expert_quant and
 expert_group_size say how, and experts.quantization records {scheme, group_size, scale_dtype,
-method ("rtn" or "rtn+lsq"), original_dtype}. Unquantized checkpoints are still written as
+method ("rtn" or "rtn+lsq"; fp8: "source" when an FP8 checkpoint's experts were kept as they
+are, "rtn" when float experts were quantized, "source+rtn" for a mix), original_dtype}; fp8
+adds block [G, G] (scales float32, values float8_e4m3fn). Unquantized checkpoints are still written as
 version 2, so older readers keep reading them; a reader older than version 3 refuses a
 quantized one as "written by a newer klotski-jax".
 
@@ -45,7 +47,7 @@ import pathlib
 from typing import Any
 
 from klotski_jax.checkpoints.errors import ManifestError
-from klotski_jax.config import QUANT_SCALE_DTYPE, ConfigError, ModelConfig, Quant
+from klotski_jax.config import ConfigError, ModelConfig, Quant, quant_scale_dtype
 from klotski_jax.models.specs import ArraySpec, Kind, weight_specs
 
 FORMAT_NAME = "klotski-jax"
@@ -93,8 +95,12 @@ def tensor_entry(spec: ArraySpec, dtype: str) -> dict[str, Any]:
 def quantization_section(cfg: ModelConfig, *, method: str, original_dtype: str
                          ) -> dict[str, Any]:
     """experts.quantization of a checkpoint of `cfg` with quantized experts."""
-    return {"scheme": cfg.expert_quant.value, "group_size": cfg.expert_group_size,
-            "scale_dtype": QUANT_SCALE_DTYPE, "method": method, "original_dtype": original_dtype}
+    section = {"scheme": cfg.expert_quant.value, "group_size": cfg.expert_group_size,
+               "scale_dtype": quant_scale_dtype(cfg.expert_quant), "method": method,
+               "original_dtype": original_dtype}
+    if cfg.expert_quant is Quant.FP8:
+        section["block"] = [cfg.expert_group_size, cfg.expert_group_size]
+    return section
 
 
 def build_manifest(cfg: ModelConfig, *, hf_config: dict[str, Any], source: pathlib.Path,
@@ -162,9 +168,11 @@ def _check_sections(m: dict[str, Any], where: pathlib.Path) -> None:
         raise ManifestError(f"{where}: experts are quantized as {quant.get('scheme')!r}, a "
                             f"scheme this klotski-jax does not know (it reads "
                             f"{', '.join(schemes)}); upgrade klotski-jax or re-convert")
-    if quant.get("scale_dtype") != QUANT_SCALE_DTYPE:
-        raise ManifestError(f"{where}: quantization scales in {quant.get('scale_dtype')!r}; "
-                            f"this klotski-jax reads {QUANT_SCALE_DTYPE} scales only")
+    want = quant_scale_dtype(Quant(quant["scheme"]))
+    if quant.get("scale_dtype") != want:
+        raise ManifestError(f"{where}: {quant['scheme']} quantization scales in "
+                            f"{quant.get('scale_dtype')!r}; this klotski-jax reads {want} "
+                            f"{quant['scheme']} scales only")
 
 
 def _check_quant_agrees(m: dict[str, Any], cfg: ModelConfig, where: pathlib.Path) -> None:

@@ -48,12 +48,14 @@ MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 # safetensors dtype -> (itemsize, numpy dtype or None when numpy has no equivalent we read)
 DTYPES: dict[str, tuple[int, np.dtype | None]] = {
     "F64": (8, np.dtype("<f8")), "F32": (4, np.dtype("<f4")), "F16": (2, np.dtype("<f2")),
-    "BF16": (2, np.dtype(ml_dtypes.bfloat16)), "F8_E4M3": (1, None), "F8_E5M2": (1, None),
+    "BF16": (2, np.dtype(ml_dtypes.bfloat16)), "F8_E4M3": (1, np.dtype(ml_dtypes.float8_e4m3fn)),
+    "F8_E5M2": (1, None),
     "I64": (8, np.dtype("<i8")), "I32": (4, np.dtype("<i4")), "I16": (2, np.dtype("<i2")),
     "I8": (1, np.dtype("i1")), "U64": (8, np.dtype("<u8")), "U32": (4, np.dtype("<u4")),
     "U16": (2, np.dtype("<u2")), "U8": (1, np.dtype("u1")), "BOOL": (1, np.dtype("?")),
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+FP8_DTYPE = "F8_E4M3"  # block-scaled FP8 weights (with a `weight_scale_inv` companion)
 
 
 @dataclasses.dataclass(frozen=True)

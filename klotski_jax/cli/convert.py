@@ -29,16 +29,18 @@ def add(sub: Any) -> None:
     p.add_argument("out_dir", help="output checkpoint directory (must not exist)")
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="store weights in this dtype (default: the config's dtype)")
-    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+    p.add_argument("--quantize", choices=["none", "int8", "int4", "fp8"], default="none",
                    help="store the routed experts quantized (dense weights, router and shared "
                         "experts keep --dtype): int8 moves about half, int4 about 0.28x the "
-                        "bytes of bf16")
+                        "bytes of bf16; fp8 (e4m3, a float32 scale per GxG block) about half, "
+                        "and from an FP8 checkpoint it keeps the experts' fp8 bytes as they are")
     p.add_argument("--group-size", type=int, default=None, metavar="G",
                    help="inputs per quantization group (default: 64 for int4, one group per "
-                        "output row for int8); must divide hidden_size and the expert width")
+                        "output row for int8); must divide hidden_size and the expert width. "
+                        "fp8: the block side (default: the FP8 source's block, else 128)")
     p.add_argument("--refine", action="store_true",
-                   help="refine the round-to-nearest scales and zero points by least squares "
-                        "per group (lower weight error; no better perplexity measured)")
+                   help="refine the round-to-nearest int8/int4 scales and zero points by least "
+                        "squares per group (lower weight error; no better perplexity measured)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)

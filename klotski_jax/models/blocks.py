@@ -40,20 +40,29 @@ def layer_graphdef(cfg: ModelConfig, moe: bool, routed: bool) -> nnx.GraphDef:
 
 
 @functools.cache
-def expert_graphdef(quant: Quant = Quant.NONE) -> nnx.GraphDef:
+def expert_graphdef(quant: Quant = Quant.NONE, block: int = 0) -> nnx.GraphDef:
     """The graph definition of one routed `Expert` (the same for every layer and model with
-    the same kind of storage: plain, int8 or int4)."""
+    the same kind of storage: plain, int8, int4, or fp8 with blocks of `block`)."""
+    group = {Quant.NONE: 0, Quant.INT8: 0, Quant.INT4: 2, Quant.FP8: block}[quant]
     return nnx.split(nnx.eval_shape(lambda: Expert(
-        2, 2, rngs=nnx.Rngs(0), dtype=F32, quant=quant, group_size=0 if quant is Quant.NONE
-        or quant is Quant.INT8 else 2)))[0]
+        2, 2, rngs=nnx.Rngs(0), dtype=F32, quant=quant, group_size=group)))[0]
 
 
 def expert_quant(w: Mapping[str, Any]) -> Quant:
-    """The storage of an expert state {gate, up, down}: plain arrays, or {q, scale[, zero]}."""
+    """The storage of an expert state {gate, up, down}: plain arrays, or {q, scale[, zero]}
+    (fp8: q is float8_e4m3fn)."""
     gate = w["gate"]
     if not isinstance(gate, Mapping):
         return Quant.NONE
-    return Quant.INT4 if "zero" in gate else Quant.INT8
+    if "zero" in gate:
+        return Quant.INT4
+    return Quant.FP8 if jnp.dtype(gate["q"].dtype) == jnp.float8_e4m3fn else Quant.INT8
+
+
+def expert_block(cfg: ModelConfig) -> int:
+    """The static block side an expert step of `cfg` needs (fp8 experts; 0 for the others,
+    whose group size their arrays' shapes give)."""
+    return cfg.expert_group_size if cfg.expert_quant is Quant.FP8 else 0
 
 
 def merge_layer(w: LayerState, cfg: ModelConfig) -> DecoderLayer:
@@ -63,9 +72,13 @@ def merge_layer(w: LayerState, cfg: ModelConfig) -> DecoderLayer:
     return nnx.merge(layer_graphdef(cfg, moe, routed), w)
 
 
-def merge_expert(w: Mapping[str, Any]) -> Expert:
-    """The `Expert` of one expert's state {gate, up, down} (call inside a jitted function)."""
-    return nnx.merge(expert_graphdef(expert_quant(w)), w)
+def merge_expert(w: Mapping[str, Any], block: int = 0) -> Expert:
+    """The `Expert` of one expert's state {gate, up, down} (call inside a jitted function);
+    block: the fp8 block side (`expert_block`), which an fp8 state needs."""
+    quant = expert_quant(w)
+    if quant is Quant.FP8 and block <= 0:
+        raise ValueError("an fp8 expert needs its block size (blocks.expert_block(cfg))")
+    return nnx.merge(expert_graphdef(quant, block if quant is Quant.FP8 else 0), w)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "window"), donate_argnames=("kv",))

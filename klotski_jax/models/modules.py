@@ -189,7 +189,9 @@ class Router(nnx.Module):
 
 class QuantizedMatrix(nnx.Module):
     """A stored-quantized projection (models/quant.py): q, scale and (int4) zero as parameters,
-    leading dims allowed (a stack of experts); `weight` dequantizes it inside the trace."""
+    leading dims allowed (a stack of experts); `weight` dequantizes it inside the trace. An fp8
+    matrix keeps its block side as a static attribute (part of the graph definition): its
+    ceil-sized scale grid does not determine it."""
 
     def __init__(self, quant: Quant, group_size: int, lead: tuple[int, ...], out_dim: int,
                  in_dim: int, *, dtype: Any):
@@ -199,10 +201,12 @@ class QuantizedMatrix(nnx.Module):
         self.scale = nnx.Param(jnp.zeros((*lead, *leaves["scale"][0]), leaves["scale"][1]))
         self.zero = (nnx.Param(jnp.zeros((*lead, *leaves["zero"][0]), leaves["zero"][1]))
                      if "zero" in leaves else None)
+        self.block = group_size if quant is Quant.FP8 else 0
 
     def weight(self, dtype: Any) -> jax.Array:
         """The dequantized weights [..., out, in] in `dtype`."""
-        return quant.dequantize(self.q[...], self.scale[...], _value(self.zero), dtype)
+        return quant.dequantize(self.q[...], self.scale[...], _value(self.zero), dtype,
+                                block=self.block)
 
 
 def _projection(rngs: nnx.Rngs, lead: tuple[int, ...], shape: tuple[int, int], dtype: Any,

@@ -1,4 +1,5 @@
-"""Quantized routed experts: group-wise int8 / int4 with float16 scales (and int4 zero points).
+"""Quantized routed experts: group-wise int8 / int4 with float16 scales (and int4 zero points),
+and block-scaled fp8 (float8_e4m3fn values, one float32 scale per G x G block).
 
 A projection w [out, in] is cut into groups of G consecutive inputs of one output row (G =
 `expert_group_size`; per-row int8 uses G = in). Each group g stores float16 values and is
@@ -24,6 +25,17 @@ the same function, so engine and reference see the same weights (within float ro
 backend fuses the stacked and the single-expert computation differently). int4 codes are unpacked
 with JAX's native `uint4` bitcast where the backend supports it (`native_int4`), and with shifts
 and masks where it does not; both give the same integers.
+
+fp8 is the format of block-scaled FP8 checkpoints (DeepSeek-V3, Qwen3 FP8, ...): w [out, in] is
+cut into blocks of G x G (the last block of a dimension G does not divide is partial) and
+
+    fp8 (symmetric):    w ~ float(q) * s_b,    q float8_e4m3fn, s_b float32 (`weight_scale_inv`)
+
+The converter keeps an FP8 checkpoint's experts as they are (`fp8_blocks`: codes and scales
+byte for byte) or quantizes float experts with `quantize` (s_b = amax / 448, e4m3's largest
+value, then round-to-nearest-even to e4m3: within 2^-4 of |w| relative, and 2^-10 s_b absolute
+for the subnormals). Dequantizing is one float32 product per element, rounded once to the
+target dtype, so NumPy (conversion) and XLA (the jitted steps) give the same bits.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from klotski_jax.config import QUANT_SCALE_DTYPE, Quant
@@ -41,6 +54,8 @@ F32 = jnp.float32
 INT8_MAX = 127
 INT4_MAX = 15
 REFINE_ITERS = 4
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 
 
 # ---- int4 packing -------------------------------------------------------------------------------
@@ -100,16 +115,77 @@ def native_int4(platform: str) -> bool:
         return False
 
 
+# ---- fp8 blocks ---------------------------------------------------------------------------------
+
+def block_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    """The scale grid of a weight [..., out, in] in blocks of (rows, cols): ceil-sized, so a
+    dimension the block does not divide ends in a partial block (what FP8 checkpoints store)."""
+    *lead, out, inp = shape
+    return (*lead, -(-out // block[0]), -(-inp // block[1]))
+
+
+def dequantize_fp8_np(q: np.ndarray, scale: np.ndarray, block: tuple[int, int],
+                      dtype: Any = np.float32, row0: int = 0) -> np.ndarray:
+    """NumPy dequantization of fp8 values q [..., out, in] (float8_e4m3fn) with their block
+    scales (`weight_scale_inv` [..., R, C] of the matrix whose rows q starts at: `row0` > 0 for
+    the second half of a fused gate_up tensor): the float32 product, rounded once to `dtype`.
+    Used at conversion, so it works one band of rows (one block high) at a time and never holds
+    more than the float32 result and one row of scales."""
+    *_, out, inp = q.shape
+    s = np.asarray(scale, np.float32)
+    cols = np.arange(inp) // block[1]
+    w = q.astype(np.float32)
+    r = 0
+    while r < out:
+        b = (row0 + r) // block[0]
+        end = min(out, (b + 1) * block[0] - row0)
+        w[..., r:end, :] *= s[..., b, :][..., cols][..., None, :]
+        r = end
+    return w.astype(dtype, copy=False)
+
+
+def fp8_blocks(w: np.ndarray, block: int) -> dict[str, np.ndarray]:
+    """w [out, in] (any float dtype) quantized to e4m3 in `block` x `block` blocks:
+    {q: float8_e4m3fn [out, in], scale: float32 [ceil(out / block), ceil(in / block)]}, with
+    scale = amax / 448 per block (0 for an all-zero block, which comes back exactly) and each
+    value rounded to the nearest e4m3 (ties to even)."""
+    out, inp = w.shape
+    rows, cols = -(-out // block), -(-inp // block)
+    padded = np.zeros((rows * block, cols * block), np.float32)
+    padded[:out, :inp] = w
+    blocks = padded.reshape(rows, block, cols, block)
+    scale = (np.abs(blocks).max(axis=(1, 3)) / np.float32(FP8_MAX)).astype(np.float32)
+    safe = np.where(scale == 0, np.float32(1), scale)[:, None, :, None]
+    q = np.clip(blocks / safe, -FP8_MAX, FP8_MAX).reshape(padded.shape)[:out, :inp]
+    return {"q": q.astype(FP8), "scale": scale}
+
+
 # ---- dequantizing (JAX, inside the jitted steps) ------------------------------------------------
 
+def dequantize_fp8(q: jax.Array, scale: jax.Array, block: int, dtype: Any) -> jax.Array:
+    """The weights [..., out, in] of fp8 values q (float8_e4m3fn) and their float32 scale grid
+    [..., ceil(out / block), ceil(in / block)], in `dtype`: each scale repeated over its block
+    (the last, partial block cut to the matrix), one float32 product, rounded once."""
+    *_, out, inp = q.shape
+    s = jnp.repeat(jnp.repeat(scale.astype(F32), block, axis=-2)[..., :out, :], block,
+                   axis=-1)[..., :inp]
+    return (q.astype(F32) * s).astype(dtype)
+
+
 def dequantize(q: jax.Array, scale: jax.Array, zero: jax.Array | None, dtype: Any,
-               native: bool | None = None) -> jax.Array:
+               native: bool | None = None, block: int = 0) -> jax.Array:
     """The weights [..., out, in] of one stored projection (or a stack of them), in `dtype`.
 
-    q: int8 [..., out, in] (int8) or packed uint8 [..., out, in / 2] (int4); scale, zero:
-    [..., out, in / G]. Computed in float32, then rounded once to `dtype`. An int4 group is
-    dequantized as its two half-groups (the packing's nibbles), side by side. native: unpack
-    int4 with the uint4 bitcast (default: `native_int4` of the default backend)."""
+    q: int8 [..., out, in] (int8), packed uint8 [..., out, in / 2] (int4) or float8_e4m3fn
+    [..., out, in] (fp8); scale, zero: [..., out, in / G] (fp8: the block grid, and `block`, the
+    block side G, which the shapes alone do not determine when G does not divide them).
+    Computed in float32, then rounded once to `dtype`. An int4 group is dequantized as its two
+    half-groups (the packing's nibbles), side by side. native: unpack int4 with the uint4
+    bitcast (default: `native_int4` of the default backend)."""
+    if q.dtype == FP8:
+        if block <= 0:
+            raise ValueError("dequantizing fp8 needs its block size")
+        return dequantize_fp8(q, scale, block, dtype)
     *lead, out, m = q.shape
     groups = scale.shape[-1]
     grouped = q.reshape(*lead, out, groups, m // groups)
@@ -206,9 +282,15 @@ def quantize(w: np.ndarray, quant: Quant, group_size: int, refine: bool = False
     (the shapes and dtypes of `config.quant_leaves`)."""
     quant = Quant(quant)
     if quant is Quant.NONE:
-        raise ValueError("quantize() needs int8 or int4")
+        raise ValueError("quantize() needs int8, int4 or fp8")
     if w.ndim != 2:
         raise ValueError(f"quantize() takes one [out, in] matrix, got shape {w.shape}")
+    if quant is Quant.FP8:
+        if group_size <= 0:
+            raise ValueError(f"fp8 needs a block size > 0, got {group_size}")
+        if not np.all(np.isfinite(w)):
+            raise ValueError("cannot quantize a matrix with NaN or infinite values")
+        return fp8_blocks(w, group_size)
     if quant is Quant.INT4 and (group_size <= 0 or group_size % 2):
         raise ValueError(f"int4 needs an even group size > 0, got {group_size}")
     g = _groups(w, group_size)
@@ -222,10 +304,13 @@ def quantize(w: np.ndarray, quant: Quant, group_size: int, refine: bool = False
     return {"q": pack_int4(q.reshape(out_dim, in_dim), group_size), "scale": s, "zero": z}
 
 
-def dequantize_np(leaves: dict[str, np.ndarray], dtype: Any = np.float32) -> np.ndarray:
+def dequantize_np(leaves: dict[str, np.ndarray], dtype: Any = np.float32, block: int = 0
+                  ) -> np.ndarray:
     """NumPy dequantization of stored arrays (tests and measurements; the device uses
-    `dequantize`): the same float32 arithmetic, rounded to `dtype`."""
+    `dequantize`): the same float32 arithmetic, rounded to `dtype` (fp8: `block` is its side)."""
     q = leaves["q"]
+    if q.dtype == FP8:
+        return dequantize_fp8_np(q, leaves["scale"], (block, block), dtype)
     s = leaves["scale"].astype(np.float32)
     codes = unpack_int4_np(q, 2 * q.shape[-1] // s.shape[-1]) if q.dtype == np.uint8 else q
     out_dim, n = codes.shape[-2:]

@@ -139,6 +139,7 @@ class Scheduler:
                  tracer: Tracer, stats: RunStats, device_ledger: MemoryLedger,
                  live_baseline: int | None = None) -> None:
         self.cfg = cfg
+        self._block = blocks.expert_block(cfg)  # fp8 experts' block side (static)
         self.policy = policy
         self.placement = placement
         self.transfers = transfers
@@ -300,7 +301,8 @@ class Scheduler:
         per = ({"tokens_per_group": np.diff(np.searchsorted(rows, offsets)).tolist()
                 + [int((rows >= offsets[-1]).sum())]} if self.tracer.enabled else {})
         with self._compute(s, "expert", layer=i, expert=e, tokens=len(rows), **per, **trace) as c:
-            acc, self._fence = steps.expert_apply(acc, x_all, r, ww, w)
+            acc, self._fence = steps.expert_apply(acc, x_all, r, ww, w,
+                                                         block=self._block)
             c.out = self._fence
         self.stats.expert_computes += 1
         return acc

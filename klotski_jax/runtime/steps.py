@@ -39,16 +39,18 @@ def zero_accumulator(shape: tuple[int, ...]) -> jax.Array:
     return jnp.zeros(shape, jnp.float32)
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("block",))
 def expert_apply(acc: jax.Array, x: jax.Array, rows: jax.Array, weights: jax.Array,
-                 expert: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+                 expert: Mapping[str, jax.Array], *, block: int = 0
+                 ) -> tuple[jax.Array, jax.Array]:
     """acc[rows] += weights * Expert(x[rows]); acc [N, d] float32 (donated), rows [bucket];
     expert: one expert's state {gate, up, down} (pure form), merged into `modules.Expert` here
-    (a quantized expert's arrays are dequantized here, on the device, next to the matmuls).
+    (a quantized expert's arrays are dequantized here, on the device, next to the matmuls);
+    block: `blocks.expert_block(cfg)`, the block side of fp8 experts (0 for the others).
 
     Also returns a scalar computed by the same execution: the fence that says the expert's
     weights are no longer read (acc cannot be one: the next expert's call donates it)."""
-    y = blocks.merge_expert(expert)(x[rows])  # [bucket >= 2, d]
+    y = blocks.merge_expert(expert, block)(x[rows])  # [bucket >= 2, d]
     return acc.at[rows].add(y.astype(jnp.float32) * weights[:, None]), y[0, 0]
 
 
@@ -62,7 +64,8 @@ def warm_up_experts(cfg: ModelConfig, n_rows: int) -> None:
     for size in buckets_upto(n_rows):
         acc = jnp.zeros((n_rows, d), jnp.float32)
         jax.block_until_ready(expert_apply(acc, x, jnp.zeros(size, jnp.int32),
-                                           jnp.zeros(size, jnp.float32), expert))
+                                           jnp.zeros(size, jnp.float32), expert,
+                                           block=blocks.expert_block(cfg)))
 
 
 @functools.partial(jax.jit, static_argnames=("t",))
