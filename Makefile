@@ -13,6 +13,9 @@ PIP    := $(PY) -m pip
 # accelerate in a venv without torch) resolves to a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 PYTEST_ARGS ?=
+# pytest-xdist workers (test files stay whole on one worker: their module fixtures are built
+# once). Two fit the 2-core CI machine; 0 runs the suite in-process, without workers.
+PYTEST_WORKERS ?= 2
 # Where `make demo` writes its JSON lines, plot and trace.
 BENCH_OUT ?= bench-out
 
@@ -57,11 +60,11 @@ demo: $(VENV)/.installed
 	    --json $(BENCH_OUT)/demo.jsonl --plot $(BENCH_OUT)/demo.png --trace $(BENCH_OUT)/demo-trace.json
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # pytest exits 5 when nothing is selected: not a failure while no test is marked slow.
 test-slow: $(VENV)/.installed-test
-	$(PY) -m pytest -m slow $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no slow tests"; }
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m slow $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no slow tests"; }
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

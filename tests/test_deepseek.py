@@ -19,6 +19,7 @@ import logging
 import math
 
 import contract
+import hf_models
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -264,3 +265,47 @@ def test_bf16_deepseek_v3_keeps_the_contract_through_the_pipeline(tmp_path) -> N
         got = Engine(ckpt, policy.replace(device_budget=budget)).logits(ids, mask)
         contract.assert_logits_close(got, want, mask, contract.BFLOAT16, what=schedule)
     assert math.isfinite(float(np.abs(want).max()))
+
+
+# ---- FP8 releases (DeepSeek-V3 / R1 ship block-scaled FP8) ------------------------------------
+
+@pytest.mark.parametrize("name", ["deepseek_v3", pytest.param("glm4_moe", marks=pytest.mark.slow)])
+def test_fp8_release_converts_matches_hf_and_streams_fp8_experts(tmp_path, name: str) -> None:
+    """A tiny FP8 release of the family (every Linear in F8_E4M3 with 8 x 8 block scales, the
+    MLA projections included; routers, norms, embeddings in float): converted by default
+    (dequantized) it matches the HF model holding the dequantized weights; with
+    --quantize fp8 its experts stay fp8 and the engine streams them at the smallest budget
+    within the exactness contract."""
+    _, src = save_hf_model(name, tmp_path / "hf")
+    fp8_dir, weights = hf_models.fp8_checkpoint(src, tmp_path / "hf-fp8", block=(8, 8))
+    assert any(k.endswith("kv_b_proj.weight_scale_inv") or k.endswith("q_proj.weight_scale_inv")
+               for k in hf_models.load_tensors(fp8_dir / "model.safetensors"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_models.float_checkpoint(fp8_dir, tmp_path / "hf-deq", weights),
+        dtype=torch.float32).eval()
+    model = klotski_jax.load(klotski_jax.convert(fp8_dir, tmp_path / "deq", progress=False))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, model.config.vocab_size, (3, 9)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[2, :3] = 0
+    pos = np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                  position_ids=torch.tensor(pos)).logits.numpy()
+    contract.assert_logits_close(model.logits(ids, mask), want, mask, contract.FLOAT32, what="HF")
+
+    store = klotski_jax.convert(fp8_dir, tmp_path / "fp8", quantize="fp8", progress=False)
+    fp8_model = klotski_jax.load(store)
+    assert fp8_model.config.expert_quant.value == "fp8" and fp8_model.config.expert_group_size == 8
+    ref = contract.reference_greedy(fp8_model, ids, mask, 4, contract.FLOAT32)
+    policy = Policy(schedule="klotski", groups=2, verify_memory=True)
+    lay = Engine(store, policy).layout(len(ids))
+    s = prompt_bucket(ids.shape[1])
+    budget = place(fp8_model.config, policy, Workload(lay.groups, lay.batch, s, 32 - s)
+                   ).min_device_bytes
+    prompts = [ids[r][mask[r] > 0].tolist() for r in range(len(ids))]
+    out = Engine(store, policy.replace(device_budget=budget)).generate(
+        prompts, max_new_tokens=4, stop_at_eos=False)
+    contract.assert_greedy_matches(out.token_ids, ref.tokens, ref.logits, contract.FLOAT32,
+                                   what="klotski on fp8 experts")
+    assert out.stats.bytes_read_disk and out.stats.bytes_read_disk % fp8_model.config.expert_bytes == 0

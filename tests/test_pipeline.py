@@ -101,10 +101,11 @@ def cases(tmp_path_factory):
 
 # One config per family in the fast suite, covering each family's quirks (Mixtral with a sliding
 # window and tied embeddings, Qwen2-MoE's biases and shared expert, Qwen3-MoE's q/k norms, OLMoE's
-# full q/k norms and clip_qkv); the other variants (odd expert counts, sparse steps, no
-# renormalisation) run with the slow tests: together they took about a minute of a suite that
-# must stay under ten.
-FAST_FAMILIES = {"mixtral-odd", "qwen2_moe", "qwen3_moe", "olmoe-clip"}
+# full q/k norms and clip_qkv, DeepSeek-V3's latent attention with q_lora, yarn and noaux_tc
+# routing, GLM-4.5's partial rotary and grouped sigmoid router); the other variants (odd expert
+# counts, sparse steps, no renormalisation, V2's routers) run with the slow tests: together they
+# took about two minutes of a suite that must stay under ten.
+FAST_FAMILIES = {"mixtral-odd", "qwen2_moe", "qwen3_moe", "olmoe-clip", "deepseek_v3", "glm4_moe"}
 
 
 @pytest.mark.parametrize("family", [
