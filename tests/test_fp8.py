@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from cli_helpers import run_cli
+from cli_helpers import assert_generate_matches_reference, run_cli
 from safetensors.numpy import save_file
 
 import klotski_jax
@@ -430,19 +430,7 @@ def test_cli_generate_on_an_fp8_store(fp8_store: pathlib.Path, tmp_path: pathlib
     """`klotski generate` on the fp8 store: the reference's greedy tokens. (Budget: the weights'
     size; 90% is below the minimum layout here, where float32 dense weights are most bytes.)"""
     monkeypatch.setenv("KLOTSKI_JAX_PROFILES", str(tmp_path / "profiles"))
-    model = klotski_jax.load(fp8_store)
-    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
-    src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in prompts))
-    out = tmp_path / "out.jsonl"
-    rc, _, err = run_cli(["generate", str(fp8_store), "--input", str(src), "--output", str(out),
-                          "--max-new-tokens", "4", "--device-budget", "100%", "-q"], capsys)
-    assert rc == 0, err
-    for row, p in zip(map(json.loads, out.read_text().splitlines()), prompts):
-        want = model.generate_reference(np.asarray([p], np.int32), 4)[0, len(p):].tolist()
-        logits = model.logits(np.asarray([p + want[:-1]], np.int32))[:, len(p) - 1:]
-        contract.assert_greedy_matches([row["token_ids"]], np.asarray([want]), logits,
-                                       contract.tolerance(model.config.dtype))
+    assert_generate_matches_reference(fp8_store, tmp_path, capsys, "100%")
 
 
 # ---- errors through the CLI ------------------------------------------------------------------------

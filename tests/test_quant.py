@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import assert_generate_matches_reference, run_cli
 from hf_models import save_hf_model
 
 import klotski_jax
@@ -346,20 +346,7 @@ def test_cli_generate_and_bench_run_a_quantized_store(
         int4_ckpt: pathlib.Path, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KLOTSKI_JAX_PROFILES", str(tmp_path / "profiles"))
-    model = klotski_jax.load(int4_ckpt)
-    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
-    src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in prompts))
-    out = tmp_path / "out.jsonl"
-    rc, _, err = run_cli(["generate", str(int4_ckpt), "--input", str(src), "--output", str(out),
-                          "--max-new-tokens", "4", "--device-budget", "90%", "-q"], capsys)
-    assert rc == 0, err
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
-    for row, p in zip(rows, prompts):
-        want = model.generate_reference(np.asarray([p], np.int32), 4)[0, len(p):].tolist()
-        logits = model.logits(np.asarray([p + want[:-1]], np.int32))[:, len(p) - 1:]
-        contract.assert_greedy_matches([row["token_ids"]], np.asarray([want]), logits,
-                                       contract.tolerance(model.config.dtype))
+    assert_generate_matches_reference(int4_ckpt, tmp_path, capsys, "90%")
     rc, _, err = run_cli(["bench", str(int4_ckpt), "--schedules", "klotski,lru", "--json",
                           str(tmp_path / "b.jsonl"), "--prompt-len", "8", "--gen-len", "3",
                           "--num-prompts", "2", "--repeats", "1", "--device-budget", "90%", "-q"],
