@@ -273,3 +273,22 @@ def zeroed_expert_checkpoint(ckpt: str | os.PathLike[str], out: pathlib.Path, la
     (out / MANIFEST_FILE).unlink()  # a symlink to the original's: write a new file
     (out / MANIFEST_FILE).write_text(json.dumps(manifest))
     return out
+
+
+# ---- budgets ------------------------------------------------------------------------------------
+def smallest_budget(ckpt: str | os.PathLike[str], policy: Any, n_prompts: int, prompt_len: int,
+                    new_tokens: int) -> int:
+    """The tightest device budget `Engine(ckpt, policy)` accepts for `n_prompts` prompts of up
+    to `prompt_len` tokens generating `new_tokens`: the placement's minimum for the layout the
+    engine picks (prompts padded to their bucket, the cache to whole 32-slot blocks), where
+    experts stream through a single slot. The tests that check a schedule "at a tight budget"
+    run it here."""
+    from klotski_jax.engine import Engine, prompt_bucket
+    from klotski_jax.planning.placement import Workload, place
+
+    engine = Engine(ckpt, policy)
+    lay = engine.layout(n_prompts)
+    s = prompt_bucket(prompt_len)
+    cache = -(-(s + new_tokens) // 32) * 32
+    return place(engine.config, policy, Workload(lay.groups, lay.batch, s, cache - s)
+                 ).min_device_bytes

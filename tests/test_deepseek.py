@@ -35,10 +35,9 @@ from klotski_jax import cli
 from klotski_jax.checkpoints.errors import UnmappedTensorError
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.config import Attn, ModelConfig, TopkMethod
-from klotski_jax.engine import Engine, prompt_bucket
+from klotski_jax.engine import Engine
 from klotski_jax.models import layers
 from klotski_jax.models.reference import KVCache
-from klotski_jax.planning.placement import Workload, place
 from klotski_jax.planning.policy import Policy
 
 
@@ -258,10 +257,7 @@ def test_bf16_deepseek_v3_keeps_the_contract_through_the_pipeline(tmp_path) -> N
     want = model.logits(ids, mask)
     for schedule in ("klotski", "lru"):
         policy = Policy(schedule=schedule, groups=2)
-        lay = Engine(ckpt, policy).layout(len(ids))
-        s = prompt_bucket(ids.shape[1])
-        budget = place(model.config, policy, Workload(lay.groups, lay.batch, s, 32 - s)
-                       ).min_device_bytes  # the tightest budget: experts stream one by one
+        budget = contract.smallest_budget(ckpt, policy, len(ids), ids.shape[1], 0)
         got = Engine(ckpt, policy.replace(device_budget=budget)).logits(ids, mask)
         contract.assert_logits_close(got, want, mask, contract.BFLOAT16, what=schedule)
     assert math.isfinite(float(np.abs(want).max()))
@@ -299,10 +295,7 @@ def test_fp8_release_converts_matches_hf_and_streams_fp8_experts(tmp_path, name:
     assert fp8_model.config.expert_quant.value == "fp8" and fp8_model.config.expert_group_size == 8
     ref = contract.reference_greedy(fp8_model, ids, mask, 4, contract.FLOAT32)
     policy = Policy(schedule="klotski", groups=2, verify_memory=True)
-    lay = Engine(store, policy).layout(len(ids))
-    s = prompt_bucket(ids.shape[1])
-    budget = place(fp8_model.config, policy, Workload(lay.groups, lay.batch, s, 32 - s)
-                   ).min_device_bytes
+    budget = contract.smallest_budget(store, policy, len(ids), ids.shape[1], 4)
     prompts = [ids[r][mask[r] > 0].tolist() for r in range(len(ids))]
     out = Engine(store, policy.replace(device_budget=budget)).generate(
         prompts, max_new_tokens=4, stop_at_eos=False)

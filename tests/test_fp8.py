@@ -37,9 +37,9 @@ import klotski_jax
 from klotski_jax.checkpoints import manifest as mf
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.config import Family, ModelConfig, Quant, quant_leaves
-from klotski_jax.engine import Engine, prompt_bucket
+from klotski_jax.engine import Engine
 from klotski_jax.models import quant
-from klotski_jax.planning.placement import Workload, place, staged_expert_bytes
+from klotski_jax.planning.placement import staged_expert_bytes
 from klotski_jax.planning.policy import Policy
 
 F8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -411,10 +411,7 @@ def test_engine_keeps_the_contract_on_an_fp8_store(fp8_store: pathlib.Path,
     want_logits = model.logits(ids, mask)
     prompts = [ids[r][mask[r] > 0].tolist() for r in range(len(ids))]
     policy = Policy(schedule=schedule, groups=2, verify_memory=True)
-    lay = Engine(fp8_store, policy).layout(len(prompts))
-    cache = -(-(prompt_bucket(11) + 4) // 32) * 32
-    budget = place(cfg, policy, Workload(lay.groups, lay.batch, prompt_bucket(11),
-                                         cache - prompt_bucket(11))).min_device_bytes
+    budget = contract.smallest_budget(fp8_store, policy, len(prompts), 11, 4)
     engine = Engine(fp8_store, policy.replace(device_budget=budget))
     out = engine.generate(prompts, max_new_tokens=4, stop_at_eos=False)
     contract.assert_greedy_matches(out.token_ids, want.tokens, want.logits, tol, what=schedule)

@@ -68,12 +68,7 @@ class Case:
                                        what=str(what))
 
     def min_budget(self, policy: Policy) -> int:
-        engine = Engine(self.ckpt, policy)
-        lay = engine.layout(len(self.prompts))
-        groups, batch = lay.groups, lay.batch
-        s = prompt_bucket(max(LENGTHS))  # generate pads the prompts to their bucket
-        cache = -(-(s + NEW) // 32) * 32
-        return place(self.config, policy, Workload(groups, batch, s, cache - s)).min_device_bytes
+        return contract.smallest_budget(self.ckpt, policy, len(self.prompts), max(LENGTHS), NEW)
 
     def check(self, policy: Policy) -> None:
         engine = Engine(self.ckpt, policy)

@@ -26,7 +26,7 @@ from klotski_jax.checkpoints import manifest as mf
 from klotski_jax.checkpoints.errors import ConversionError, ManifestError
 from klotski_jax.checkpoints.store import CheckpointReader
 from klotski_jax.config import ConfigError, Quant, quant_leaves
-from klotski_jax.engine import Engine, prompt_bucket
+from klotski_jax.engine import Engine
 from klotski_jax.models import quant
 from klotski_jax.planning.placement import Workload, place, staged_expert_bytes
 from klotski_jax.planning.policy import Policy
@@ -306,10 +306,7 @@ def test_every_schedule_keeps_the_contract_on_a_quantized_store(
     prompts = [ids[r, 11 - n:].tolist() for r, n in enumerate(lengths)]
     for p in POLICIES:
         policy = Policy(groups=2, verify_memory=True, **p)
-        lay = Engine(ckpt, policy).layout(len(prompts))
-        cache = -(-(prompt_bucket(11) + 5) // 32) * 32
-        budget = place(cfg, policy, Workload(lay.groups, lay.batch, prompt_bucket(11),
-                                             cache - prompt_bucket(11))).min_device_bytes
+        budget = contract.smallest_budget(ckpt, policy, len(prompts), 11, 5)
         engine = Engine(ckpt, policy.replace(device_budget=budget))
         out = engine.generate(prompts, max_new_tokens=5, stop_at_eos=False)
         contract.assert_greedy_matches(out.token_ids, want.tokens, want.logits, tol, what=str(p))
