@@ -33,6 +33,7 @@ from klotski_jax.planning.planner import Plan, Planner, PlanRequest
 from klotski_jax.planning.policy import Policy, PolicyError, Schedule
 from klotski_jax.planning.prefetcher import CorrelationPrefetcher, CorrelationTable, TableError
 from klotski_jax.planning.prior import is_prior
+from klotski_jax.runtime import steps
 from klotski_jax.runtime.host import HostTier, Verified
 from klotski_jax.runtime.ledger import MemoryLedger
 from klotski_jax.runtime.scheduler import GroupState, Scheduler, live_device_bytes
@@ -170,6 +171,25 @@ class Engine:
         self._predictor_factory = predictor_factory or self._default_predictor
         self._profile = profile
         self._plans: dict[tuple[int, int, int], Plan | None] = {}
+        self._kv_memory: dict[bool, Any] = {}
+
+    def kv_memory(self, policy: Policy) -> Any:
+        """Where host-resident KV caches live: jax's pinned_host memory when the policy puts
+        host data there (`use_pinned_host`) and the backend runs the host-side slot write
+        (`steps.pinned_kv_works`, tried once), else None (NumPy arrays, with a log line when
+        pinned memory was asked for but cannot hold them)."""
+        pinned = use_pinned_host(policy)
+        if pinned not in self._kv_memory:
+            memory = None
+            if pinned:
+                memory = jax.sharding.SingleDeviceSharding(jax.devices()[0],
+                                                           memory_kind="pinned_host")
+                if not steps.pinned_kv_works(memory):
+                    log.warning("this backend cannot update KV caches in pinned host memory: "
+                                "host-resident KV caches stay in ordinary host memory")
+                    memory = None
+            self._kv_memory[pinned] = memory
+        return self._kv_memory[pinned]
 
     def _default_predictor(self, cfg: Any) -> HotPredictor:
         if self.prefetch_table is not None:
@@ -490,7 +510,8 @@ class _Session:
 
     def group(self, ids: np.ndarray, mask: np.ndarray) -> GroupState:
         on_device = self.placement.kv_on_device
-        cache = KVCache.create(self.cfg, len(ids), self.cache_len, host=not on_device)
+        cache = KVCache.create(self.cfg, len(ids), self.cache_len, host=not on_device,
+                               memory=None if on_device else self.engine.kv_memory(self.policy))
         cache.valid[:, : ids.shape[1]] = mask > 0
         return GroupState(cache, ids, positions_from_mask(mask),
                           index=self.transfers.add_kv_cache(cache))

@@ -22,8 +22,10 @@ from hf_models import CONFIGS, save_hf_model
 import klotski_jax
 from klotski_jax.constants import BudgetError
 from klotski_jax.engine import Engine, prompt_bucket
+from klotski_jax.models.reference import KVCache
 from klotski_jax.planning.placement import Workload, place
 from klotski_jax.planning.policy import Policy, Schedule
+from klotski_jax.runtime import steps as steps_mod
 from klotski_jax.runtime import transfers as transfers_mod
 from klotski_jax.runtime.trace import Tracer
 
@@ -243,6 +245,33 @@ def test_pinned_host_cache_on_cpu(cases):
     case = cases("olmoe")
     policy = Policy(groups=2, pinned_host=True)
     case.check(policy.replace(device_budget=case.min_budget(policy)))
+
+
+@pytest.mark.parametrize("works", [True, False], ids=["pinned", "fallback"])
+def test_host_resident_kv_caches_in_pinned_memory(cases, monkeypatch, caplog, works):
+    """With pinned host memory (GPU/TPU by default; asked for here on CPU, which has the
+    memory kind too) host-resident KV caches are jax arrays there, updated in place by a
+    host-side jitted write of the new slots; MLA's two cache shapes included. A backend that
+    cannot run that write keeps NumPy caches and says so. Both keep the contract and the
+    budget."""
+    case = cases("deepseek_v2-group")  # MLA, and no dense layer to hold the caches' room
+    if not works:
+        monkeypatch.setattr(steps_mod, "pinned_kv_works", lambda memory: False)
+    policy = Policy(groups=2, pinned_host=True, verify_memory=True)
+    engine = Engine(case.ckpt, policy.replace(device_budget=case.min_budget(policy)))
+    memory = engine.kv_memory(engine.policy)
+    assert (memory is not None and memory.memory_kind == "pinned_host") == works
+    assert ("cannot update KV caches in pinned host memory" in caplog.text) == (not works)
+    made = []
+    create = KVCache.create
+    monkeypatch.setattr(KVCache, "create", classmethod(
+        lambda cls, *a, **kw: made.append(create(*a, **kw)) or made[-1]))
+    out = engine.generate(case.prompts, max_new_tokens=NEW, stop_at_eos=False)
+    assert out.placement["kv_cache_tier"] == "host"
+    case.check_tokens(out.token_ids, f"host KV caches, pinned={works}")
+    kinds = {getattr(getattr(a, "sharding", None), "memory_kind", "numpy")
+             for c in made for layer in c.kv for a in layer}
+    assert kinds == ({"pinned_host"} if works else {"numpy"})
 
 
 def test_kv_caches_live_on_the_host_when_the_budget_is_tight(cases):

@@ -230,8 +230,9 @@ def add(sub: Any) -> None:
     p.add_argument("--evict-page-cache", action="store_true",
                    help="drop the checkpoint's files from the page cache first (true disk reads)")
     p.add_argument("--pinned-host", choices=("auto", "on", "off"), default="auto",
-                   help="keep the host expert cache in pinned (page-locked) host memory, which "
-                        "makes host-to-device copies asynchronous; auto (default): on GPU/TPU, "
+                   help="keep the host expert cache, host-resident dense layers and KV "
+                        "caches in pinned (page-locked) host memory, which makes "
+                        "host-to-device copies asynchronous; auto (default): on GPU/TPU, "
                         "off on CPU; on falls back to ordinary host memory, with a warning, where "
                         "the device has no pinned_host memory")
     p.add_argument("--no-verify", dest="verify", action="store_false",

@@ -55,10 +55,16 @@ class KVCache:
     length: int = 0  # slots written so far
 
     @classmethod
-    def create(cls, cfg: ModelConfig, batch: int, max_len: int, *, host: bool = False) -> KVCache:
-        """Zeroed caches on the device, or in host memory (numpy) with host=True."""
-        zeros = (lambda shape: np.zeros(shape, cfg.np_dtype)) if host else (
-            lambda shape: jnp.zeros(shape, jnp.dtype(cfg.dtype)))
+    def create(cls, cfg: ModelConfig, batch: int, max_len: int, *, host: bool = False,
+               memory: Any = None) -> KVCache:
+        """Zeroed caches on the device, or in host memory with host=True: NumPy arrays, or jax
+        arrays in `memory` (a sharding of jax's pinned_host kind) when given."""
+        def zeros(shape: tuple[int, ...]) -> Any:
+            if not host:
+                return jnp.zeros(shape, jnp.dtype(cfg.dtype))
+            z = np.zeros(shape, cfg.np_dtype)
+            return z if memory is None else jax.device_put(z, memory)
+
         kv = [tuple(zeros((batch, max_len, *shape)) for shape in cfg.kv_cache_shapes)
               for _ in range(cfg.num_layers)]
         return cls(kv=kv, valid=np.zeros((batch, max_len), bool))

@@ -265,12 +265,24 @@ class Scheduler:
         if key is None:
             g.cache.kv[i] = new_kv
             return h
-        start, t = g.cache.length, g.tokens.shape[1]
-        at = np.int32(start)
-        for host, dev in zip(g.cache.kv[i], new_kv):  # store back only the slots just written
-            host[:, start:start + t] = np.asarray(steps.cache_slots(dev, at, t=t))
+        self._store_kv(g, i, new_kv)
         self.transfers.release(key)
         return h
+
+    def _store_kv(self, g: GroupState, i: int, new_kv: tuple[jax.Array, ...]) -> None:
+        """Write back to a host-resident cache only the slots this step just wrote: into its
+        NumPy arrays, or (pinned host memory) with the host-side jitted write."""
+        start, t = g.cache.length, g.tokens.shape[1]
+        at = np.int32(start)
+        stored = []
+        for host, dev in zip(g.cache.kv[i], new_kv):
+            slots = steps.cache_slots(dev, at, t=t)
+            if isinstance(host, np.ndarray):
+                host[:, start:start + t] = np.asarray(slots)
+                stored.append(host)
+            else:
+                stored.append(steps.host_slot_writer(host.sharding)(host, slots, at))
+        g.cache.kv[i] = tuple(stored)
 
     def _route(self, s: Step, i: int, w: Any, h: list[jax.Array], on_group=None
                ) -> tuple[list[jax.Array], Routing]:
@@ -520,7 +532,14 @@ class Scheduler:
                 w, h, tokens, kv, np.int32(0), np.ones((b, slots), bool), cfg=cfg,
                 window=cfg.sliding_windows[i])
             if host_kv:
-                np.asarray(steps.cache_slots(new_kv[0], np.int32(0), t=t))
+                for host, dev in zip(g.cache.kv[i], new_kv):  # K and V (MLA: two shapes)
+                    written = steps.cache_slots(dev, np.int32(0), t=t)
+                    if isinstance(host, np.ndarray):
+                        np.asarray(written)
+                    else:  # compile the pinned cache's write, on a copy (the write donates it)
+                        copy = jax.device_put(np.zeros(host.shape, host.dtype), host.sharding)
+                        jax.block_until_ready(
+                            steps.host_slot_writer(host.sharding)(copy, written, np.int32(0)))
             else:
                 g.cache.kv[i] = new_kv  # donated: the cache lives on in the returned arrays
             if cfg.moe_layers[i]:

@@ -10,11 +10,12 @@ never again.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.compute_on import compute_on
 
 from klotski_jax.config import ModelConfig
 from klotski_jax.constants import bucket, buckets_upto
@@ -76,6 +77,33 @@ def cache_slots(cache: jax.Array, start: jax.Array, *, t: int) -> jax.Array:
     cache (start is traced: one compile per t, not per step).
     """
     return jax.lax.dynamic_slice_in_dim(cache, start, t, axis=1)
+
+
+@functools.cache
+def host_slot_writer(memory: jax.sharding.Sharding) -> Callable[..., jax.Array]:
+    """The jitted write of new cache slots into a KV cache held in host memory `memory` (jax's
+    pinned_host kind): (cache [b, s, heads, h], slots [b, t, heads, h], start) -> the cache with
+    the slots at start. It runs in host memory (`compute_on("device_host")`), donating the old
+    cache, so a step moves only its new slots off the device, as the NumPy cache's write does."""
+
+    def write(cache: jax.Array, slots: jax.Array, start: jax.Array) -> jax.Array:
+        with compute_on("device_host"):
+            return jax.lax.dynamic_update_slice_in_dim(cache, slots.astype(cache.dtype), start,
+                                                       axis=1)
+
+    put = jax.jit(write, donate_argnums=(0,), out_shardings=memory)
+    return lambda cache, slots, start: put(cache, jax.device_put(slots, memory), start)
+
+
+def pinned_kv_works(memory: jax.sharding.Sharding) -> bool:
+    """Whether this backend runs `host_slot_writer` in `memory` (tried once on a tiny cache):
+    if not, host-resident KV caches stay NumPy arrays."""
+    try:
+        cache = jax.device_put(np.zeros((1, 4, 1, 2), np.float32), memory)
+        out = host_slot_writer(memory)(cache, jnp.ones((1, 1, 1, 2), jnp.float32), np.int32(2))
+        return bool(np.asarray(out)[0, 2, 0, 0] == 1 and np.asarray(out)[0, 1, 0, 0] == 0)
+    except Exception:  # noqa: BLE001 (any backend error means: not supported here)
+        return False
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
