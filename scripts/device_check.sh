@@ -9,7 +9,9 @@
 #   1. versions and devices (env.txt);
 #   2. the pipeline test matrix on the device (tests/test_pipeline.py: every family x schedule at
 #      the minimum budget, tokens and logits against the reference, memory checks; the same on
-#      int4 and int8 stores, tests/test_quant.py) and the CLI tests (pytest-*.txt);
+#      int4, int8 and fp8 stores, tests/test_quant.py and test_fp8.py; DeepSeek's latent
+#      attention and routers, tests/test_deepseek.py; host KV caches in pinned memory) and the
+#      CLI tests (pytest-*.txt);
 #   3. one `klotski generate` per schedule on the default model at 25% of its weights with the
 #      host cache in pinned host memory, stats as JSON (generate-SCHEDULE.json);
 #   4. `klotski bench` of the default model, profiled, with a klotski row on its int4 store
@@ -50,8 +52,8 @@ d = jax.devices()[0]
 print("memory kinds", sorted(m.kind for m in d.addressable_memories()))
 '
 
-step pytest-pipeline 300 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_pipeline.py \
-    tests/test_quant.py
+step pytest-pipeline 360 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_pipeline.py \
+    tests/test_quant.py tests/test_fp8.py tests/test_deepseek.py
 step pytest-cli 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cli_generate.py
 # The quickstart notebook on the device (skipped where nbclient / ipykernel are not installed).
 step notebook 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_notebook.py
