@@ -209,7 +209,8 @@ def place(cfg: ModelConfig, policy: Policy, workload: Workload) -> Placement:
                 f"{staging} for {streamed} streamed and {len(resident)} device-resident "
                 f"experts of {staged}" + ("" if kv_on_device else f" + KV caches {kv}") + ")")
         n_host = (policy.host_budget - host_min) // staged
-        host_experts = frozenset([x for x in experts if x not in set(resident)][:n_host])
+        pinned = set(resident)  # once: rebuilt per expert it was quadratic (15k x 15k at V3)
+        host_experts = frozenset([x for x in experts if x not in pinned][:n_host])
     return Placement(
         schedule=policy.schedule, dense_resident=dense_resident,
         device_experts=frozenset(resident), host_experts=host_experts, expert_slots=slots,
