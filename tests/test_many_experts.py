@@ -8,8 +8,6 @@ under the exactness contract (tests/contract.py).
 
 from __future__ import annotations
 
-import pathlib
-
 import contract
 import numpy as np
 import pytest
@@ -154,3 +152,25 @@ def test_64_experts_top6_every_schedule_at_minimum_budget(e64, schedule: str) ->
         prompts, max_new_tokens=NEW, stop_at_eos=False)
     contract.assert_greedy_matches(out.token_ids, want.tokens, want.logits, tol, what=schedule)
     assert 0 < out.stats.peak_device_bytes <= budget
+
+
+def test_placement_counts_float32_routers_at_their_size() -> None:
+    """A bf16 DeepSeek layer's dense bytes include its float32 router and correction bias at 4
+    bytes each (at 2, an LRU cache sized to the budget's last byte waited forever)."""
+    from klotski_jax.config import Attn, Family, ModelConfig, ScoreFunc, TopkMethod
+    from klotski_jax.models.specs import Kind, layer_specs, total_bytes
+    from klotski_jax.planning.placement import dense_layer_bytes, global_bytes
+
+    cfg = ModelConfig(
+        family=Family.DEEPSEEK_V3, vocab_size=64, hidden_size=32, num_layers=2, num_heads=2,
+        num_kv_heads=2, head_dim=16, num_experts=64, top_k=6, expert_intermediate_size=8,
+        moe_layers=(False, True), sliding_windows=(None, None), dense_intermediate_size=16,
+        dtype="bfloat16", attention=Attn.MLA, kv_lora_rank=8, qk_rope_head_dim=8, v_head_dim=8,
+        score_func=ScoreFunc.SIGMOID, topk_method=TopkMethod.NOAUX_TC, n_group=8, topk_group=4,
+        router_bias=True, router_fp32=True)
+    dense = dense_layer_bytes(cfg)
+    specs = [s for s in layer_specs(cfg, 1) if s.kind is Kind.DENSE]
+    router = sum(s.size for s in specs if ".router." in s.name)
+    assert router == 64 * 32 + 64
+    assert dense[1] == sum(s.size for s in specs) * 2 + router * 2  # router at 4 bytes
+    assert sum(dense) + global_bytes(cfg) + 64 * cfg.expert_bytes == total_bytes(cfg)

@@ -382,7 +382,8 @@ class Planner:
         moe = [x for x in layers if x.moe]
         layer = max(moe, key=lambda x: (sum(x.load_s), x.dense_load_s))
         t_a, t_g = c.attention(b, 1, req.cache_len), c.router(b)
-        router_share = cfg.num_experts * cfg.hidden_size * cfg.itemsize / max(self.dense_bytes)
+        router_bytes = 4 if cfg.router_fp32 else cfg.itemsize
+        router_share = cfg.num_experts * cfg.hidden_size * router_bytes / max(self.dense_bytes)
         big_t_g = layer.dense_load_s * router_share
         big_t_a = layer.dense_load_s - big_t_g
         hot = p.prefetch.hot(layer.probs, n * b)
