@@ -36,10 +36,11 @@ Presets (`--layers` overrides the layer count):
                 with q_lora 192 (kv_lora 128, qk_nope 64, qk_rope 32, v_head 64), V3's yarn
                 RoPE (factor 40, mscale 1), V3's router (sigmoid scores, noaux_tc over 8 groups
                 of which 4 compete, correction bias, renormalised, routed scaling 2.5),
-                64 routed experts of 768, top-8, 1 shared, a dense first layer of 2048,
-                vocab 8192, 6 layers (1 dense + 5 MoE): 0.80 GB in bf16, an expert 2.4 MB.
-                A full `klotski bench` at 25% with --cold-disk runs in minutes on 2 cores
-                (scripts/bench_deepseek.sh).
+                64 routed experts of 448, top-8, 1 shared, a dense first layer of 2048,
+                vocab 8192, 11 layers (1 dense + 10 MoE): 0.94 GB in bf16, an expert 1.4 MB.
+                Ten MoE layers so that a quarter of the model holds two of them (88 MB each),
+                flexgen's minimum; a full `klotski bench` at 25% with --cold-disk runs in
+                minutes on 2 cores (scripts/bench_deepseek.sh).
 
 Usage:
   .venv/bin/python scripts/make_bench_model.py cpu-mid /tmp/cpu-mid-hf --convert /tmp/cpu-mid
@@ -132,14 +133,14 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                          "num_hidden_layers": 4}),
     "deepseek-v2-lite": ("deepseek_v2", {"num_hidden_layers": 4}),
     "deepseek-mini": ("deepseek_v3", {"hidden_size": 512, "intermediate_size": 2048,
-                                      "moe_intermediate_size": 768, "num_attention_heads": 8,
+                                      "moe_intermediate_size": 448, "num_attention_heads": 8,
                                       "num_key_value_heads": 8, "n_routed_experts": 64,
                                       "num_experts_per_tok": 8, "n_shared_experts": 1,
                                       "first_k_dense_replace": 1, "q_lora_rank": 192,
                                       "kv_lora_rank": 128, "qk_nope_head_dim": 64,
                                       "qk_rope_head_dim": 32, "v_head_dim": 64, "n_group": 8,
                                       "topk_group": 4, "vocab_size": 8192,
-                                      "num_hidden_layers": 6}),
+                                      "num_hidden_layers": 11}),
 }
 
 

@@ -41,7 +41,7 @@ EXPECTED = {
     "mid16": (Family.MIXTRAL, 512, 8, 2, 5.5, 0.74),
     "tiny": (Family.MIXTRAL, 256, 8, 2, 0.7, 0.03),
     "deepseek-v2-lite": (Family.DEEPSEEK_V2, 2048, 64, 6, 17.3, 4.51),
-    "deepseek-mini": (Family.DEEPSEEK_V3, 512, 64, 8, 2.4, 0.80),
+    "deepseek-mini": (Family.DEEPSEEK_V3, 512, 64, 8, 1.4, 0.94),
 }
 
 
