@@ -469,12 +469,19 @@ def _expert_weights(reader: CheckpointReader, layer: int) -> dict[str, jax.Array
                  for leaf in expert_leaves(reader.config)})
 
 
+EXPERT_STEP_TOKENS = 16384  # the largest token matrix an expert's timing gathers from
+
+
 def _expert(cfg: ModelConfig, w: dict[str, jax.Array], rows: int, opts: ProfileOptions
             ) -> float:
     """One expert over a full bucket of `rows` tokens, as Scheduler._expert runs it: gather its
     rows from the routing, pad, run. The scheduler dispatches a layer's experts back to back
     and does not wait for each, so a burst of them is timed: the cost per expert."""
-    n = max(rows, rows * cfg.num_experts // cfg.top_k)
+    # The step's tokens, if every expert got `rows` of them (E / k x rows), but no more than
+    # 16384: a step of 4096 rows per expert is at most 4 x the largest step the profile
+    # measures (max_rows tokens) at Mixtral's E / k = 4 (the sizes it always had); at
+    # DeepSeek-V3's E / k = 32 it would be 131072 tokens, a 5.6 GB input and accumulator.
+    n = max(rows, min(rows * cfg.num_experts // cfg.top_k, EXPERT_STEP_TOKENS))
     routing = _random_routing(cfg, n, expert0_rows=rows)
     x = jnp.zeros((n, cfg.hidden_size), cfg.dtype)
     acc = [jnp.zeros((n, cfg.hidden_size), jnp.float32)]

@@ -44,7 +44,7 @@ class Workload:
 
 def global_bytes(cfg: ModelConfig) -> int:
     """Embedding, final norm and LM head (all kept in host RAM)."""
-    return sum(s.size for s in weight_specs(cfg) if s.layer is None) * cfg.itemsize
+    return sum(s.nbytes(cfg) for s in weight_specs(cfg) if s.layer is None)
 
 
 def device_global_bytes(cfg: ModelConfig) -> int:
@@ -53,15 +53,18 @@ def device_global_bytes(cfg: ModelConfig) -> int:
     cheaper than keeping a vocabulary-sized table on the device (the head of a tied model is
     its embedding, so that one is on the device anyway)."""
     names = ("final_norm", "embed" if cfg.tie_word_embeddings else "lm_head")
-    return sum(s.size for s in weight_specs(cfg) if s.name in names) * cfg.itemsize
+    return sum(s.nbytes(cfg) for s in weight_specs(cfg) if s.name in names)
 
 
 def dense_layer_bytes(cfg: ModelConfig) -> list[int]:
-    """Per layer: bytes of everything but the routed experts (attention, norms, router, shared)."""
+    """Per layer: bytes of everything but the routed experts (attention, norms, router, shared),
+    each array in its stored dtype: DeepSeek's and GLM's routers are float32 in a bf16 model
+    (counted at the model's itemsize, 10 MoE layers of deepseek-mini were 657 KB short, and an
+    LRU cache sized to the budget's last byte waited forever for its last slot)."""
     out = [0] * cfg.num_layers
     for s in weight_specs(cfg):
         if s.layer is not None and s.kind is Kind.DENSE:
-            out[s.layer] += s.size * cfg.itemsize
+            out[s.layer] += s.nbytes(cfg)
     return out
 
 
@@ -209,7 +212,8 @@ def place(cfg: ModelConfig, policy: Policy, workload: Workload) -> Placement:
                 f"{staging} for {streamed} streamed and {len(resident)} device-resident "
                 f"experts of {staged}" + ("" if kv_on_device else f" + KV caches {kv}") + ")")
         n_host = (policy.host_budget - host_min) // staged
-        host_experts = frozenset([x for x in experts if x not in set(resident)][:n_host])
+        pinned = set(resident)  # once: rebuilt per expert it was quadratic (15k x 15k at V3)
+        host_experts = frozenset([x for x in experts if x not in pinned][:n_host])
     return Placement(
         schedule=policy.schedule, dense_resident=dense_resident,
         device_experts=frozenset(resident), host_experts=host_experts, expert_slots=slots,

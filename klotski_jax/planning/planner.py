@@ -270,8 +270,13 @@ class Planner:
                first_round: bool = True) -> list[tuple[float, float]]:
         """(seconds, bubbles) of the prefill and of two decode steps (the second is steady) of
         a round; the first round's prefill reads every expert it uses from the files."""
-        key = (n, b, k, pl, req.prompt_len, req.cache_len, req.device_budget, req.disk_tier,
-               req.reread_tier, first_round)  # everything of req the simulation reads
+        # Everything of req the simulation reads; the rule only through the hot sets it picks,
+        # so thresholds that pick the same experts share one simulation (under uniform routing
+        # most do: at E = 256 the search otherwise simulates millions of expert loads).
+        hot = tuple(tuple(k.hot(r, t)) for t in (n * b * req.prompt_len, n * b)
+                    for r in dict.fromkeys(self.routing))
+        key = (n, b, hot, pl, req.prompt_len, req.cache_len, req.device_budget, req.disk_tier,
+               req.reread_tier, first_round)
         if key not in self._sims:
             sim = StepSimulator(self.cfg, self.costs, k, self.expert_slots(req, pl))
             s = req.cache_len
@@ -377,7 +382,8 @@ class Planner:
         moe = [x for x in layers if x.moe]
         layer = max(moe, key=lambda x: (sum(x.load_s), x.dense_load_s))
         t_a, t_g = c.attention(b, 1, req.cache_len), c.router(b)
-        router_share = cfg.num_experts * cfg.hidden_size * cfg.itemsize / max(self.dense_bytes)
+        router_bytes = 4 if cfg.router_fp32 else cfg.itemsize
+        router_share = cfg.num_experts * cfg.hidden_size * router_bytes / max(self.dense_bytes)
         big_t_g = layer.dense_load_s * router_share
         big_t_a = layer.dense_load_s - big_t_g
         hot = p.prefetch.hot(layer.probs, n * b)

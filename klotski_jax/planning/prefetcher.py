@@ -49,6 +49,9 @@ META_FILE = "prefetch_table.json"
 TABLE_FORMAT = "klotski-jax-prefetch-table"
 TABLE_VERSION = 1
 MAX_ROWS = 1 << 20  # E^l rows per layer at most
+# E^l x E cells per layer at most (64 MiB of float64 counts): at E = 256 a path of 2 layers
+# would be 16.8M cells (128 MiB) per layer, 7.5 GB for DeepSeek-V3's 58 MoE layers.
+MAX_CELLS = 1 << 23
 
 
 class TableError(ValueError):
@@ -75,6 +78,11 @@ class CorrelationTable:
         if num_experts ** path_length > MAX_ROWS:
             raise TableError(f"path length {path_length} needs {num_experts}^{path_length} rows "
                              f"per layer, more than {MAX_ROWS}")
+        if num_experts ** (path_length + 1) > MAX_CELLS:
+            raise TableError(f"path length {path_length} needs {num_experts}^{path_length} rows "
+                             f"x {num_experts} experts = {num_experts ** (path_length + 1)} "
+                             f"counts per layer, more than {MAX_CELLS} (64 MiB); use a shorter "
+                             f"path")
         n = len(moe_layers)
         counts = [np.zeros((num_experts ** min(path_length, p), num_experts))
                   for p in range(n)]
@@ -174,7 +182,13 @@ class CorrelationPrefetcher:
         if k <= 0:
             return []
         rows = self._rows(p)
-        scores = None if rows is None else t.counts[p][rows.reshape(-1)].sum(0)
+        scores = None
+        if rows is not None:
+            # Each distinct path row once, weighted by how many tokens' paths it is: a
+            # 4096-token prefill at top-8 has 32768 paths over at most E^l distinct rows, and
+            # gathering one [E] row per path would copy 32768 x E floats.
+            u, mult = np.unique(rows, return_counts=True)
+            scores = mult.astype(np.float64) @ t.counts[p][u]
         if scores is None or not scores.any():
             scores = t.popularity[p]
         if not scores.any():
@@ -195,10 +209,18 @@ class CorrelationPrefetcher:
             if pop is None:
                 return uniform_use(t.num_experts, self._top_k, tokens)
             return uniform_use(t.num_experts, self._top_k, tokens, pop)
-        c = t.counts[p][rows]  # [T, paths, E]
+        # The conditional pick probabilities of each distinct row [U, E], then each token's
+        # mean over its paths, accumulated path by path: never a [T, paths, E] array (200 MB
+        # for a 4096-token prefill at E = 256, top-8).
+        u, inv = np.unique(rows, return_inverse=True)
+        inv = inv.reshape(rows.shape)
+        c = t.counts[p][u]
         total = c.sum(-1, keepdims=True)
-        cond = np.where(total > 0, k * c / np.maximum(total, 1), pop[None, None, :])
-        return use_from_pick_probs(cond.mean(1))
+        cond = np.where(total > 0, k * c / np.maximum(total, 1), pop[None, :])
+        q = np.zeros((len(rows), t.num_experts))
+        for j in range(rows.shape[1]):
+            q += cond[inv[:, j]]
+        return use_from_pick_probs(q / rows.shape[1])
 
     def observe(self, layer: int, experts: np.ndarray) -> None:
         p = self._pos[layer]
@@ -211,5 +233,23 @@ class CorrelationPrefetcher:
             t.tokens[p] += len(experts)
             rows = self._rows(p)
             if rows is not None and len(rows) == len(experts):
-                np.add.at(t.counts[p], (rows[:, :, None], experts[:, None, :]), 1)
+                _add_pairs(t.counts[p], rows, experts)
         self._step[p] = experts
+
+
+def _add_pairs(counts: np.ndarray, rows: np.ndarray, experts: np.ndarray) -> None:
+    """counts[r, b] += 1 for each token's every path row r (rows [T, paths]) and pick b
+    (experts [T, k]), as one count of the flat cell indices: np.add.at over the T x paths x k
+    pairs is unbuffered and per element. A bincount over all cells when the table is not much
+    larger than the pairs (l = 1), else the distinct cells only (long paths: E^l x E cells)."""
+    if not counts.flags.c_contiguous:  # no flat view to count into
+        np.add.at(counts, (rows[:, :, None], experts[:, None, :]), 1)
+        return
+    e = counts.shape[1]
+    cells = (rows[:, :, None].astype(np.int64) * e + experts[:, None, :]).reshape(-1)
+    flat = counts.reshape(-1)  # a view
+    if flat.size <= 8 * cells.size:
+        flat += np.bincount(cells, minlength=flat.size)
+    else:
+        u, n = np.unique(cells, return_counts=True)
+        flat[u] += n
