@@ -255,8 +255,8 @@ def test_bf16_deepseek_v3_keeps_the_contract_through_the_pipeline(tmp_path) -> N
     mask = np.ones_like(ids)
     mask[1, :4] = 0
     want = model.logits(ids, mask)
-    for schedule in ("klotski", "lru"):
-        policy = Policy(schedule=schedule, groups=2)
+    for schedule in ("klotski", "flexgen", "lru", "sequential"):
+        policy = Policy(schedule=schedule, groups=2, verify_memory=True)
         budget = contract.smallest_budget(ckpt, policy, len(ids), ids.shape[1], 0)
         got = Engine(ckpt, policy.replace(device_budget=budget)).logits(ids, mask)
         contract.assert_logits_close(got, want, mask, contract.BFLOAT16, what=schedule)
@@ -271,7 +271,7 @@ def test_fp8_release_converts_matches_hf_and_streams_fp8_experts(tmp_path, name:
     MLA projections included; routers, norms, embeddings in float): converted by default
     (dequantized) it matches the HF model holding the dequantized weights; with
     --quantize fp8 its experts stay fp8 and the engine streams them at the smallest budget
-    within the exactness contract."""
+    within the exactness contract, through every schedule."""
     _, src = save_hf_model(name, tmp_path / "hf")
     fp8_dir, weights = hf_models.fp8_checkpoint(src, tmp_path / "hf-fp8", block=(8, 8))
     assert any(k.endswith("kv_b_proj.weight_scale_inv") or k.endswith("q_proj.weight_scale_inv")
@@ -294,11 +294,13 @@ def test_fp8_release_converts_matches_hf_and_streams_fp8_experts(tmp_path, name:
     fp8_model = klotski_jax.load(store)
     assert fp8_model.config.expert_quant.value == "fp8" and fp8_model.config.expert_group_size == 8
     ref = contract.reference_greedy(fp8_model, ids, mask, 4, contract.FLOAT32)
-    policy = Policy(schedule="klotski", groups=2, verify_memory=True)
-    budget = contract.smallest_budget(store, policy, len(ids), ids.shape[1], 4)
     prompts = [ids[r][mask[r] > 0].tolist() for r in range(len(ids))]
-    out = Engine(store, policy.replace(device_budget=budget)).generate(
-        prompts, max_new_tokens=4, stop_at_eos=False)
-    contract.assert_greedy_matches(out.token_ids, ref.tokens, ref.logits, contract.FLOAT32,
-                                   what="klotski on fp8 experts")
-    assert out.stats.bytes_read_disk and out.stats.bytes_read_disk % fp8_model.config.expert_bytes == 0
+    for schedule in ("klotski", "flexgen", "lru", "sequential"):
+        policy = Policy(schedule=schedule, groups=2, verify_memory=True)
+        budget = contract.smallest_budget(store, policy, len(ids), ids.shape[1], 4)
+        out = Engine(store, policy.replace(device_budget=budget)).generate(
+            prompts, max_new_tokens=4, stop_at_eos=False)
+        contract.assert_greedy_matches(out.token_ids, ref.tokens, ref.logits, contract.FLOAT32,
+                                       what=f"{schedule} on fp8 experts")
+        assert 0 < out.stats.peak_device_bytes <= budget
+        assert out.stats.bytes_read_disk % fp8_model.config.expert_bytes == 0
