@@ -456,8 +456,14 @@ class _HostState:
 
     def get(self, pol: Policy, pl: Placement) -> HostTier:
         if self.tier is None:
+            pinned = use_pinned_host(pol)
+            if pinned:
+                log.info("host expert cache and host dense layers in pinned host memory; the "
+                         "staging buffers of disk reads stay in ordinary host memory (a file "
+                         "read needs a writable buffer, which JAX does not give in pinned "
+                         "memory)")
             self.tier = HostTier(self.engine.reader, self.ledger, pl.host_experts, pol.io_mode,
-                                 host_memory=cache_memory(jax.devices()[0], use_pinned_host(pol)),
+                                 host_memory=cache_memory(jax.devices()[0], pinned),
                                  verified=self.engine.verified if pol.verify_checksums else None)
             if pol.evict_page_cache:
                 self.tier.evict_page_cache()

@@ -5,7 +5,8 @@
 #   OUT=/tmp/out PLATFORM=cpu PY=.venv/bin/python bash scripts/device_check.sh   # dry run here
 #
 # It needs no network: the package runs from this checkout (PYTHONPATH), and the machine's own
-# jax, flax, optax, tensorstore, torch and transformers are used. Steps, each logged to $OUT:
+# jax, flax, optax, tensorstore, torch and transformers are used; what the machine lacks
+# (xxhash, pytest, ...) travels as wheels from scripts/device_wheels.sh (its header says how). Steps, each logged to $OUT:
 #   1. versions and devices (env.txt);
 #   2. the pipeline test matrix on the device (tests/test_pipeline.py: every family x schedule at
 #      the minimum budget, tokens and logits against the reference, memory checks; the same on
@@ -43,7 +44,8 @@ step env 120 "$PY" -c '
 import importlib.metadata as md, platform, jax
 print("python", platform.python_version(), "devices", jax.devices())
 for mod in ("jax", "jaxlib", "flax", "optax", "tensorstore", "numpy", "torch", "transformers",
-            "accelerate", "safetensors", "tokenizers", "tqdm"):
+            "accelerate", "safetensors", "tokenizers", "tqdm", "xxhash", "psutil", "matplotlib",
+            "pytest", "nbclient", "ipykernel"):
     try:
         print(mod, md.version(mod))
     except md.PackageNotFoundError:

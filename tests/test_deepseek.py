@@ -9,7 +9,7 @@ tests/test_models.py (which runs every config of hf_models.CONFIGS, these famili
 - yarn's frequencies, attention factor and DeepSeek's softmax scale equal HF's;
 - multi-token-prediction layers are skipped at conversion, and said so;
 - unsupported variants are refused by `klotski convert`, naming the field;
-- a bfloat16 DeepSeek-V3 (float32 router) keeps the exactness contract through the pipeline.
+- bfloat16 and FP8 releases keep the exactness contract through every schedule.
 """
 
 from __future__ import annotations
@@ -244,12 +244,17 @@ def test_configs_cover_every_variant_the_issue_names() -> None:
 
 # ---- bfloat16 through the pipeline ------------------------------------------------------------
 
-def test_bf16_deepseek_v3_keeps_the_contract_through_the_pipeline(tmp_path) -> None:
-    _, hf_dir = save_hf_model("deepseek_v3", tmp_path / "hf")
+@pytest.mark.parametrize("name", ["deepseek_v3", pytest.param("deepseek_v2", marks=pytest.mark.slow),
+                                  pytest.param("glm4_moe", marks=pytest.mark.slow)])
+def test_bf16_keeps_the_contract_through_every_schedule(tmp_path, name: str) -> None:
+    """A bfloat16 conversion (float32 router and correction bias, as HF keeps them) through
+    every schedule at its smallest budget, against the bf16 reference."""
+    _, hf_dir = save_hf_model(name, tmp_path / "hf")
     ckpt = klotski_jax.convert(hf_dir, tmp_path / "ckpt", dtype="bfloat16", progress=False)
     model = klotski_jax.load(ckpt)
     router = model.layers[1].moe.router
-    assert router.weight[...].dtype == jnp.float32 and router.bias[...].dtype == jnp.float32
+    assert router.weight[...].dtype == jnp.float32
+    assert router.bias is None or router.bias[...].dtype == jnp.float32
     rng = np.random.default_rng(0)
     ids = rng.integers(3, model.config.vocab_size, (3, 9)).astype(np.int32)
     mask = np.ones_like(ids)
@@ -265,7 +270,8 @@ def test_bf16_deepseek_v3_keeps_the_contract_through_the_pipeline(tmp_path) -> N
 
 # ---- FP8 releases (DeepSeek-V3 / R1 ship block-scaled FP8) ------------------------------------
 
-@pytest.mark.parametrize("name", ["deepseek_v3", pytest.param("glm4_moe", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["deepseek_v3", pytest.param("deepseek_v2", marks=pytest.mark.slow),
+                                  pytest.param("glm4_moe", marks=pytest.mark.slow)])
 def test_fp8_release_converts_matches_hf_and_streams_fp8_experts(tmp_path, name: str) -> None:
     """A tiny FP8 release of the family (every Linear in F8_E4M3 with 8 x 8 block scales, the
     MLA projections included; routers, norms, embeddings in float): converted by default
