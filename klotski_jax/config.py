@@ -514,13 +514,39 @@ def _num_experts(hf: dict[str, Any], default: int | None = None) -> int:
     return int(n)
 
 
-def _from_hf_config(hf: dict[str, Any]) -> ModelConfig:
+# HF architecture classes: a checkpoint whose own model_type names a remote-code variant (e.g.
+# Kimi-K2's "kimi_k2", whose config.json lists DeepseekV3ForCausalLM) is run as that class.
+_ARCHITECTURES = {"MixtralForCausalLM": Family.MIXTRAL, "Qwen2MoeForCausalLM": Family.QWEN2_MOE,
+                  "Qwen3MoeForCausalLM": Family.QWEN3_MOE, "OlmoeForCausalLM": Family.OLMOE,
+                  "DeepseekV2ForCausalLM": Family.DEEPSEEK_V2,
+                  "DeepseekV3ForCausalLM": Family.DEEPSEEK_V3,
+                  "Glm4MoeForCausalLM": Family.GLM4_MOE}
+
+
+def hf_family(hf: dict[str, Any]) -> Family:
+    """The family of an HF config: its `model_type`, or, for a model_type that transformers
+    does not know (a remote-code variant), the first of its `architectures` that is a supported
+    class (so Kimi-K2, model_type "kimi_k2" with DeepSeek-V3's architecture, runs as
+    deepseek_v3). Anything else is refused, naming both fields."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
     model_type = hf.get("model_type")
-    try:
-        family = Family(model_type)
-    except ValueError:
-        raise ConfigError(f"unsupported model_type {model_type!r}; supported: "
-                          f"{', '.join(SUPPORTED_MODEL_TYPES)}") from None
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return Family(model_type)
+    archs = hf.get("architectures") or []
+    # Only a model_type transformers does not know (remote code) defers to the architectures:
+    # a known other type (e.g. llama) is another model, whatever its architectures say.
+    if model_type not in CONFIG_MAPPING_NAMES and isinstance(archs, list):
+        for arch in archs:
+            if arch in _ARCHITECTURES:
+                return _ARCHITECTURES[arch]
+    raise ConfigError(f"unsupported model_type {model_type!r} (architectures {archs}); "
+                      f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}, or a config whose "
+                      f"architectures lists one of {', '.join(_ARCHITECTURES)}")
+
+
+def _from_hf_config(hf: dict[str, Any]) -> ModelConfig:
+    family = hf_family(hf)
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"unsupported hidden_act {act!r} (only 'silu' SwiGLU is implemented)")

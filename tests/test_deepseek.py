@@ -34,7 +34,7 @@ import klotski_jax
 from klotski_jax import cli
 from klotski_jax.checkpoints.errors import UnmappedTensorError
 from klotski_jax.checkpoints.store import CheckpointReader
-from klotski_jax.config import Attn, ModelConfig, TopkMethod
+from klotski_jax.config import Attn, ConfigError, ModelConfig, TopkMethod
 from klotski_jax.engine import Engine
 from klotski_jax.models import layers
 from klotski_jax.models.reference import KVCache
@@ -310,3 +310,25 @@ def test_fp8_release_converts_matches_hf_and_streams_fp8_experts(tmp_path, name:
                                        what=f"{schedule} on fp8 experts")
         assert 0 < out.stats.peak_device_bytes <= budget
         assert out.stats.bytes_read_disk % fp8_model.config.expert_bytes == 0
+
+
+def test_kimi_k2_style_config_runs_as_deepseek_v3(tmp_path, caplog) -> None:
+    """Kimi-K2's config.json says model_type "kimi_k2" (remote code) and lists
+    DeepseekV3ForCausalLM: it converts as deepseek_v3 (said in the log) to the same weights. A
+    model_type and architectures that are both unknown are refused, naming both."""
+    hf, hf_dir = save_hf_model("deepseek_v3", tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps(
+        {**config, "model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"]}))
+    with caplog.at_level(logging.INFO, logger="klotski_jax"):
+        model = klotski_jax.load(klotski_jax.convert(hf_dir, tmp_path / "ckpt", progress=False))
+    assert model.config.family.value == "deepseek_v3"
+    assert "model_type 'kimi_k2' runs as deepseek_v3" in caplog.text
+    ids = np.random.default_rng(0).integers(3, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    contract.assert_logits_close(model.logits(ids), want, np.ones_like(ids), contract.FLOAT32)
+    (hf_dir / "config.json").write_text(json.dumps(
+        {**config, "model_type": "kimi_k9", "architectures": ["KimiForCausalLM"]}))
+    with pytest.raises(ConfigError, match="'kimi_k9' .*KimiForCausalLM"):
+        ModelConfig.from_hf_config(json.loads((hf_dir / "config.json").read_text()))

@@ -66,7 +66,7 @@ from klotski_jax.checkpoints.safetensors_io import (
 )
 from klotski_jax.checkpoints.store import StoreWriter, chunk_relpath, fsync_dir, fsync_tree
 from klotski_jax.config import FP8_DTYPE as FP8_NAME
-from klotski_jax.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, Quant
+from klotski_jax.config import ConfigError, ModelConfig, Quant, hf_family
 from klotski_jax.models import quant as qz
 from klotski_jax.models.families import ExpertSource, TensorSource, hf_sources, mtp_layer
 from klotski_jax.models.specs import (
@@ -130,10 +130,13 @@ def load_hf_config(hf_dir: pathlib.Path) -> tuple[dict[str, Any], ModelConfig]:
         raise CorruptFileError(f"{path}: cannot parse: {e}") from None
     if not isinstance(hf, dict):
         raise CorruptFileError(f"{path}: not a JSON object")
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(f"{path}: unsupported model_type {model_type!r}; supported: "
-                                    f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    try:
+        family = hf_family(hf)
+    except ConfigError as e:
+        raise UnsupportedModelError(f"{path}: {e}") from None
+    if family.value != hf.get("model_type"):
+        log.info("%s: model_type %r runs as %s (its architectures: %s)", path,
+                 hf.get("model_type"), family.value, hf.get("architectures"))
     try:
         cfg = ModelConfig.from_hf_config(hf)
     except ConfigError as e:
