@@ -524,19 +524,17 @@ _ARCHITECTURES = {"MixtralForCausalLM": Family.MIXTRAL, "Qwen2MoeForCausalLM": F
 
 
 def hf_family(hf: dict[str, Any]) -> Family:
-    """The family of an HF config: its `model_type`, or, for a model_type that transformers
-    does not know (a remote-code variant), the first of its `architectures` that is a supported
+    """The family of an HF config: its `model_type`, or, for a remote-code variant (a config
+    with an `auto_map`), the first of its `architectures` that is a supported
     class (so Kimi-K2, model_type "kimi_k2" with DeepSeek-V3's architecture, runs as
     deepseek_v3). Anything else is refused, naming both fields."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
     model_type = hf.get("model_type")
     if model_type in SUPPORTED_MODEL_TYPES:
         return Family(model_type)
     archs = hf.get("architectures") or []
-    # Only a model_type transformers does not know (remote code) defers to the architectures:
-    # a known other type (e.g. llama) is another model, whatever its architectures say.
-    if model_type not in CONFIG_MAPPING_NAMES and isinstance(archs, list):
+    # Only a remote-code config (its `auto_map` names the code) defers to the architectures:
+    # another built-in model_type (e.g. llama) is another model, whatever its architectures say.
+    if hf.get("auto_map") and isinstance(archs, list):
         for arch in archs:
             if arch in _ARCHITECTURES:
                 return _ARCHITECTURES[arch]

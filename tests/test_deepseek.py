@@ -313,13 +313,15 @@ def test_fp8_release_converts_matches_hf_and_streams_fp8_experts(tmp_path, name:
 
 
 def test_kimi_k2_style_config_runs_as_deepseek_v3(tmp_path, caplog) -> None:
-    """Kimi-K2's config.json says model_type "kimi_k2" (remote code) and lists
-    DeepseekV3ForCausalLM: it converts as deepseek_v3 (said in the log) to the same weights. A
+    """Kimi-K2's config.json says model_type "kimi_k2", names its remote code (auto_map) and
+    lists DeepseekV3ForCausalLM: it converts as deepseek_v3 (said in the log) to the same weights. A
     model_type and architectures that are both unknown are refused, naming both."""
     hf, hf_dir = save_hf_model("deepseek_v3", tmp_path / "hf")
     config = json.loads((hf_dir / "config.json").read_text())
     (hf_dir / "config.json").write_text(json.dumps(
-        {**config, "model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"]}))
+        {**config, "model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"],
+         "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                      "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}}))
     with caplog.at_level(logging.INFO, logger="klotski_jax"):
         model = klotski_jax.load(klotski_jax.convert(hf_dir, tmp_path / "ckpt", progress=False))
     assert model.config.family.value == "deepseek_v3"
@@ -329,6 +331,7 @@ def test_kimi_k2_style_config_runs_as_deepseek_v3(tmp_path, caplog) -> None:
         want = hf(input_ids=torch.tensor(ids)).logits.numpy()
     contract.assert_logits_close(model.logits(ids), want, np.ones_like(ids), contract.FLOAT32)
     (hf_dir / "config.json").write_text(json.dumps(
-        {**config, "model_type": "kimi_k9", "architectures": ["KimiForCausalLM"]}))
+        {**config, "model_type": "kimi_k9", "architectures": ["KimiForCausalLM"],
+         "auto_map": {"AutoConfig": "configuration_kimi.KimiConfig"}}))
     with pytest.raises(ConfigError, match="'kimi_k9' .*KimiForCausalLM"):
         ModelConfig.from_hf_config(json.loads((hf_dir / "config.json").read_text()))
