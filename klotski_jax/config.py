@@ -324,8 +324,8 @@ class ModelConfig:
         """Whether MLA attends in the absorbed form (layers.mla_attend) for t new tokens over s
         cache slots: when it takes fewer multiply-adds per head than expanding every cached
         latent into keys and values. Decode and short prompts absorb; long prefills expand."""
-        n, v, r, lat = self.qk_nope_head_dim, self.v_head_dim, self.qk_rope_head_dim, \
-            self.kv_lora_rank
+        n, v, r = self.qk_nope_head_dim, self.v_head_dim, self.qk_rope_head_dim
+        lat = self.kv_lora_rank
         expanded = s * lat * (n + v) + t * s * (n + r + v)
         absorbed = t * lat * (n + v) + t * s * (2 * lat + r)
         return absorbed <= expanded
@@ -457,7 +457,7 @@ def _rope(hf: dict[str, Any], family: Family, head_dim: int) -> dict[str, Any]:
                                                          _DEFAULT_PARTIAL_ROTARY.get(family, 1.0)))
     rot = int(head_dim * float(partial))
     out: dict[str, Any] = dict(rope_theta=float(theta), rope_type=rope_type)
-    if rot != head_dim or family is Family.GLM4_MOE:
+    if rot != head_dim:
         out["rotary_dim"] = rot
     if rope_type == "yarn":
         max_pos = int(hf.get("max_position_embeddings", 4096))

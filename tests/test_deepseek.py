@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 
 import contract
 import hf_models
@@ -265,7 +264,6 @@ def test_bf16_keeps_the_contract_through_every_schedule(tmp_path, name: str) -> 
         budget = contract.smallest_budget(ckpt, policy, len(ids), ids.shape[1], 0)
         got = Engine(ckpt, policy.replace(device_budget=budget)).logits(ids, mask)
         contract.assert_logits_close(got, want, mask, contract.BFLOAT16, what=schedule)
-    assert math.isfinite(float(np.abs(want).max()))
 
 
 # ---- FP8 releases (DeepSeek-V3 / R1 ship block-scaled FP8) ------------------------------------

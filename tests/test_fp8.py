@@ -132,8 +132,9 @@ def test_fp8_blocks_round_to_nearest_e4m3(shape: tuple[int, int], block: int) ->
 
 
 def test_fp8_device_dequantization_is_numpys() -> None:
-    """The jitted dequantization (partial blocks: the scales repeated and cut) gives the bits
-    NumPy gives: one float32 product per element, then one rounding to the dtype."""
+    """The jitted dequantization (partial blocks: the scales repeated and cut) gives what NumPy
+    gives, one float32 product per element rounded once to the dtype: within that rounding, as
+    a backend may flush subnormals (GPUs do) or fuse differently."""
     rng = np.random.default_rng(1)
     w = (0.05 * rng.standard_normal((2, 40, 24))).astype(np.float32)
     stored = [quant.quantize(x, Quant.FP8, 16) for x in w]
@@ -143,7 +144,8 @@ def test_fp8_device_dequantization_is_numpys() -> None:
                                                            block=16))(stacked)
         for e in range(2):
             want = quant.dequantize_np(stored[e], np.dtype(dtype), block=16)
-            assert np.asarray(got[e]).tobytes() == want.tobytes()
+            np.testing.assert_allclose(np.asarray(got[e], np.float32), want.astype(np.float32),
+                                       rtol=float(jnp.finfo(dtype).eps), atol=1e-30)
             ref = hf_models.fp8_dequantize_blocks(stored[e]["q"], stored[e]["scale"], (16, 16))
             assert quant.dequantize_np(stored[e], block=16).tobytes() == ref.tobytes()
     with pytest.raises(ValueError, match="block size"):

@@ -182,9 +182,13 @@ class Router(nnx.Module):
             return layers.linear(x.astype(F32), self.weight[...].astype(F32))
         return layers.linear(x, self.weight[...]).astype(F32)
 
+    def route(self, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Router logits [n, E] -> (weights [n, top_k] float32, experts [n, top_k] int32)."""
+        return layers.route(logits, self.cfg, _value(self.bias))
+
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [n, D] -> (routing weights [n, top_k] float32, experts [n, top_k] int32)."""
-        return layers.route(self.logits(x), self.cfg, _value(self.bias))
+        return self.route(self.logits(x))
 
 
 class QuantizedMatrix(nnx.Module):

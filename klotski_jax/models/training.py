@@ -132,8 +132,7 @@ def forward_train(model: MoEModel, ids: jax.Array) -> tuple[jax.Array, list[jax.
             d = h.shape[-1]
             x = layer.ffn_input(h.reshape(b * t, d))
             logits = layer.moe.router.logits(x)  # [n, e] float32, what HF's gate returns
-            bias = layer.moe.router.bias
-            weights, idx = layers.route(logits, cfg, None if bias is None else bias[...])
+            weights, idx = layer.moe.router.route(logits)
             out = layer.moe.finish(layer.moe.experts.grouped(x, weights, idx), x)
             h = h + out.reshape(b, t, d)
             router_logits.append(logits)

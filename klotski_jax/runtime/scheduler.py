@@ -520,6 +520,7 @@ class Scheduler:
     def _warm_layer(self, i: int, w: Any, groups: list[GroupState], t: int) -> None:
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         pairs = []  # (h, x) of each group at the MoE block
+        warmed: set[tuple[Any, ...]] = set()  # pinned KV writes compiled in this call
         for g in groups:
             b, slots = len(g.tokens), g.cache.valid.shape[1]
             tokens = np.zeros((b, t), np.int32)
@@ -536,7 +537,10 @@ class Scheduler:
                     written = steps.cache_slots(dev, np.int32(0), t=t)
                     if isinstance(host, np.ndarray):
                         np.asarray(written)
-                    else:  # compile the pinned cache's write, on a copy (the write donates it)
+                    elif (host.shape, host.dtype, t) not in warmed:
+                        # compile the pinned cache's write once per shape, on a copy (the write
+                        # donates its cache)
+                        warmed.add((host.shape, host.dtype, t))
                         copy = jax.device_put(np.zeros(host.shape, host.dtype), host.sharding)
                         jax.block_until_ready(
                             steps.host_slot_writer(host.sharding)(copy, written, np.int32(0)))
