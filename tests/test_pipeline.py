@@ -257,7 +257,9 @@ def test_host_resident_kv_caches_in_pinned_memory(cases, monkeypatch, caplog, wo
     case = cases("deepseek_v2-group")  # MLA, and no dense layer to hold the caches' room
     if not works:
         monkeypatch.setattr(steps_mod, "pinned_kv_works", lambda memory: False)
-    policy = Policy(groups=2, pinned_host=True, verify_memory=True)
+    # batch pinned: a planner's batch (from this machine's measured rates) could fit the caches
+    policy = Policy(groups=2, batch_size=-(-len(case.prompts) // 2), pinned_host=True,
+                    verify_memory=True)
     engine = Engine(case.ckpt, policy.replace(device_budget=case.min_budget(policy)))
     memory = engine.kv_memory(engine.policy)
     assert (memory is not None and memory.memory_kind == "pinned_host") == works
@@ -279,7 +281,8 @@ def test_kv_caches_live_on_the_host_when_the_budget_is_tight(cases):
     generous budget keeps them on the device. Both agree with the reference."""
     case = cases("qwen3_moe")
     for schedule in ("klotski", "flexgen"):
-        policy = Policy(schedule=schedule, groups=2, verify_memory=True)
+        policy = Policy(schedule=schedule, groups=2, batch_size=-(-len(case.prompts) // 2),
+                        verify_memory=True)  # batch pinned: not the planner's, from timings
         lo = case.min_budget(policy)
         tight = Engine(case.ckpt, policy.replace(device_budget=lo)).generate(
             case.prompts, max_new_tokens=NEW, stop_at_eos=False)
