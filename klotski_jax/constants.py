@@ -74,3 +74,6 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
         return pathlib.Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
     return pathlib.Path(xdg).expanduser() / "klotski-jax"
+
+# The one axis of the device mesh a multi-device run spans (expert parallelism).
+MESH_AXIS = "devices"

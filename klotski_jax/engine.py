@@ -35,8 +35,8 @@ from klotski_jax.planning.prefetcher import CorrelationPrefetcher, CorrelationTa
 from klotski_jax.planning.prior import is_prior
 from klotski_jax.runtime import steps
 from klotski_jax.runtime.host import HostTier, Verified
-from klotski_jax.runtime.ledger import MemoryLedger
-from klotski_jax.runtime.scheduler import GroupState, Scheduler, live_device_bytes
+from klotski_jax.runtime.ledger import DeviceLedgers, MemoryLedger
+from klotski_jax.runtime.scheduler import GroupState, Scheduler, live_bytes_by_device
 from klotski_jax.runtime.trace import RunStats, Tracer
 from klotski_jax.runtime.transfers import cache_memory
 
@@ -147,16 +147,18 @@ class Engine:
                  *, predictor_factory: Callable[[Any], HotPredictor] | None = None,
                  profile: Profile | None = None,
                  memory_stats: Callable[[], dict[str, Any] | None] | None = None) -> None:
-        """`memory_stats`: where the device's own memory counts come from (default:
-        `jax.devices()[0].memory_stats()`, None on CPU; tests pass a fake)."""
+        """`memory_stats`: where the device's own memory counts come from (default: the run's
+        devices' `memory_stats()`, None on CPU; tests pass a fake)."""
         self.reader = CheckpointReader(ckpt_dir)
-        self.memory_stats = memory_stats or (lambda: jax.devices()[0].memory_stats())
         _warn_preallocation(policy)
         self.config = self.reader.config
         # Files that passed their checksum check: each is checked on its first read from disk
         # by any call of this engine (policy.verify_checksums), not on every call.
         self.verified = Verified()
-        self.policy = policy or Policy()
+        self.devices = resolve_devices(policy or Policy())
+        # The policy names how many devices the run spans: the placement plans per device.
+        self.policy = (policy or Policy()).replace(devices=len(self.devices))
+        self.memory_stats = memory_stats or (lambda: _devices_memory_stats(self.devices))
         self.tokenizer = load_tokenizer(self.reader.tokenizer_dir)
         # The checkpoint's prefetch table (klotski calibrate): each round predicts with its own
         # copy, updated online, never written back. Without one: previous-layer popularity.
@@ -181,7 +183,10 @@ class Engine:
         pinned = use_pinned_host(policy)
         if pinned not in self._kv_memory:
             memory = None
-            if pinned:
+            if pinned and len(self.devices) > 1:
+                log.info("on %d devices host-resident KV caches stay in ordinary host memory "
+                         "(their slot write runs on one device's host memory)", len(self.devices))
+            elif pinned:
                 memory = jax.sharding.SingleDeviceSharding(jax.devices()[0],
                                                            memory_kind="pinned_host")
                 if not steps.pinned_kv_works(memory):
@@ -262,7 +267,7 @@ class Engine:
         for b in range(batch, 0, -1):
             try:
                 place(self.config, self.policy, Workload(groups, b, prompt_len,
-                                                         cache - prompt_len))
+                                                         cache - prompt_len), self.expert_load())
             except BudgetError:
                 continue
             if b < batch:
@@ -270,6 +275,13 @@ class Engine:
                          self.policy.schedule.value, batch, b)
             return b
         return batch
+
+    def expert_load(self) -> list[list[float]] | None:
+        """Per MoE layer, each expert's routing probability from the prefetch table (None
+        without one): what balances the experts over several devices."""
+        if len(self.devices) == 1 or self.prefetch_table is None:
+            return None
+        return self.prefetch_table.routing_probs()
 
     def costs(self) -> Profile:
         """What the planner predicts with: the given or cached profile of this model on this
@@ -480,7 +492,8 @@ class _Session:
         self.policy = pol = policy
         self.cache_len = cache_len(prompt_len + max_new)
         self.placement = place(cfg, pol, Workload(groups, batch, prompt_len,
-                                                  self.cache_len - prompt_len))
+                                                  self.cache_len - prompt_len),
+                               engine.expert_load())
         self.tracer, self.stats = tracer, stats
         self.batch, self.groups = batch, groups
         self.host_state = host
@@ -489,8 +502,12 @@ class _Session:
         from klotski_jax.runtime.transfers import Transfers
 
         cfg, pol, pl = self.cfg, self.policy, self.placement
-        baseline = live_device_bytes() if pol.verify_memory else None
-        self.device = MemoryLedger("device", pol.device_budget)
+        baseline = live_bytes_by_device() if pol.verify_memory else None
+        devices = self.engine.devices
+        mesh = len(devices) > 1
+        # On a mesh one ledger per device, all charged for what is replicated (DeviceLedgers).
+        self.device = (DeviceLedgers("device", pol.device_budget, len(devices)) if mesh
+                       else MemoryLedger("device", pol.device_budget))
         self.host = self.host_state.ledger
         host = self.host_state.get(pol, pl)
         # KV caches: on the device for the whole run, or in host RAM (loaded per layer, in the
@@ -499,14 +516,17 @@ class _Session:
         self.device.reserve("activations", pl.activation_bytes)
         self.device.reserve("globals", device_global_bytes(cfg))
         on_device = ("final_norm", "embed" if cfg.tie_word_embeddings else "lm_head")
-        globals_dev = jax.device_put({k: host.globals[k] for k in on_device})
         embed_host = None if cfg.tie_word_embeddings else host.globals["embed"]
         kv_window = None
         if not pl.kv_on_device:
             self.device.reserve("kv window", pl.kv_device_bytes)
-            kv_window = MemoryLedger("device kv window", pl.kv_device_bytes)
+            kv_window = (DeviceLedgers("device kv window", pl.kv_device_bytes, len(devices))
+                         if mesh else MemoryLedger("device kv window", pl.kv_device_bytes))
         self.transfers = Transfers(host, self.device, io_threads=pol.io_threads,
-                                   tracer=self.tracer, stats=self.stats, kv_ledger=kv_window)
+                                   tracer=self.tracer, stats=self.stats, kv_ledger=kv_window,
+                                   devices=devices, owner=pl.owner)
+        globals_dev = jax.device_put({k: host.globals[k] for k in on_device},
+                                     self.transfers.replicated)
         self.scheduler = Scheduler(cfg, pol, pl, self.transfers,
                                    self.engine._predictor_factory(cfg), globals_dev, embed_host,
                                    self.tracer,
@@ -518,6 +538,8 @@ class _Session:
         on_device = self.placement.kv_on_device
         cache = KVCache.create(self.cfg, len(ids), self.cache_len, host=not on_device,
                                memory=None if on_device else self.engine.kv_memory(self.policy))
+        if on_device and self.transfers.mesh is not None:  # attention runs on every device
+            cache.kv = [jax.device_put(kv, self.transfers.replicated) for kv in cache.kv]
         cache.valid[:, : ids.shape[1]] = mask > 0
         return GroupState(cache, ids, positions_from_mask(mask),
                           index=self.transfers.add_kv_cache(cache))
@@ -536,6 +558,9 @@ class _Session:
         if not self.placement.kv_on_device:
             self.host.release("kv caches")
         self.stats.peak_device_bytes = max(self.stats.peak_device_bytes, self.device.peak)
+        peaks = [part.peak for part in self.device.parts]
+        before = self.stats.peak_device_bytes_per_device or [0] * len(peaks)
+        self.stats.peak_device_bytes_per_device = [max(a, b) for a, b in zip(before, peaks)]
         measured = self.engine.memory_stats() or {}
         if "peak_bytes_in_use" in measured:
             self.stats.device_peak_bytes_in_use = max(self.stats.device_peak_bytes_in_use or 0,
@@ -557,6 +582,38 @@ def _warn_preallocation(policy: Policy | None) -> None:
         log.warning("XLA preallocates most of the GPU's memory, so the device budget is not what "
                     "this process holds: set XLA_PYTHON_CLIENT_PREALLOCATE=false before JAX "
                     "starts (the klotski command does)")
+
+
+def resolve_devices(policy: Policy) -> list[jax.Device]:
+    """The local devices a run spans (`Policy.devices`): the first N, all of them ("all"), or
+    by default all when they are accelerators and the first one on a CPU (a CPU's simulated
+    devices share its cores: nothing to gain by default)."""
+    local = jax.local_devices()
+    want = policy.devices
+    if want is None:
+        want = len(local) if local[0].platform != "cpu" else 1
+    elif want == "all":
+        want = len(local)
+    if want > len(local):
+        hint = (" (on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX "
+                "starts simulates N devices)" if local[0].platform == "cpu" else "")
+        raise PolicyError(f"devices={want} but this process has {len(local)} local "
+                          f"{local[0].platform} device(s){hint}")
+    return local[:want]
+
+
+def _devices_memory_stats(devices: list[jax.Device]) -> dict[str, Any] | None:
+    """The devices' own memory counts (None where the backend has none, e.g. CPU): the
+    highest peak in use and the smallest limit over the devices."""
+    stats = [d.memory_stats() for d in devices]
+    if any(s is None for s in stats):
+        return None
+    out: dict[str, Any] = {}
+    if all("peak_bytes_in_use" in s for s in stats):
+        out["peak_bytes_in_use"] = max(int(s["peak_bytes_in_use"]) for s in stats)
+    if all("bytes_limit" in s for s in stats):
+        out["bytes_limit"] = min(int(s["bytes_limit"]) for s in stats)
+    return out
 
 
 def use_pinned_host(policy: Policy, device: Any = None) -> bool:

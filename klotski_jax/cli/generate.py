@@ -10,6 +10,7 @@ from typing import Any
 
 from klotski_jax.cli.options import (
     budget_options,
+    device_options,
     io_options,
     non_negative_float,
     non_negative_int,
@@ -56,6 +57,7 @@ class GenerateOptions:
     pinned_host: str = "auto"
     allow_long_context: bool = False
     verify: bool = True
+    devices: int | str | None = None  # None: all local accelerators (one device on a CPU)
     quiet: bool = False
 
     @classmethod
@@ -77,7 +79,7 @@ def _policy(opts: GenerateOptions, weight_bytes: int) -> Policy:
         multi_batch=opts.multi_batch, hot_only_prefetch=opts.hot_only_prefetch,
         reorder=opts.reorder, io_mode=opts.io_mode, evict_page_cache=opts.evict_page_cache,
         pinned_host={"auto": None, "on": True, "off": False}[opts.pinned_host],
-        verify_checksums=opts.verify)
+        verify_checksums=opts.verify, devices=opts.devices)
 
 
 def run_generate(opts: GenerateOptions) -> dict[str, Any]:
@@ -118,7 +120,7 @@ def run_generate(opts: GenerateOptions) -> dict[str, Any]:
     results = gio.results(records, gen.token_ids, gen.texts)
     stats = {**gen.stats.to_dict(), "weight_bytes": weight_bytes,
              "max_new_tokens": opts.max_new_tokens, "prompts": len(records),
-             "placement": gen.placement, "policy": dataclasses.asdict(policy), "plan": gen.plan,
+             "placement": gen.placement, "policy": dataclasses.asdict(engine.policy), "plan": gen.plan,
              "checkpoint": str(engine.reader.path)}
     if opts.output:
         gio.write_jsonl(opts.output, results)
@@ -146,8 +148,13 @@ def _cmd(args: argparse.Namespace) -> int:
         budget = s["device_budget_bytes"]
         print(f"{s['generated_tokens']} tokens in {s['total_s']:.2f} s "
               f"({s['throughput_tokens_per_s']:.1f} tok/s), {s['schedule']} schedule, "
-              f"{s['groups']} group(s) x {s['batch_size']}; device peak "
-              f"{s['peak_device_bytes']:,} B of {'unlimited' if budget is None else f'{budget:,} B'}"
+              f"{s['groups']} group(s) x {s['batch_size']}"
+              + (f" on {len(per)} devices" if len(per := s["peak_device_bytes_per_device"]) > 1
+                 else "") + "; device peak "
+              + (f"{s['peak_device_bytes']:,} B" if len(per) < 2 else
+                 f"per device {', '.join(f'{x:,}' for x in per)} B")
+              + f" of {'unlimited' if budget is None else f'{budget:,} B'}"
+              + (" each" if len(per) > 1 and budget is not None else "")
               + ("" if s.get("device_peak_bytes_in_use") is None else
                  f" (XLA's own peak in this process: {s['device_peak_bytes_in_use']:,} B)")
               + f"; waited on I/O {s['io_wait_s']:.2f} s", file=sys.stderr)
@@ -170,7 +177,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def add(sub: Any) -> None:
     p = sub.add_parser(
-        "generate", parents=[budget_options(), io_options()],
+        "generate", parents=[budget_options(), io_options(), device_options()],
         help="generate with the pipeline under device / host memory budgets",
         description="Generate continuations with a pipeline schedule, streaming weights from "
                     "host RAM and disk so the device holds at most --device-budget bytes.")

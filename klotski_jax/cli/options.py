@@ -84,6 +84,23 @@ def io_options() -> argparse.ArgumentParser:
     return p
 
 
+def devices_arg(text: str) -> int | str:
+    """--devices: a positive count of local devices, or "all"."""
+    if text.strip().lower() == "all":
+        return "all"
+    return positive_int(text)
+
+
+def device_options() -> argparse.ArgumentParser:
+    """--devices: how many local devices the run spans (expert parallelism on a 1-D mesh)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--devices", type=devices_arg, default=None, metavar="N|all",
+                   help="run on N local devices (or all): each MoE layer's experts are spread "
+                        "over them, attention runs on each, and --device-budget applies to each "
+                        "device (default: all local accelerators; one device on a CPU)")
+    return p
+
+
 def size(text: str | None, ckpt: str) -> int | None:
     """A SIZE option in bytes; a percentage is of the checkpoint's weight bytes."""
     from klotski_jax.generate_io import checkpoint_weight_bytes, resolve_size

@@ -9,11 +9,17 @@ it. Device tier, in priority order:
   4. resident experts (layer-major), from what is left after a generous streaming area.
 Host tier: all dense weights, staging buffers, then a read-through cache of experts (experts get
 host memory before disk); whatever does not fit is read from the TensorStore files on disk.
+
+On several devices (expert parallelism) every device holds the fixed part, the dense weights and
+the KV caches (attention is replicated), and each MoE layer's routed experts are spread over the
+devices (`expert_owners`): a device streams and keeps only the experts it owns, so the budget,
+which applies to each device, needs slots for its share of a layer, not the whole layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from klotski_jax.config import ModelConfig
@@ -103,10 +109,17 @@ class Placement:
     staging_bytes: int
     kv_on_device: bool = True  # else each (layer, group) KV cache is loaded around its attention
     kv_device_bytes: int = 0  # device bytes for KV: all caches, or the in-flight window
+    devices: int = 1  # devices of the mesh; the budgets and byte counts above are per device
+    owners: tuple[tuple[int, ...], ...] = ()  # per layer, each routed expert's device ((): 0)
+
+    def owner(self, layer: int, expert: int) -> int:
+        """The device (index into the mesh) that holds and computes routed expert (layer, e)."""
+        return self.owners[layer][expert] if self.owners else 0
 
     def describe(self) -> dict[str, Any]:
         return {
-            "schedule": self.schedule.value, "dense_resident": self.dense_resident,
+            "schedule": self.schedule.value, "devices": self.devices,
+            "dense_resident": self.dense_resident,
             "device_resident_experts": len(self.device_experts),
             "host_cached_experts": "all" if self.host_experts is None else len(self.host_experts),
             "expert_slots": self.expert_slots,
@@ -116,10 +129,37 @@ class Placement:
         }
 
 
+def expert_owners(cfg: ModelConfig, devices: int, load: Sequence[Sequence[float]] | None = None
+                  ) -> tuple[tuple[int, ...], ...]:
+    """Per layer (empty for dense layers), the device of each routed expert: every device owns
+    ceil(E / devices) or floor of them (the memory a layer needs is the same on each), and within
+    that the expected load is balanced: experts by decreasing load (`load`: per MoE layer, each
+    expert's routing probability, e.g. the prefetch table's; None: uniform, which is round
+    robin), each to the least loaded device that has room."""
+    e_count = cfg.num_experts
+    cap = -(-e_count // devices)
+    moe_index = {layer: m for m, layer in enumerate(cfg.moe_layer_ids)}
+    out: list[tuple[int, ...]] = []
+    for layer in range(cfg.num_layers):
+        if layer not in moe_index:
+            out.append(())
+            continue
+        probs = [1.0] * e_count if load is None else [float(p) for p in load[moe_index[layer]]]
+        owner = [0] * e_count
+        total, count = [0.0] * devices, [0] * devices
+        for e in sorted(range(e_count), key=lambda x: -probs[x]):  # stable: ties by id
+            d = min((k for k in range(devices) if count[k] < cap),
+                    key=lambda k: (total[k], count[k], k))
+            owner[e], total[d], count[d] = d, total[d] + probs[e], count[d] + 1
+        out.append(tuple(owner))
+    return tuple(out)
+
+
 def streaming_need(cfg: ModelConfig, policy: Policy, dense_resident: bool) -> tuple[int, int]:
-    """(bytes of streamed dense weights, minimum expert slots) the schedule needs to progress."""
+    """(bytes of streamed dense weights, minimum expert slots per device) the schedule needs to
+    progress. On several devices a "whole layer" is a device's share of it."""
     dense = 0 if dense_resident else max(dense_layer_bytes(cfg))
-    e = cfg.num_experts
+    e = -(-cfg.num_experts // policy.device_count)
     if policy.schedule is Schedule.SEQUENTIAL:
         return dense, e  # one whole layer at a time
     if policy.schedule is Schedule.FLEXGEN:
@@ -130,20 +170,25 @@ def streaming_need(cfg: ModelConfig, policy: Policy, dense_resident: bool) -> tu
         # Experts run in id order, so the prefetched hot set may still hold its slots while
         # compute waits for a lower-numbered cold expert: room for both is needed.
         k = policy.hot_experts if policy.hot_experts is not None else cfg.top_k
-        return 2 * dense, k + 1
+        return 2 * dense, min(k, e) + 1
     return 2 * dense, 1  # klotski, lru: one expert at a time is enough to make progress
 
 
 def _target_slots(cfg: ModelConfig, policy: Policy, minimum: int) -> int:
     """How many expert slots the schedule can use well before pinning experts pays more."""
     k = policy.hot_experts if policy.hot_experts is not None else cfg.top_k
-    if policy.schedule is Schedule.KLOTSKI:
-        return max(minimum, cfg.num_experts + k)  # one layer in flight + next layer's hot set
+    d = policy.device_count
+    if policy.schedule is Schedule.KLOTSKI:  # one layer in flight + next layer's hot set
+        return max(minimum, -(-cfg.num_experts // d) + -(-k // d))
     return minimum
 
 
-def place(cfg: ModelConfig, policy: Policy, workload: Workload) -> Placement:
-    """Choose the placement for this run, or raise BudgetError stating the minimum budgets."""
+def place(cfg: ModelConfig, policy: Policy, workload: Workload,
+          load: Sequence[Sequence[float]] | None = None) -> Placement:
+    """Choose the placement for this run, or raise BudgetError stating the minimum budgets.
+
+    `load`: per MoE layer, each expert's routing probability (balances the experts over
+    several devices; None: uniform)."""
     kv = workload.groups * cfg.kv_cache_bytes(workload.batch_size, workload.max_len)
     kv_window = kv_window_bytes(cfg, workload)
     act = activation_bytes(cfg, workload)
@@ -158,15 +203,17 @@ def place(cfg: ModelConfig, policy: Policy, workload: Workload) -> Placement:
     # cache visits the device around its attention (FlexGen and Klotski both move KV caches).
     dense_min_slots = streaming_need(cfg, policy, True)[1]
     want_slots = max(_target_slots(cfg, policy, dense_min_slots), dense_min_slots)
-    if policy.schedule is Schedule.LRU:
-        want_slots = max(want_slots, cfg.num_experts)  # a cache that holds one layer's experts
+    devices = policy.device_count
+    if policy.schedule is Schedule.LRU:  # a cache that holds one layer's experts (its share)
+        want_slots = max(want_slots, -(-cfg.num_experts // devices))
     kv_on_device = budget is None or budget >= base + kv + all_dense + want_slots * eb
     kv_device = kv if kv_on_device else kv_window
     fixed = base + kv_device
     min_device = base + min(kv, kv_window) + stream_dense + min_slots * eb
     if budget is not None and budget < min_device:
         raise BudgetError(
-            f"device budget {budget} bytes is below the minimum {min_device} bytes for the "
+            f"device budget {budget} bytes" + (" (per device)" if devices > 1 else "")
+            + f" is below the minimum {min_device} bytes for the "
             f"{policy.schedule.value} schedule with {workload.groups} group(s) of "
             f"{workload.batch_size} x {workload.max_len} tokens (globals "
             f"{device_global_bytes(cfg)}, activations {act}, KV caches {min(kv, kv_window)} "
@@ -190,15 +237,22 @@ def place(cfg: ModelConfig, policy: Policy, workload: Workload) -> Placement:
         target = _target_slots(cfg, policy, min_slots)
         slots = target if room is None else max(min_slots, min(target, room // eb))
         spare = len(experts) if room is None else max(0, room // eb - slots)
-        resident = experts[:spare]
+        resident = experts[:spare] if devices == 1 else []
+    owners = expert_owners(cfg, devices, load) if devices > 1 else ()
+    if devices > 1 and policy.schedule is not Schedule.LRU:  # each device: its own experts
+        for d in range(devices):
+            resident += [x for x in experts if owners[x[0]][x[1]] == d][:spare]
+        resident.sort()
     # Staging buffers the transfers can hold at once: one per streamed expert the device budget
     # admits, plus one per device-resident expert (its device array may alias the buffer, so the
     # buffer stays with it for the whole run).
     staged = staged_expert_bytes(cfg)
     streamed = len(experts) - len(resident)
     if budget is not None:
-        device_room = budget - fixed - (all_dense if dense_resident else 0) - len(resident) * eb
-        streamed = min(streamed, device_room // eb)
+        on_one = (len(resident) if devices == 1 else  # the most resident experts on a device
+                  max(sum(owners[x[0]][x[1]] == d for x in resident) for d in range(devices)))
+        device_room = budget - fixed - (all_dense if dense_resident else 0) - on_one * eb
+        streamed = min(streamed, devices * (device_room // eb))
     staging = (streamed + len(resident)) * staged
     host_min = global_bytes(cfg) + all_dense + staging  # HostTier keeps every dense array
     if not kv_on_device:
@@ -219,4 +273,4 @@ def place(cfg: ModelConfig, policy: Policy, workload: Workload) -> Placement:
         device_experts=frozenset(resident), host_experts=host_experts, expert_slots=slots,
         fixed_device_bytes=fixed, kv_bytes=kv, activation_bytes=act, min_device_bytes=min_device,
         min_host_bytes=host_min, staging_bytes=staging, kv_on_device=kv_on_device,
-        kv_device_bytes=kv_device)
+        kv_device_bytes=kv_device, devices=devices, owners=owners)

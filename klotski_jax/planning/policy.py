@@ -45,6 +45,11 @@ class Policy:
       reorder: hot experts first, then cold ones in load order (off: ascending expert id, loads
         issued in that order after all routing; the hot set is then the K rule's, K = top_k
         unless given, since running experts in id order needs a slot per prefetched expert)
+
+    devices: how many local devices the run spans, on a 1-D mesh (expert parallelism: each MoE
+      layer's routed experts are spread over the devices, attention is replicated), or "all".
+      None: every local device when they are accelerators, one on a CPU. The device budget
+      applies to each device.
     """
 
     schedule: Schedule = Schedule.KLOTSKI
@@ -63,6 +68,7 @@ class Policy:
     pinned_host: bool | None = None  # host cache in pinned host memory (None: on GPU/TPU only)
     verify_memory: bool = False  # cross-check the ledger against live device arrays (tests)
     verify_checksums: bool = True  # check each expert's checksum on its first read from disk
+    devices: int | str | None = None  # N local devices, "all", or None (see above)
 
     def __post_init__(self) -> None:
         try:
@@ -83,6 +89,11 @@ class Policy:
         if self.prefetch_threshold is not None and not 0 <= self.prefetch_threshold <= 1:
             raise PolicyError(f"prefetch_threshold must be in [0, 1], got "
                               f"{self.prefetch_threshold}")
+        if self.devices is not None and self.devices != "all" and (
+                isinstance(self.devices, bool) or not isinstance(self.devices, int)
+                or self.devices < 1):
+            raise PolicyError(f"devices must be a positive number of devices or 'all', got "
+                              f"{self.devices!r}")
         for name in ("device_budget", "host_budget"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -103,6 +114,12 @@ class Policy:
         """The prefetch threshold in effect (the default when none was chosen)."""
         return (DEFAULT_PREFETCH_THRESHOLD if self.prefetch_threshold is None
                 else self.prefetch_threshold)
+
+    @property
+    def device_count(self) -> int:
+        """The number of devices the placement plans for (the engine resolves None and "all" to
+        a number before it places anything; unresolved they count as one)."""
+        return self.devices if isinstance(self.devices, int) else 1
 
     def replace(self, **changes) -> Policy:
         return dataclasses.replace(self, **changes)

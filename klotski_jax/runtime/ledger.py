@@ -39,6 +39,11 @@ class MemoryLedger:
         return self._used
 
     @property
+    def parts(self) -> tuple[MemoryLedger, ...]:
+        """The per-device ledgers behind this one: itself (`DeviceLedgers` has one per device)."""
+        return (self,)
+
+    @property
     def peak(self) -> int:
         return self._peak
 
@@ -132,3 +137,79 @@ class MemoryLedger:
             self._used -= nbytes
             self._cond.notify_all()
             return nbytes
+
+
+class DeviceLedgers:
+    """The device ledgers of a mesh, one per device, used as one where a buffer is replicated.
+
+    Replicated buffers (dense weights, KV caches, activations, globals) are reserved in every
+    device's ledger; a routed expert only in its device's (`parts[d]`). A reservation of all
+    devices takes its place in every FIFO at once, and the schedule issues every load from one
+    thread in one order, so every FIFO serves loads in the same relative order: waiting for
+    the devices one after the other cannot deadlock. `used` and `peak` are the largest
+    device's, the figure a per-device budget bounds.
+    """
+
+    def __init__(self, tier: str, capacity: int | None, devices: int, *,
+                 timeout_s: float = 120.0) -> None:
+        self.tier = tier
+        self.capacity = capacity
+        self.parts: tuple[MemoryLedger, ...] = tuple(
+            MemoryLedger(f"{tier} {d}", capacity, timeout_s=timeout_s) for d in range(devices))
+
+    @property
+    def used(self) -> int:
+        return max(p.used for p in self.parts)
+
+    @property
+    def peak(self) -> int:
+        return max(p.peak for p in self.parts)
+
+    @property
+    def peaks(self) -> list[int]:
+        return [p.peak for p in self.parts]
+
+    @property
+    def free(self) -> int | None:
+        return None if self.capacity is None else min(p.free for p in self.parts)
+
+    @property
+    def waiting(self) -> bool:
+        return any(p.waiting for p in self.parts)
+
+    def holds(self, key: Hashable) -> bool:
+        return any(p.holds(key) for p in self.parts)
+
+    def held(self) -> dict[Hashable, int]:
+        out: dict[Hashable, int] = {}
+        for d, p in enumerate(self.parts):
+            out.update({(d, k): n for k, n in p.held().items()})
+        return out
+
+    def reserve(self, key: Hashable, nbytes: int) -> None:
+        self.wait(self.enqueue(key, nbytes))
+
+    def enqueue(self, key: Hashable, nbytes: int) -> list[tuple[int, Hashable, int]]:
+        return [p.enqueue(key, nbytes) for p in self.parts]
+
+    def wait(self, places: list[tuple[int, Hashable, int]]) -> None:
+        for p, place in zip(self.parts, places):
+            p.wait(place)
+
+    def abort(self) -> None:
+        for p in self.parts:
+            p.abort()
+
+    def try_reserve(self, key: Hashable, nbytes: int) -> bool:
+        """Reserve on every device without waiting, or on none."""
+        done = []
+        for p in self.parts:
+            if not p.try_reserve(key, nbytes):
+                for q in done:
+                    q.release(key)
+                return False
+            done.append(p)
+        return True
+
+    def release(self, key: Hashable) -> int:
+        return [p.release(key) for p in self.parts][0]

@@ -21,6 +21,13 @@ flexgen: the whole layer (dense + all experts) is on the device before compute; 
 layer is prefetched meanwhile; groups run one after another.
 sequential: like flexgen with one group and no prefetch. lru: one group, experts loaded on demand
 into an LRU cache on the device.
+
+On several devices (a 1-D mesh: expert parallelism) every schedule keeps its order. The dense
+part, attention and the routers run replicated on every device; each routed expert is loaded
+onto and computed on the device that owns it (`Placement.owner`), into that device's own
+accumulator, and `_combine` sums the accumulators over the devices (`steps.device_sum`, a
+psum) before the combine step. Computations run in dispatch order per device only, so a
+release's fence is the latest expert computation of every device.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from klotski_jax.config import ModelConfig
-from klotski_jax.constants import BudgetError
+from klotski_jax.constants import MESH_AXIS, BudgetError
 from klotski_jax.models import blocks
 from klotski_jax.models.reference import KVCache
 from klotski_jax.planning.hot import HotPredictor, prefetch_order, score_hot_set
@@ -110,6 +117,42 @@ class Routing:
         return {int(e) for e in np.unique(self.all_experts)}
 
 
+class _Accumulators:
+    """The float32 accumulators [N, d] of one MoE layer's expert phase: one per device that
+    computes experts (each made on first use, on that device), over the MoE input x [N, d]
+    (each device reads its own replica)."""
+
+    def __init__(self, x: jax.Array, devices: list[jax.Device],
+                 mesh: jax.sharding.Mesh | None) -> None:
+        self.devices, self.mesh, self.shape = devices, mesh, x.shape
+        if mesh is None:
+            self.x = [x]
+        else:
+            by_device = {shard.device: shard.data for shard in x.addressable_shards}
+            self.x = [by_device[d] for d in devices]
+        self.sums: list[jax.Array | None] = [None] * len(devices)
+
+    def on(self, d: int) -> jax.Array:
+        """Device d's accumulator (zeros on that device until an expert adds to it)."""
+        if self.sums[d] is None and self.mesh is None:
+            self.sums[d] = steps.zero_accumulator(self.shape)
+        elif self.sums[d] is None:
+            with jax.default_device(self.devices[d]):
+                self.sums[d] = steps.zero_accumulator(self.shape)
+        return self.sums[d]
+
+    def total(self) -> jax.Array:
+        """The routed experts' output summed over devices (replicated on a mesh)."""
+        if self.mesh is None:
+            return self.on(0)
+        parts = [self.on(d) for d in range(len(self.devices))]
+        n, d = self.shape
+        stacked = jax.make_array_from_single_device_arrays(
+            (len(parts) * n, d), jax.sharding.NamedSharding(
+                self.mesh, jax.sharding.PartitionSpec(MESH_AXIS)), parts)
+        return steps.device_sum(self.mesh)(stacked)
+
+
 @dataclasses.dataclass
 class Step:
     """One decoder step of all groups, passed to every verb of the scheduler that needs it.
@@ -137,7 +180,7 @@ class Scheduler:
                  transfers: Transfers, predictor: HotPredictor, globals_dev: dict[str, jax.Array],
                  embed_host: np.ndarray | None,
                  tracer: Tracer, stats: RunStats, device_ledger: MemoryLedger,
-                 live_baseline: int | None = None) -> None:
+                 live_baseline: dict[jax.Device, int] | None = None) -> None:
         self.cfg = cfg
         self._block = blocks.expert_block(cfg)  # fp8 experts' block side (static)
         self.policy = policy
@@ -152,10 +195,14 @@ class Scheduler:
         self.head_w = globals_dev["embed" if cfg.tie_word_embeddings else "lm_head"]
         self.k = policy.hot_experts if policy.hot_experts is not None else cfg.top_k
         self._hot: dict[int, list[int]] = {}
-        self._fence: Any = None  # an output of the latest expert computation (LRU evictions)
+        self.devices = transfers.devices
+        # per device, an output of its latest expert computation (the fences of releases)
+        self._fences: list[Any] = [None] * len(self.devices)
         self._busy: Any = None  # the latest dispatched computation's output (Transfers.get)
         self._predicted: dict[int, list[int]] = {}  # the predictor's full hot set per layer
-        self._lru: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
+        # LRU device caches of streamed experts, one per device (each with expert_slots)
+        self._lru: list[collections.OrderedDict[Hashable, None]] = [
+            collections.OrderedDict() for _ in self.devices]
         self._resident_dense: list[Any] = []
         if placement.dense_resident:
             self._resident_dense = [transfers.pin(("dense", i)).arrays
@@ -217,6 +264,13 @@ class Scheduler:
         self._release_layer(i, fence=h)
         return h
 
+    @property
+    def _fence(self) -> Any:
+        """What a release of computed experts waits for: the latest expert computation of every
+        device (one device's results say nothing of another's)."""
+        fences = [f for f in self._fences if f is not None]
+        return fences[0] if len(fences) == 1 else (fences or None)
+
     # ---- verbs --------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _compute(self, s: Step, name: str, **args: Any) -> Iterator[_Piece]:
@@ -236,7 +290,9 @@ class Scheduler:
     def _embed(self, tokens: np.ndarray) -> jax.Array:
         if self.embed_host is None:
             return blocks.embed(self.head_w, tokens)  # tied: the head is the table
-        return jax.device_put(np.take(self.embed_host, tokens, axis=0))
+        rows = np.take(self.embed_host, tokens, axis=0)
+        return jax.device_put(rows) if self.transfers.mesh is None else jax.device_put(
+            rows, self.transfers.replicated)
 
     def _dense(self, s: Step, i: int) -> Any:
         """Layer i's dense-part state on the device (resident, or loaded)."""
@@ -302,27 +358,31 @@ class Scheduler:
         self.predictor.observe(i, routing.all_experts)
         return xs, routing
 
-    def _expert(self, s: Step, i: int, e: int, x_all: jax.Array, rows: np.ndarray,
-                wts: np.ndarray, acc: jax.Array, **trace: Any) -> jax.Array:
-        """acc += expert e's weighted output over its rows; self._fence becomes an output of
-        this computation (acc itself is donated to the next one, so it cannot be a fence)."""
+    def _expert(self, s: Step, i: int, e: int, acc: _Accumulators, rows: np.ndarray,
+                wts: np.ndarray, **trace: Any) -> None:
+        """acc += expert e's weighted output over its rows, on the device that owns e; that
+        device's fence becomes an output of this computation (its accumulator is donated to
+        the next one, so it cannot be a fence)."""
         key = ("expert", i, e)
         w = self.transfers.get(key, busy=self._busy, step=s.name, layer=i, expert=e).arrays
+        d = self.placement.owner(i, e) if len(self.devices) > 1 else 0
+        if len(self.devices) > 1:
+            trace["device"] = d
         r, ww = steps.pad_rows(rows, wts)
         offsets = s.routing.offsets
         per = ({"tokens_per_group": np.diff(np.searchsorted(rows, offsets)).tolist()
                 + [int((rows >= offsets[-1]).sum())]} if self.tracer.enabled else {})
         with self._compute(s, "expert", layer=i, expert=e, tokens=len(rows), **per, **trace) as c:
-            acc, self._fence = steps.expert_apply(acc, x_all, r, ww, w,
-                                                         block=self._block)
-            c.out = self._fence
+            acc.sums[d], self._fences[d] = steps.expert_apply(acc.on(d), acc.x[d], r, ww, w,
+                                                              block=self._block)
+            c.out = self._fences[d]
         self.stats.expert_computes += 1
-        return acc
 
     def _finish(self, s: Step, i: int, w: Any, h: list[jax.Array], xs: list[jax.Array],
-                acc: jax.Array) -> list[jax.Array]:
+                acc: _Accumulators) -> list[jax.Array]:
         with self._compute(s, "combine", layer=i) as c:
-            out = c.out = [steps.finish_moe(w, x, xg, acc, np.int32(s.routing.offsets[gi]),
+            total = acc.total()
+            out = c.out = [steps.finish_moe(w, x, xg, total, np.int32(s.routing.offsets[gi]),
                                             cfg=self.cfg) for gi, (x, xg) in enumerate(zip(h, xs))]
             return out
 
@@ -414,12 +474,11 @@ class Scheduler:
             order = first + [e for e in hot if e in routed] + cold
         else:
             order = sorted(routed)
-        x_all = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
-        acc = steps.zero_accumulator(x_all.shape)
+        acc = self._accumulators(xs)
         done: list[Hashable] = []  # computed streamed experts not yet released
         for e in order:
             rows, wts = routing.rows(e)
-            acc = self._expert(s, i, e, x_all, rows, wts, acc)
+            self._expert(s, i, e, acc, rows, wts)
             if e not in resident:
                 done.append(("expert", i, e))
                 if self.ledger.waiting:  # a load needs memory: free what is done right away
@@ -454,31 +513,37 @@ class Scheduler:
     def _moe_by_group(self, s: Step, i: int, w: Any, h: list[jax.Array]) -> list[jax.Array]:
         """flexgen / sequential / lru: each group's experts in ascending id, group after group."""
         xs, routing = self._route(s, i, w, h)
-        x_all = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
-        acc = steps.zero_accumulator(x_all.shape)
+        acc = self._accumulators(xs)
         for gi in range(len(h)):
             for e in sorted({int(v) for v in routing.experts[gi].reshape(-1)}):
                 if self.policy.schedule is Schedule.LRU:
                     self._lru_admit(i, e)
                 rows, wts = routing.rows(e, gi)
-                acc = self._expert(s, i, e, x_all, rows, wts, acc, group=gi)
+                self._expert(s, i, e, acc, rows, wts, group=gi)
         return self._finish(s, i, w, h, xs, acc)
+
+    def _accumulators(self, xs: list[jax.Array]) -> _Accumulators:
+        """The expert phase's accumulators over the concatenated MoE input of all groups."""
+        x_all = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
+        return _Accumulators(x_all, self.devices, self.transfers.mesh)
 
     def _lru_admit(self, i: int, e: int) -> None:
         """Make room for (i, e) in the LRU device cache; count a hit if it is already there."""
         key = ("expert", i, e)
         if (i, e) in self.placement.device_experts:
             return
-        if key in self._lru:
-            self._lru.move_to_end(key)
+        d = self.placement.owner(i, e) if len(self.devices) > 1 else 0
+        lru = self._lru[d]  # the cache of the device that owns e
+        if key in lru:
+            lru.move_to_end(key)
             self.stats.lru_hits += 1
             return
-        while len(self._lru) >= self.placement.expert_slots:
-            old, _ = self._lru.popitem(last=False)
-            # Computations run in dispatch order: once the latest one is done, so is every
-            # computation that read the evicted expert.
-            self.transfers.release(old, fence=self._fence)
-        self._lru[key] = None
+        while len(lru) >= self.placement.expert_slots:
+            old, _ = lru.popitem(last=False)
+            # Computations run in dispatch order on a device: once its latest one is done, so
+            # is every computation that read the evicted expert.
+            self.transfers.release(old, fence=self._fences[d])
+        lru[key] = None
 
     # ---- warm-up ------------------------------------------------------------------------------
     def warm_up(self, groups: list[GroupState], decode: bool) -> None:
@@ -512,10 +577,16 @@ class Scheduler:
                 else {b * t for b in sizes for t in lengths})
         self.ledger.reserve("warm-up", cfg.expert_bytes)
         try:
-            for n in rows:
-                steps.warm_up_experts(cfg, n)
+            for device in self.devices if len(self.devices) > 1 else [None]:
+                for n in rows:  # a jitted step compiles once per device it runs on
+                    steps.warm_up_experts(cfg, n, device)
         finally:
             self.ledger.release("warm-up")
+
+    def _like_run(self, x: jax.Array) -> jax.Array:
+        """A warm-up input placed as the run's is: replicated over a mesh (a jitted step
+        compiles per input sharding)."""
+        return x if self.transfers.mesh is None else jax.device_put(x, self.transfers.replicated)
 
     def _warm_layer(self, i: int, w: Any, groups: list[GroupState], t: int) -> None:
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
@@ -524,11 +595,11 @@ class Scheduler:
         for g in groups:
             b, slots = len(g.tokens), g.cache.valid.shape[1]
             tokens = np.zeros((b, t), np.int32)
-            h = blocks.embed(self.head_w, tokens) if self.embed_host is None else jnp.zeros(
-                (b, t, cfg.hidden_size), dt)
+            h = blocks.embed(self.head_w, tokens) if self.embed_host is None else self._like_run(
+                jnp.zeros((b, t, cfg.hidden_size), dt))
             host_kv = not self.placement.kv_on_device
-            kv = (tuple(jnp.zeros((b, slots, *shape), dt) for shape in cfg.kv_cache_shapes)
-                  if host_kv else g.cache.kv[i])
+            kv = (tuple(self._like_run(jnp.zeros((b, slots, *shape), dt))
+                        for shape in cfg.kv_cache_shapes) if host_kv else g.cache.kv[i])
             h, new_kv = blocks.attention_block(
                 w, h, tokens, kv, np.int32(0), np.ones((b, slots), bool), cfg=cfg,
                 window=cfg.sliding_windows[i])
@@ -555,44 +626,49 @@ class Scheduler:
             if not part:
                 continue
             xs = [x for _, x in part]
-            x_all = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
-            acc = steps.zero_accumulator(x_all.shape)
+            acc = self._accumulators(xs).total()  # zeros: every device's, summed
             offsets = np.concatenate([[0], np.cumsum([len(x) for x in xs])])[:-1]
             jax.block_until_ready([steps.finish_moe(w, h, x, acc, np.int32(o), cfg=cfg)
                                    for (h, x), o in zip(part, offsets)])
 
     # ---- memory check -------------------------------------------------------------------------
     def verify_memory(self, live_refs: Any = None) -> None:
-        """Fail loudly if live device arrays exceed the budget (accounting bypassed)."""
+        """Fail loudly if live device arrays exceed the budget on any device (accounting
+        bypassed)."""
         budget = self.policy.device_budget
         # The live arrays first, then the host tier's: an expert an I/O thread caches meanwhile
         # (on a CPU backend, "device" arrays aliasing host memory) is then either excluded by
         # id or still being made, and its bytes are allowed for.
         arrays = jax.live_arrays()
         host_ids, making = self.transfers.host.host_arrays()
-        live = live_device_bytes(exclude=host_ids, arrays=arrays)
+        live = live_bytes_by_device(exclude=host_ids, arrays=arrays)
         if self._live_baseline is None:
             raise BudgetError("verify_memory needs the live device bytes from before the run")
-        used = live - self._live_baseline
-        if budget is not None and used > budget + making:
-            raise BudgetError(
-                f"device arrays of this run hold {used} bytes, over the device budget of {budget} "
-                f"bytes (ledger: {self.ledger.used} bytes reserved): something bypassed the ledger")
+        for k, device in enumerate(self.devices):
+            used = live.get(device, 0) - self._live_baseline.get(device, 0)
+            if budget is not None and used > budget + making:
+                raise BudgetError(
+                    f"device arrays of this run hold {used} bytes on device {k} ({device}), over "
+                    f"the device budget of {budget} bytes (ledger: "
+                    f"{self.ledger.parts[k].used} bytes reserved): something bypassed the "
+                    "ledger")
 
 
-def live_device_bytes(exclude: set[int] = frozenset(), arrays: list[jax.Array] | None = None
-                      ) -> int:
+def live_bytes_by_device(exclude: set[int] = frozenset(), arrays: list[jax.Array] | None = None
+                         ) -> dict[jax.Device, int]:
     """Bytes of all live jax arrays (or of `arrays`, a snapshot of them) in device memory (not
-    pinned/unpinned host memory), but those whose id is in `exclude` (the host cache's arrays,
-    host memory on a CPU backend)."""
-    total = 0
+    pinned/unpinned host memory) on each device (a replicated array counts on each), but those
+    whose id is in `exclude` (the host cache's arrays, host memory on a CPU backend)."""
+    total: dict[jax.Device, int] = collections.defaultdict(int)
     for a in jax.live_arrays() if arrays is None else arrays:
         if id(a) in exclude:
             continue
         try:
             kind = a.sharding.memory_kind
+            shards = [(s.device, s.data.nbytes) for s in a.addressable_shards]
         except Exception:  # noqa: BLE001  (deleted or exotic arrays)
             continue
         if kind in (None, "device"):
-            total += a.nbytes
-    return total
+            for device, nbytes in shards:
+                total[device] += nbytes
+    return dict(total)

@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental.compute_on import compute_on
 
 from klotski_jax.config import ModelConfig
-from klotski_jax.constants import bucket, buckets_upto
+from klotski_jax.constants import MESH_AXIS, bucket, buckets_upto
 from klotski_jax.models import blocks
 from klotski_jax.models.specs import expert_leaves, nest
 
@@ -55,15 +55,32 @@ def expert_apply(acc: jax.Array, x: jax.Array, rows: jax.Array, weights: jax.Arr
     return acc.at[rows].add(y.astype(jnp.float32) * weights[:, None]), y[0, 0]
 
 
-def warm_up_experts(cfg: ModelConfig, n_rows: int) -> None:
+@functools.cache
+def device_sum(mesh: jax.sharding.Mesh) -> Callable[[jax.Array], jax.Array]:
+    """The combine of expert parallelism: each device's float32 accumulator [N, d] (the rows of
+    a [devices * N, d] array sharded over the mesh) summed over the devices (one psum, an
+    all-reduce of N x d floats), replicated on every device as the combine step expects."""
+    spec = jax.sharding.PartitionSpec(MESH_AXIS)
+    total = jax.shard_map(lambda acc: jax.lax.psum(acc, MESH_AXIS), mesh=mesh, in_specs=spec,
+                          out_specs=jax.sharding.PartitionSpec())
+    return jax.jit(total)
+
+
+def warm_up_experts(cfg: ModelConfig, n_rows: int, device: jax.Device | None = None) -> None:
     """Compile expert_apply for every bucket a step of n_rows tokens can produce, so routing that
-    sends a new number of tokens to an expert mid-run never triggers a compile."""
+    sends a new number of tokens to an expert mid-run never triggers a compile. `device`: one
+    device of a mesh (its inputs committed there, as a run's are; a step compiles per device)."""
     d, dt = cfg.hidden_size, jnp.dtype(cfg.dtype)
-    x = jnp.zeros((n_rows, d), dt)
-    expert = nest({leaf.name: jnp.zeros(leaf.shape, jnp.dtype(leaf.dtype))
+
+    def zeros(shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+        z = jnp.zeros(shape, dtype)
+        return z if device is None else jax.device_put(z, device)
+
+    x = zeros((n_rows, d), dt)
+    expert = nest({leaf.name: zeros(leaf.shape, jnp.dtype(leaf.dtype))
                    for leaf in expert_leaves(cfg)})
     for size in buckets_upto(n_rows):
-        acc = jnp.zeros((n_rows, d), jnp.float32)
+        acc = zeros((n_rows, d), jnp.float32)
         jax.block_until_ready(expert_apply(acc, x, jnp.zeros(size, jnp.int32),
                                            jnp.zeros(size, jnp.float32), expert,
                                            block=blocks.expert_block(cfg)))

@@ -35,7 +35,8 @@ class RunStats:
     decode_s: float = 0.0
     bytes_read_disk: int = 0
     bytes_read_host: int = 0  # expert bytes served from the host cache
-    bytes_to_device: int = 0
+    bytes_to_device: int = 0  # summed over devices (a replicated load counts on each)
+    bytes_to_device_per_device: list[int] = dataclasses.field(default_factory=list)
     expert_loads: int = 0
     expert_computes: int = 0
     hot_hits: int = 0  # hot experts loaded (not resident) that were routed to
@@ -51,6 +52,9 @@ class RunStats:
     io_wait_s: float = 0.0  # compute thread blocked on a load: the bubbles
     io_busy_s: float = 0.0  # summed over I/O threads
     peak_device_bytes: int = 0  # the device ledger's peak: what the pipeline reserved
+    # On several devices: each device's ledger peak (peak_device_bytes is the largest of them,
+    # the figure the per-device budget bounds).
+    peak_device_bytes_per_device: list[int] = dataclasses.field(default_factory=list)
     # The device's own count where the backend reports one (`jax.Device.memory_stats()`, GPU and
     # TPU; None on CPU): XLA's peak bytes in use in this process so far (it cannot be reset, so
     # it includes earlier runs and compiled programs' scratch), and its allocator's limit.

@@ -29,14 +29,15 @@ import dataclasses
 import itertools
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from klotski_jax.constants import MESH_AXIS
 from klotski_jax.runtime.host import HostTier, StagingBuffer
-from klotski_jax.runtime.ledger import MemoryLedger
+from klotski_jax.runtime.ledger import DeviceLedgers, MemoryLedger
 from klotski_jax.runtime.trace import RunStats, Tracer
 
 
@@ -54,18 +55,37 @@ class OnDevice:
 class Transfers:
     """Loads weights to the device, tracks what is there, and accounts every byte of it."""
 
-    def __init__(self, host: HostTier, ledger: MemoryLedger, *, io_threads: int, tracer: Tracer,
-                 stats: RunStats, device: jax.Device | None = None,
-                 kv_ledger: MemoryLedger | None = None) -> None:
+    def __init__(self, host: HostTier, ledger: MemoryLedger | DeviceLedgers, *, io_threads: int,
+                 tracer: Tracer, stats: RunStats, device: jax.Device | None = None,
+                 kv_ledger: MemoryLedger | DeviceLedgers | None = None,
+                 devices: Sequence[jax.Device] | None = None,
+                 owner: Callable[[int, int], int] | None = None) -> None:
         """`kv_ledger`: the device window host-resident KV caches load into (None: the KV caches
-        stay on the device and are never transferred)."""
+        stay on the device and are never transferred).
+
+        `devices` (several: a 1-D mesh, with `ledger` a `DeviceLedgers`): routed expert
+        (layer, e) loads onto device `owner(layer, e)` only, under that device's ledger, on that
+        device's own I/O threads (lanes "io-d<k>-<n>"), so the host-to-device copies of the
+        devices run side by side; dense weights and KV caches load replicated onto all."""
         self.host = host
         self.ledger = ledger
         self.tracer = tracer
         self.stats = stats
-        self.device = device or jax.devices()[0]
-        self._to_device = jax.sharding.SingleDeviceSharding(self.device, memory_kind="device")
-        self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, "klotski-io")
+        self.devices = list(devices) if devices else [device or jax.devices()[0]]
+        self.device = self.devices[0]
+        self.owner = owner or (lambda layer, e: 0)
+        self._single = [jax.sharding.SingleDeviceSharding(d, memory_kind="device")
+                        for d in self.devices]
+        self._to_device = self._single[0]
+        self.mesh: jax.sharding.Mesh | None = None
+        self.replicated: jax.sharding.Sharding = self._to_device
+        if len(self.devices) > 1:
+            self.mesh = jax.sharding.Mesh(np.array(self.devices), (MESH_AXIS,))
+            self.replicated = jax.sharding.NamedSharding(self.mesh,
+                                                         jax.sharding.PartitionSpec())
+        names = (["klotski-io"] if len(self.devices) == 1
+                 else [f"klotski-io-d{k}" for k in range(len(self.devices))])
+        self._pools = [concurrent.futures.ThreadPoolExecutor(io_threads, n) for n in names]
         # Host-resident KV caches move on their own thread and within their own window of the
         # device budget: a KV load must never queue behind (or wait for the memory of) expert
         # prefetches that compute can only consume after the attention that needs the KV.
@@ -88,15 +108,17 @@ class Transfers:
         self.kv_caches[index] = cache
         return index
 
-    def _on_device(self, parts: Any) -> bool:
-        """Whether host-tier arrays are already arrays in this device's memory (on a CPU
-        backend the tier aliases its buffers): a load hands them out as they are."""
-        return all(isinstance(a, jax.Array) and a.sharding == self._to_device
+    @staticmethod
+    def _on_device(parts: Any, sharding: jax.sharding.Sharding) -> bool:
+        """Whether host-tier arrays are already arrays where a load puts them (on a CPU
+        backend the tier aliases its buffers in the first device): handed out as they are."""
+        return all(isinstance(a, jax.Array) and a.sharding == sharding
                    for a in jax.tree_util.tree_leaves(parts))
 
     def put(self, tree: Any) -> Any:
-        """Host arrays to the device, as a load puts them (the compiled steps' input layout)."""
-        return jax.block_until_ready(jax.device_put(tree, self._to_device))
+        """Host arrays to the device (every device of a mesh), as a dense load puts them (the
+        compiled steps' input layout)."""
+        return jax.block_until_ready(jax.device_put(tree, self.replicated))
 
     # ---- sizes --------------------------------------------------------------------------------
     def nbytes(self, key: Hashable) -> int:
@@ -106,17 +128,34 @@ class Transfers:
             return sum(a.nbytes for a in self.kv_caches[key[2]].kv[key[1]])
         return self.host.cfg.expert_bytes
 
+    def _moved(self, key: Hashable, nbytes: int) -> None:
+        """Count a load's bytes: once per device it lands on (an expert: its owner; dense
+        weights and KV caches: every device of a mesh)."""
+        st = self.stats
+        if not st.bytes_to_device_per_device:
+            st.bytes_to_device_per_device = [0] * len(self.devices)
+        targets = ([self.owner(key[1], key[2])] if key[0] == "expert" and self.mesh is not None
+                   else range(len(self.devices)))
+        for d in targets:
+            st.bytes_to_device_per_device[d] += nbytes
+            st.bytes_to_device += nbytes
+
     # ---- issuing and waiting ------------------------------------------------------------------
     def issued(self, key: Hashable) -> bool:
         """Whether key is loaded, loading or queued."""
         return key in self._loads
 
-    def _lanes(self, key: Hashable) -> tuple[MemoryLedger, concurrent.futures.Executor]:
+    def _lanes(self, key: Hashable) -> tuple[Any, concurrent.futures.Executor,
+                                             jax.sharding.Sharding]:
+        """Where key's load goes: (its ledger, its I/O threads, its device sharding)."""
         if key[0] == "kv":
             if self.kv_ledger is None:
                 raise RuntimeError("KV cache transfers need Transfers.kv_ledger (a KV window)")
-            return self.kv_ledger, self._kv_pool
-        return self.ledger, self._pool
+            return self.kv_ledger, self._kv_pool, self.replicated
+        if key[0] == "expert":
+            d = self.owner(key[1], key[2]) if self.mesh is not None else 0
+            return self.ledger.parts[d], self._pools[d], self._single[d]
+        return self.ledger, self._pools[0], self.replicated
 
     def request(self, key: Hashable, **trace_args: Any) -> concurrent.futures.Future[OnDevice]:
         """Issue a load of key (no-op if already issued); its ledger place is taken now."""
@@ -124,11 +163,12 @@ class Transfers:
         with self._lock:
             fut = self._loads.get(key)
             if fut is None:
-                ledger, pool = self._lanes(key)
+                ledger, pool, _ = self._lanes(key)
                 lkey, nbytes = (key, next(self._serial)), self.nbytes(key)
                 fut = self._put_cached(key, lkey, nbytes, trace_args)
                 if fut is None:
-                    fut = pool.submit(self._load, key, ledger.enqueue(lkey, nbytes), trace_args)
+                    fut = pool.submit(self._load, key, lkey, ledger.enqueue(lkey, nbytes),
+                                      trace_args)
                 self._loads[key] = fut
             return fut
 
@@ -149,16 +189,19 @@ class Transfers:
         if parts is None or (self.device.platform != "cpu" and any(
                 isinstance(a, np.ndarray) for a in jax.tree_util.tree_leaves(parts))):
             return None  # a GPU/TPU copy from pageable NumPy memory blocks: a thread's job
-        if not self.ledger.try_reserve(lkey, nbytes):
+        ledger, _, sharding = self._lanes(key)
+        if not ledger.try_reserve(lkey, nbytes):
             return None
         start = time.perf_counter()
-        arrays = parts if self._on_device(parts) else jax.device_put(parts, self._to_device)
+        arrays = parts if self._on_device(parts, sharding) else jax.device_put(parts, sharding)
         end = time.perf_counter()
-        self.stats.bytes_to_device += nbytes
+        self._moved(key, nbytes)
         if key[0] == "expert":
             self.stats.expert_loads += 1
             self.stats.bytes_read_host += nbytes
-        self.tracer.add("io-host", f"load {key[0]}", start, end, key=str(key), bytes=nbytes,
+        lane = "io-host" if self.mesh is None or key[0] != "expert" else (
+            f"io-host-d{self.owner(key[1], key[2])}")
+        self.tracer.add(lane, f"load {key[0]}", start, end, key=str(key), bytes=nbytes,
                         disk_bytes=0, host_cache_hit=True, waited_for_memory_ms=0.0,
                         **trace_args)
         fut: concurrent.futures.Future[OnDevice] = concurrent.futures.Future()
@@ -260,7 +303,8 @@ class Transfers:
         self.ledger.abort()
         if self.kv_ledger is not None:
             self.kv_ledger.abort()
-        self._pool.shutdown(wait=True)
+        for pool in self._pools:
+            pool.shutdown(wait=True)
         self._kv_pool.shutdown(wait=True)
         for key, fut in list(self._loads.items()):
             if fut.cancelled() or fut.exception() is not None:
@@ -269,11 +313,14 @@ class Transfers:
             self.release(key)
 
     # ---- the I/O thread's work ----------------------------------------------------------------
-    def _load(self, key: Hashable, place: Any, trace_args: dict[str, Any]) -> OnDevice:
-        # "klotski-io_0" -> lane "io-0"; the KV thread "klotski-kv_0" -> lane "kv-0"
+    def _load(self, key: Hashable, lkey: Hashable, place: Any, trace_args: dict[str, Any]
+              ) -> OnDevice:
+        # "klotski-io_0" -> lane "io-0" (device 1 of a mesh: "io-d1-0"); the KV thread
+        # "klotski-kv_0" -> lane "kv-0"
         lane = threading.current_thread().name.removeprefix("klotski-").replace("_", "-")
         start = time.perf_counter()
-        self._lanes(key)[0].wait(place)  # FIFO: memory in issue order
+        ledger, _, sharding = self._lanes(key)
+        ledger.wait(place)  # FIFO: memory in issue order
         got_memory = time.perf_counter()
         staging, disk, hit = None, 0, False
         if key[0] == "dense":
@@ -283,12 +330,12 @@ class Transfers:
         else:
             host_arrays, staging, disk, hit = self.host.read_expert(
                 key[1], key[2], self.host.take_staging)
-        arrays = jax.block_until_ready(jax.device_put(host_arrays, self._to_device))
+        arrays = jax.block_until_ready(jax.device_put(host_arrays, sharding))
         end = time.perf_counter()
         nbytes = self.nbytes(key)
         with self._lock:
             self.stats.bytes_read_disk += disk
-            self.stats.bytes_to_device += nbytes
+            self._moved(key, nbytes)
             self.stats.io_busy_s += end - got_memory
             if key[0] == "expert":
                 self.stats.expert_loads += 1
@@ -296,7 +343,7 @@ class Transfers:
         self.tracer.add(lane, f"load {key[0]}", start, end, key=str(key), bytes=nbytes,
                         disk_bytes=disk, host_cache_hit=hit,
                         waited_for_memory_ms=(got_memory - start) * 1e3, **trace_args)
-        return OnDevice(key, arrays, nbytes, staging, ledger_key=place[1])
+        return OnDevice(key, arrays, nbytes, staging, ledger_key=lkey)
 
 
 def cache_memory(device: jax.Device, pinned: bool
