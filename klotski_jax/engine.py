@@ -187,7 +187,7 @@ class Engine:
                 log.info("on %d devices host-resident KV caches stay in ordinary host memory "
                          "(their slot write runs on one device's host memory)", len(self.devices))
             elif pinned:
-                memory = jax.sharding.SingleDeviceSharding(jax.devices()[0],
+                memory = jax.sharding.SingleDeviceSharding(jax.local_devices()[0],
                                                            memory_kind="pinned_host")
                 if not steps.pinned_kv_works(memory):
                     log.warning("this backend cannot update KV caches in pinned host memory: "
@@ -475,7 +475,7 @@ class _HostState:
                          "read needs a writable buffer, which JAX does not give in pinned "
                          "memory)")
             self.tier = HostTier(self.engine.reader, self.ledger, pl.host_experts, pol.io_mode,
-                                 host_memory=cache_memory(jax.devices()[0], pinned),
+                                 host_memory=cache_memory(jax.local_devices()[0], pinned),
                                  verified=self.engine.verified if pol.verify_checksums else None)
             if pol.evict_page_cache:
                 self.tier.evict_page_cache()
@@ -525,8 +525,8 @@ class _Session:
         self.transfers = Transfers(host, self.device, io_threads=pol.io_threads,
                                    tracer=self.tracer, stats=self.stats, kv_ledger=kv_window,
                                    devices=devices, owner=pl.owner)
-        globals_dev = jax.device_put({k: host.globals[k] for k in on_device},
-                                     self.transfers.replicated)
+        globals_dev = self.transfers.to_devices({k: host.globals[k] for k in on_device},
+                                                self.transfers.replicated)
         self.scheduler = Scheduler(cfg, pol, pl, self.transfers,
                                    self.engine._predictor_factory(cfg), globals_dev, embed_host,
                                    self.tracer,
@@ -539,7 +539,8 @@ class _Session:
         cache = KVCache.create(self.cfg, len(ids), self.cache_len, host=not on_device,
                                memory=None if on_device else self.engine.kv_memory(self.policy))
         if on_device and self.transfers.mesh is not None:  # attention runs on every device
-            cache.kv = [jax.device_put(kv, self.transfers.replicated) for kv in cache.kv]
+            cache.kv = [self.transfers.to_devices(tuple(np.asarray(a) for a in kv),
+                                                  self.transfers.replicated) for kv in cache.kv]
         cache.valid[:, : ids.shape[1]] = mask > 0
         return GroupState(cache, ids, positions_from_mask(mask),
                           index=self.transfers.add_kv_cache(cache))
@@ -558,7 +559,9 @@ class _Session:
         if not self.placement.kv_on_device:
             self.host.release("kv caches")
         self.stats.peak_device_bytes = max(self.stats.peak_device_bytes, self.device.peak)
-        peaks = [part.peak for part in self.device.parts]
+        # a multi-host run: each process reports its own devices (others': 0)
+        peaks = [part.peak if here else 0
+                 for part, here in zip(self.device.parts, self.transfers.local)]
         before = self.stats.peak_device_bytes_per_device or [0] * len(peaks)
         self.stats.peak_device_bytes_per_device = [max(a, b) for a, b in zip(before, peaks)]
         measured = self.engine.memory_stats() or {}
@@ -590,6 +593,12 @@ def resolve_devices(policy: Policy) -> list[jax.Device]:
     devices share its cores: nothing to gain by default)."""
     local = jax.local_devices()
     want = policy.devices
+    if jax.process_count() > 1:  # a multi-host job: one mesh over every process's devices
+        every = jax.devices()
+        if want not in (None, "all", len(every)):
+            raise PolicyError(f"devices={want}: a multi-host run spans all {len(every)} devices "
+                              f"of its {jax.process_count()} processes (leave --devices unset)")
+        return every
     if want is None:
         want = len(local) if local[0].platform != "cpu" else 1
     elif want == "all":
@@ -605,7 +614,7 @@ def resolve_devices(policy: Policy) -> list[jax.Device]:
 def _devices_memory_stats(devices: list[jax.Device]) -> dict[str, Any] | None:
     """The devices' own memory counts (None where the backend has none, e.g. CPU): the
     highest peak in use and the smallest limit over the devices."""
-    stats = [d.memory_stats() for d in devices]
+    stats = [d.memory_stats() for d in devices if d.process_index == jax.process_index()]
     if any(s is None for s in stats):
         return None
     out: dict[str, Any] = {}
@@ -620,7 +629,7 @@ def use_pinned_host(policy: Policy, device: Any = None) -> bool:
     """Whether the host expert cache and the host's dense layers live in pinned host memory
     (jax's `pinned_host` kind). Asked for (`pinned_host=True`) on a backend without that memory
     kind, they fall back to ordinary host memory, with a log line saying so."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     kinds = {m.kind for m in device.addressable_memories()}
     if policy.pinned_host is None:
         return device.platform != "cpu" and "pinned_host" in kinds

@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
 
@@ -180,3 +181,45 @@ def test_cli_generate_on_two_devices_reports_per_device_peaks(mesh, tmp_path):
     assert bad.returncode == 2
     assert "error: devices=9 but this process has 8 local cpu device(s)" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_two_devices_run_one_mesh(mesh, tmp_path):
+    """A multi-host job on one machine: two `klotski generate --distributed` processes with two
+    simulated devices each (CPU collectives over gloo) form one 4-device mesh, stream at the
+    smallest per-device budget, give the reference's tokens, and only process 0 writes files."""
+    records, models = mesh
+    ckpt, prompts, want, tol, _ = models["qwen3_moe"]
+    budget = records[("qwen3_moe", "klotski", 4)]["budget"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in prompts))
+    port = free_port()
+    procs = []
+    for pid in range(2):
+        env = forced_devices_env(2) | {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                                       "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+        out = tmp_path / f"out{pid}"
+        out.mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "klotski_jax.cli", "generate", ckpt, "--input", str(src),
+             "--output", str(out / "out.jsonl"), "--stats", str(out / "stats.json"),
+             "--max-new-tokens", str(NEW), "--device-budget", str(budget), "--groups", "2",
+             "--batch-size", "3", "--distributed"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    assert not (tmp_path / "out1" / "out.jsonl").exists()  # process 0 writes the outputs
+    rows = [json.loads(line)["token_ids"]
+            for line in (tmp_path / "out0" / "out.jsonl").read_text().splitlines()]
+    contract.assert_greedy_matches(rows, want.tokens, want.logits, tol, what="2 hosts x 2")
+    s = json.loads((tmp_path / "out0" / "stats.json").read_text())
+    assert s["placement"]["devices"] == 4
+    peaks = s["peak_device_bytes_per_device"]  # process 0's devices; the others' are 0
+    assert len(peaks) == 4 and all(0 < p <= budget for p in peaks[:2]) and peaks[2:] == [0, 0]
+    assert all(b > 0 for b in s["bytes_to_device_per_device"][:2])

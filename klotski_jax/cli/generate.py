@@ -58,6 +58,7 @@ class GenerateOptions:
     allow_long_context: bool = False
     verify: bool = True
     devices: int | str | None = None  # None: all local accelerators (one device on a CPU)
+    distributed: bool = False  # join a multi-host job first (runtime/multihost.py)
     quiet: bool = False
 
     @classmethod
@@ -91,7 +92,12 @@ def run_generate(opts: GenerateOptions) -> dict[str, Any]:
     """
     from klotski_jax import generate_io as gio
     from klotski_jax.engine import Engine
+    from klotski_jax.runtime import multihost
     from klotski_jax.runtime.trace import Tracer
+
+    if opts.distributed:  # before anything starts JAX's backends
+        multihost.initialize()
+    writer = multihost.is_writer()  # a multi-host job: process 0 writes the files
 
     records = gio.read_prompts(opts.input) if opts.input else gio.prompts_from_args(opts.prompts)
     weight_bytes = gio.checkpoint_weight_bytes(opts.ckpt)  # sizes need weight bytes
@@ -110,7 +116,7 @@ def run_generate(opts: GenerateOptions) -> dict[str, Any]:
 
     tracer = Tracer() if opts.trace else None
     with progress(len(records) * opts.max_new_tokens, desc="generating", unit="tok",
-                  quiet=opts.quiet) as bar:
+                  quiet=opts.quiet or not writer) as bar:
         gen = engine.generate(prompt_ids, max_new_tokens=opts.max_new_tokens,
                               temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
                               top_k=opts.top_k, min_p=opts.min_p,
@@ -122,18 +128,20 @@ def run_generate(opts: GenerateOptions) -> dict[str, Any]:
              "max_new_tokens": opts.max_new_tokens, "prompts": len(records),
              "placement": gen.placement, "policy": dataclasses.asdict(engine.policy), "plan": gen.plan,
              "checkpoint": str(engine.reader.path)}
-    if opts.output:
+    if writer and opts.output:
         gio.write_jsonl(opts.output, results)
-    if opts.stats:
+    if writer and opts.stats:
         gio.write_json(opts.stats, stats)
-    if tracer is not None:
+    if writer and tracer is not None:
         tracer.write(opts.trace)
-    return {"results": results, "stats": stats}
+    return {"results": results, "stats": stats, "writer": writer}
 
 
 def _cmd(args: argparse.Namespace) -> int:
     opts = GenerateOptions.from_args(args)
     out = run_generate(opts)
+    if not out["writer"]:  # another process of a multi-host job reports
+        return 0
     if not opts.output:  # one JSON value per line: continuations may contain newlines
         for r in out["results"]:
             print(json.dumps(r.get("text", r["token_ids"]), ensure_ascii=False))
@@ -245,5 +253,11 @@ def add(sub: Any) -> None:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip checking each expert's checksum on its first read from disk (and "
                         "the dense files' at start-up)")
+    p.add_argument("--distributed", action="store_true",
+                   help="join a multi-host job (one process per host, started alike on each): "
+                        "JAX's distributed runtime from the environment (TPU pod slices, SLURM "
+                        "and Open MPI are detected; else JAX_COORDINATOR_ADDRESS, "
+                        "JAX_NUM_PROCESSES, JAX_PROCESS_ID); the mesh spans every host's "
+                        "devices and process 0 writes the outputs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, summary or info logs")
     p.set_defaults(func=_cmd, check=check_args)

@@ -123,13 +123,13 @@ class _Accumulators:
     (each device reads its own replica)."""
 
     def __init__(self, x: jax.Array, devices: list[jax.Device],
-                 mesh: jax.sharding.Mesh | None) -> None:
-        self.devices, self.mesh, self.shape = devices, mesh, x.shape
+                 mesh: jax.sharding.Mesh | None, local: list[bool]) -> None:
+        self.devices, self.mesh, self.shape, self.local = devices, mesh, x.shape, local
         if mesh is None:
             self.x = [x]
-        else:
+        else:  # this process's devices only (a multi-host mesh's others are not addressable)
             by_device = {shard.device: shard.data for shard in x.addressable_shards}
-            self.x = [by_device[d] for d in devices]
+            self.x = [by_device.get(d) for d in devices]
         self.sums: list[jax.Array | None] = [None] * len(devices)
 
     def on(self, d: int) -> jax.Array:
@@ -145,10 +145,10 @@ class _Accumulators:
         """The routed experts' output summed over devices (replicated on a mesh)."""
         if self.mesh is None:
             return self.on(0)
-        parts = [self.on(d) for d in range(len(self.devices))]
+        parts = [self.on(d) for d in range(len(self.devices)) if self.local[d]]
         n, d = self.shape
         stacked = jax.make_array_from_single_device_arrays(
-            (len(parts) * n, d), jax.sharding.NamedSharding(
+            (len(self.devices) * n, d), jax.sharding.NamedSharding(
                 self.mesh, jax.sharding.PartitionSpec(MESH_AXIS)), parts)
         return steps.device_sum(self.mesh)(stacked)
 
@@ -208,7 +208,8 @@ class Scheduler:
             self._resident_dense = [transfers.pin(("dense", i)).arrays
                                     for i in range(cfg.num_layers)]
         for layer, e in sorted(placement.device_experts):
-            transfers.pin(("expert", layer, e))
+            if transfers.mine(layer, e):
+                transfers.pin(("expert", layer, e))
         self._live_baseline = live_baseline
 
     # ---- the step -----------------------------------------------------------------------------
@@ -291,7 +292,7 @@ class Scheduler:
         if self.embed_host is None:
             return blocks.embed(self.head_w, tokens)  # tied: the head is the table
         rows = np.take(self.embed_host, tokens, axis=0)
-        return jax.device_put(rows) if self.transfers.mesh is None else jax.device_put(
+        return jax.device_put(rows) if self.transfers.mesh is None else self.transfers.to_devices(
             rows, self.transfers.replicated)
 
     def _dense(self, s: Step, i: int) -> Any:
@@ -406,7 +407,8 @@ class Scheduler:
         else:
             hot = self.predictor.predict(i, self.k)
             self._predicted[i] = list(hot)
-        self._hot[i] = [e for e in hot if (i, e) not in self.placement.device_experts]
+        self._hot[i] = [e for e in hot if (i, e) not in self.placement.device_experts
+                        and self.transfers.mine(i, e)]
         for e in self._hot[i]:
             self.transfers.request(("expert", i, e), step=s.name, layer=i, expert=e, hot=True)
 
@@ -422,7 +424,8 @@ class Scheduler:
         keys: list[Hashable] = [] if self._resident_dense else [("dense", i)]
         if self.cfg.moe_layers[i]:
             keys += [("expert", i, e) for e in range(self.cfg.num_experts)
-                     if (i, e) not in self.placement.device_experts]
+                     if (i, e) not in self.placement.device_experts
+                     and self.transfers.mine(i, e)]
         return keys
 
     def _request_whole_layer(self, s: Step, i: int) -> None:
@@ -441,13 +444,14 @@ class Scheduler:
     def _moe_klotski(self, s: Step, i: int, w: Any, h: list[jax.Array], prefetch: bool
                      ) -> list[jax.Array]:
         hot = self._hot.pop(i, [])
+        mine = self.transfers.mine
         resident = {e for e in range(self.cfg.num_experts)
-                    if (i, e) in self.placement.device_experts}
+                    if (i, e) in self.placement.device_experts and mine(i, e)}
         cold: list[int] = []
 
         def issue(experts: list[int]) -> None:
             for e in experts:
-                if e not in resident and e not in cold and not self.transfers.issued(
+                if e not in resident and e not in cold and mine(i, e) and not self.transfers.issued(
                         ("expert", i, e)):
                     self.transfers.request(("expert", i, e), step=s.name, layer=i, expert=e)
                     cold.append(e)
@@ -456,7 +460,7 @@ class Scheduler:
         xs, routing = self._route(
             s, i, w, h, on_group=(lambda gi, ex: issue(list(dict.fromkeys(ex.reshape(-1).tolist()))))
             if reorder else None)
-        routed = routing.routed()
+        routed = {e for e in routing.routed() if mine(i, e)}  # other processes run theirs
         if not reorder:
             issue(sorted(routed))
         for e in hot:  # predicted but not routed: wasted prefetch, freed once it has arrived
@@ -516,6 +520,8 @@ class Scheduler:
         acc = self._accumulators(xs)
         for gi in range(len(h)):
             for e in sorted({int(v) for v in routing.experts[gi].reshape(-1)}):
+                if not self.transfers.mine(i, e):  # another process's device computes it
+                    continue
                 if self.policy.schedule is Schedule.LRU:
                     self._lru_admit(i, e)
                 rows, wts = routing.rows(e, gi)
@@ -525,7 +531,7 @@ class Scheduler:
     def _accumulators(self, xs: list[jax.Array]) -> _Accumulators:
         """The expert phase's accumulators over the concatenated MoE input of all groups."""
         x_all = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
-        return _Accumulators(x_all, self.devices, self.transfers.mesh)
+        return _Accumulators(x_all, self.devices, self.transfers.mesh, self.transfers.local)
 
     def _lru_admit(self, i: int, e: int) -> None:
         """Make room for (i, e) in the LRU device cache; count a hit if it is already there."""
@@ -577,7 +583,8 @@ class Scheduler:
                 else {b * t for b in sizes for t in lengths})
         self.ledger.reserve("warm-up", cfg.expert_bytes)
         try:
-            for device in self.devices if len(self.devices) > 1 else [None]:
+            for device in ([d for d, here in zip(self.devices, self.transfers.local) if here]
+                           if len(self.devices) > 1 else [None]):
                 for n in rows:  # a jitted step compiles once per device it runs on
                     steps.warm_up_experts(cfg, n, device)
         finally:
@@ -586,7 +593,8 @@ class Scheduler:
     def _like_run(self, x: jax.Array) -> jax.Array:
         """A warm-up input placed as the run's is: replicated over a mesh (a jitted step
         compiles per input sharding)."""
-        return x if self.transfers.mesh is None else jax.device_put(x, self.transfers.replicated)
+        return x if self.transfers.mesh is None else self.transfers.to_devices(
+            np.asarray(x), self.transfers.replicated)
 
     def _warm_layer(self, i: int, w: Any, groups: list[GroupState], t: int) -> None:
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)

@@ -79,6 +79,9 @@ class Transfers:
         self._to_device = self._single[0]
         self.mesh: jax.sharding.Mesh | None = None
         self.replicated: jax.sharding.Sharding = self._to_device
+        # Devices of this process (a multi-host mesh spans processes: each one loads and
+        # computes the experts of its own devices only).
+        self.local = [d.process_index == jax.process_index() for d in self.devices]
         if len(self.devices) > 1:
             self.mesh = jax.sharding.Mesh(np.array(self.devices), (MESH_AXIS,))
             self.replicated = jax.sharding.NamedSharding(self.mesh,
@@ -118,7 +121,26 @@ class Transfers:
     def put(self, tree: Any) -> Any:
         """Host arrays to the device (every device of a mesh), as a dense load puts them (the
         compiled steps' input layout)."""
-        return jax.block_until_ready(jax.device_put(tree, self.replicated))
+        return jax.block_until_ready(self.to_devices(tree, self.replicated))
+
+    def mine(self, layer: int, expert: int) -> bool:
+        """Whether routed expert (layer, expert) is this process's to load and compute (always,
+        but on a multi-host mesh)."""
+        return self.mesh is None or self.local[self.owner(layer, expert)]
+
+    def to_devices(self, tree: Any, sharding: jax.sharding.Sharding) -> Any:
+        """`jax.device_put(tree, sharding)`; on a mesh that spans processes a replicated tree is
+        put on each local device and assembled into global arrays (each process holds the same
+        host data), which also works from arrays in one device's (pinned) host memory."""
+        if self.mesh is None or all(self.local) or sharding is not self.replicated:
+            return jax.device_put(tree, sharding)
+        mine = [d for d, here in zip(self.devices, self.local) if here]
+
+        def assemble(leaf: Any) -> jax.Array:
+            shards = [jax.device_put(leaf, d) for d in mine]
+            return jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
+
+        return jax.tree_util.tree_map(assemble, tree)
 
     # ---- sizes --------------------------------------------------------------------------------
     def nbytes(self, key: Hashable) -> int:
@@ -135,7 +157,7 @@ class Transfers:
         if not st.bytes_to_device_per_device:
             st.bytes_to_device_per_device = [0] * len(self.devices)
         targets = ([self.owner(key[1], key[2])] if key[0] == "expert" and self.mesh is not None
-                   else range(len(self.devices)))
+                   else [d for d in range(len(self.devices)) if self.local[d]])
         for d in targets:
             st.bytes_to_device_per_device[d] += nbytes
             st.bytes_to_device += nbytes
@@ -193,7 +215,7 @@ class Transfers:
         if not ledger.try_reserve(lkey, nbytes):
             return None
         start = time.perf_counter()
-        arrays = parts if self._on_device(parts, sharding) else jax.device_put(parts, sharding)
+        arrays = parts if self._on_device(parts, sharding) else self.to_devices(parts, sharding)
         end = time.perf_counter()
         self._moved(key, nbytes)
         if key[0] == "expert":
@@ -330,7 +352,7 @@ class Transfers:
         else:
             host_arrays, staging, disk, hit = self.host.read_expert(
                 key[1], key[2], self.host.take_staging)
-        arrays = jax.block_until_ready(jax.device_put(host_arrays, sharding))
+        arrays = jax.block_until_ready(self.to_devices(host_arrays, sharding))
         end = time.perf_counter()
         nbytes = self.nbytes(key)
         with self._lock:
