@@ -12,6 +12,7 @@ token). Every buffer the run keeps is reserved in the device / host ledgers firs
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -158,7 +159,10 @@ class Engine:
         self.devices = resolve_devices(policy or Policy())
         # The policy names how many devices the run spans: the placement plans per device.
         self.policy = (policy or Policy()).replace(devices=len(self.devices))
-        self.memory_stats = memory_stats or (lambda: _devices_memory_stats(self.devices))
+        # bound to the device list, not to self: a cycle would keep an engine (and what it
+        # loaded) alive until the garbage collector runs
+        self.memory_stats = memory_stats or functools.partial(_devices_memory_stats,
+                                                              self.devices)
         self.tokenizer = load_tokenizer(self.reader.tokenizer_dir)
         # The checkpoint's prefetch table (klotski calibrate): each round predicts with its own
         # copy, updated online, never written back. Without one: previous-layer popularity.
@@ -525,8 +529,9 @@ class _Session:
         self.transfers = Transfers(host, self.device, io_threads=pol.io_threads,
                                    tracer=self.tracer, stats=self.stats, kv_ledger=kv_window,
                                    devices=devices, owner=pl.owner)
-        globals_dev = self.transfers.to_devices({k: host.globals[k] for k in on_device},
-                                                self.transfers.replicated)
+        wanted = {k: host.globals[k] for k in on_device}
+        globals_dev = (jax.device_put(wanted) if self.transfers.mesh is None else
+                       self.transfers.to_devices(wanted, self.transfers.replicated))
         self.scheduler = Scheduler(cfg, pol, pl, self.transfers,
                                    self.engine._predictor_factory(cfg), globals_dev, embed_host,
                                    self.tracer,

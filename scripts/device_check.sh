@@ -18,7 +18,10 @@
 #   4. `klotski bench` of the default model, profiled, with a klotski row on its int4 store
 #      (dequantization on the device: bench-default.{jsonl,md,png});
 #   5. the quickstart notebook (tests/test_notebook.py, where nbclient is installed);
-#   6. a profiled bench at Mixtral-8x7B's layer shapes (4 layers, random weights) at 25% of its
+#   6. where the machine has more than one accelerator: every schedule on all of them
+#      (`--devices all`, 25% of the weights on each) against the one-device runs of step 3, token
+#      agreement and per-device peaks in mesh-compare.txt (skipped, and said, on one device);
+#   7. a profiled bench at Mixtral-8x7B's layer shapes (4 layers, random weights) at 25% of its
 #      weights (bench-m87.{jsonl,md}). Copy what it writes under benchmarks/results/.
 # A failing step is recorded (its exit code in summary.txt) and the next one still runs.
 set -u
@@ -67,7 +70,7 @@ for s in klotski flexgen lru sequential; do
       --prompt "The with statement is used to" --prompt "Return a new list containing" \
       --prompt "If the file does not exist," --prompt "In Python, a class definition" \
       --max-new-tokens 16 --schedule "$s" --device-budget 25% --pinned-host on \
-      --repetition-penalty 1.3 --stats "$OUT/generate-$s.json" -q
+      --repetition-penalty 1.3 --stats "$OUT/generate-$s.json" --output "$OUT/generate-$s.jsonl" -q
 done
 
 step bench-default 360 "$PY" -m klotski_jax.cli bench "$CKPT" \
@@ -75,6 +78,37 @@ step bench-default 360 "$PY" -m klotski_jax.cli bench "$CKPT" \
     --device-budget 25% --host-budget 50% --cold-disk --repeats 3 --sample 2 \
     --json "$OUT/bench-default.jsonl" --markdown "$OUT/bench-default.md" \
     --plot "$OUT/bench-default.png" -q
+
+# Several accelerators: expert parallelism over all local devices, against one device.
+NDEV=$("$PY" -c 'import jax; print(jax.local_device_count())' 2>/dev/null || echo 1)
+if [ "$NDEV" -gt 1 ]; then
+  for s in klotski flexgen lru sequential; do
+    step "mesh-$s" 180 "$PY" -m klotski_jax.cli generate "$CKPT" \
+        --prompt "The with statement is used to" --prompt "Return a new list containing" \
+        --prompt "If the file does not exist," --prompt "In Python, a class definition" \
+        --max-new-tokens 16 --schedule "$s" --device-budget 25% --devices all \
+        --repetition-penalty 1.3 --stats "$OUT/mesh-$s.json" --output "$OUT/mesh-$s.jsonl" -q
+  done
+  step mesh-compare 60 "$PY" -c '
+import json, sys
+out = sys.argv[1]
+for s in ("klotski", "flexgen", "lru", "sequential"):
+    try:
+        one = [json.loads(x)["token_ids"] for x in open(f"{out}/generate-{s}.jsonl")]
+        many = [json.loads(x)["token_ids"] for x in open(f"{out}/mesh-{s}.jsonl")]
+        st = json.load(open(f"{out}/mesh-{s}.json"))
+    except OSError as e:
+        print(s, "missing:", e)
+        continue
+    same = sum(a == b for r, q in zip(one, many) for a, b in zip(r, q))
+    print(s, f"tokens equal to one device: {same} of {sum(map(len, one))};",
+          "peaks per device", st["peak_device_bytes_per_device"], "budget", st["device_budget_bytes"],
+          "tok/s", round(st["throughput_tokens_per_s"], 1), "vs one device",
+          round(json.load(open(f"{out}/generate-{s}.json"))["throughput_tokens_per_s"], 1))
+' "$OUT"
+else
+  echo "mesh skipped: $NDEV accelerator(s)" | tee "$OUT/mesh-skipped.txt"
+fi
 
 # Mixtral-8x7B's layer shapes (random weights, 4 layers: 11.6 GB in bf16) at a device budget
 # that forces streaming: klotski and the baselines where an expert is 352 MB. Last, so that a

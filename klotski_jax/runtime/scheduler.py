@@ -666,17 +666,27 @@ def live_bytes_by_device(exclude: set[int] = frozenset(), arrays: list[jax.Array
                          ) -> dict[jax.Device, int]:
     """Bytes of all live jax arrays (or of `arrays`, a snapshot of them) in device memory (not
     pinned/unpinned host memory) on each device (a replicated array counts on each), but those
-    whose id is in `exclude` (the host cache's arrays, host memory on a CPU backend)."""
+    whose id is in `exclude` (the host cache's arrays, host memory on a CPU backend). Each
+    buffer counts once: an array's shards (`addressable_shards`, cached on it once asked for)
+    are live arrays of their own over the same buffers."""
     total: dict[jax.Device, int] = collections.defaultdict(int)
+    seen: set[tuple[jax.Device, int]] = set()
     for a in jax.live_arrays() if arrays is None else arrays:
         if id(a) in exclude:
             continue
         try:
-            kind = a.sharding.memory_kind
-            shards = [(s.device, s.data.nbytes) for s in a.addressable_shards]
+            if a.sharding.memory_kind not in (None, "device"):
+                continue
+            if len(a.sharding.device_set) == 1:
+                buffers = [(next(iter(a.sharding.device_set)), a.unsafe_buffer_pointer(),
+                            a.nbytes)]
+            else:
+                buffers = [(s.device, s.data.unsafe_buffer_pointer(), s.data.nbytes)
+                           for s in a.addressable_shards]
         except Exception:  # noqa: BLE001  (deleted or exotic arrays)
             continue
-        if kind in (None, "device"):
-            for device, nbytes in shards:
+        for device, pointer, nbytes in buffers:
+            if (device, pointer) not in seen:
+                seen.add((device, pointer))
                 total[device] += nbytes
     return dict(total)
