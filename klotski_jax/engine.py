@@ -35,9 +35,17 @@ from klotski_jax.planning.policy import Policy, PolicyError, Schedule
 from klotski_jax.planning.prefetcher import CorrelationPrefetcher, CorrelationTable, TableError
 from klotski_jax.planning.prior import is_prior
 from klotski_jax.runtime import steps
+from klotski_jax.runtime.devices import (
+    devices_memory_stats,
+    live_bytes_by_device,
+    resolve_devices,
+    use_pinned_host,
+    warn_preallocation,
+)
 from klotski_jax.runtime.host import HostTier, Verified
 from klotski_jax.runtime.ledger import DeviceLedgers, MemoryLedger
-from klotski_jax.runtime.scheduler import GroupState, Scheduler, live_bytes_by_device
+from klotski_jax.runtime.routing import GroupState
+from klotski_jax.runtime.scheduler import Scheduler
 from klotski_jax.runtime.trace import RunStats, Tracer
 from klotski_jax.runtime.transfers import cache_memory
 
@@ -151,7 +159,7 @@ class Engine:
         """`memory_stats`: where the device's own memory counts come from (default: the run's
         devices' `memory_stats()`, None on CPU; tests pass a fake)."""
         self.reader = CheckpointReader(ckpt_dir)
-        _warn_preallocation(policy)
+        warn_preallocation(policy)
         self.config = self.reader.config
         # Files that passed their checksum check: each is checked on its first read from disk
         # by any call of this engine (policy.verify_checksums), not on every call.
@@ -161,7 +169,7 @@ class Engine:
         self.policy = (policy or Policy()).replace(devices=len(self.devices))
         # bound to the device list, not to self: a cycle would keep an engine (and what it
         # loaded) alive until the garbage collector runs
-        self.memory_stats = memory_stats or functools.partial(_devices_memory_stats,
+        self.memory_stats = memory_stats or functools.partial(devices_memory_stats,
                                                               self.devices)
         self.tokenizer = load_tokenizer(self.reader.tokenizer_dir)
         # The checkpoint's prefetch table (klotski calibrate): each round predicts with its own
@@ -578,71 +586,6 @@ class _Session:
         self.stats.peak_host_bytes = max(self.stats.peak_host_bytes, self.host.peak)
         self.stats.device_budget_bytes = self.policy.device_budget
         self.stats.host_budget_bytes = self.policy.host_budget
-
-
-def _warn_preallocation(policy: Policy | None) -> None:
-    """A device budget on a GPU whose XLA client preallocates (its default: 75% of the
-    memory) is not the memory the process takes: say how to turn it off. The CLI turns it off
-    itself, before JAX starts (cli/main.py)."""
-    if policy is None or policy.device_budget is None or jax.default_backend() != "gpu":
-        return
-    if os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true").lower() not in ("false", "0"):
-        log.warning("XLA preallocates most of the GPU's memory, so the device budget is not what "
-                    "this process holds: set XLA_PYTHON_CLIENT_PREALLOCATE=false before JAX "
-                    "starts (the klotski command does)")
-
-
-def resolve_devices(policy: Policy) -> list[jax.Device]:
-    """The local devices a run spans (`Policy.devices`): the first N, all of them ("all"), or
-    by default all when they are accelerators and the first one on a CPU (a CPU's simulated
-    devices share its cores: nothing to gain by default)."""
-    local = jax.local_devices()
-    want = policy.devices
-    if jax.process_count() > 1:  # a multi-host job: one mesh over every process's devices
-        every = jax.devices()
-        if want not in (None, "all", len(every)):
-            raise PolicyError(f"devices={want}: a multi-host run spans all {len(every)} devices "
-                              f"of its {jax.process_count()} processes (leave --devices unset)")
-        return every
-    if want is None:
-        want = len(local) if local[0].platform != "cpu" else 1
-    elif want == "all":
-        want = len(local)
-    if want > len(local):
-        hint = (" (on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX "
-                "starts simulates N devices)" if local[0].platform == "cpu" else "")
-        raise PolicyError(f"devices={want} but this process has {len(local)} local "
-                          f"{local[0].platform} device(s){hint}")
-    return local[:want]
-
-
-def _devices_memory_stats(devices: list[jax.Device]) -> dict[str, Any] | None:
-    """The devices' own memory counts (None where the backend has none, e.g. CPU): the
-    highest peak in use and the smallest limit over the devices."""
-    stats = [d.memory_stats() for d in devices if d.process_index == jax.process_index()]
-    if any(s is None for s in stats):
-        return None
-    out: dict[str, Any] = {}
-    if all("peak_bytes_in_use" in s for s in stats):
-        out["peak_bytes_in_use"] = max(int(s["peak_bytes_in_use"]) for s in stats)
-    if all("bytes_limit" in s for s in stats):
-        out["bytes_limit"] = min(int(s["bytes_limit"]) for s in stats)
-    return out
-
-
-def use_pinned_host(policy: Policy, device: Any = None) -> bool:
-    """Whether the host expert cache and the host's dense layers live in pinned host memory
-    (jax's `pinned_host` kind). Asked for (`pinned_host=True`) on a backend without that memory
-    kind, they fall back to ordinary host memory, with a log line saying so."""
-    device = device or jax.local_devices()[0]
-    kinds = {m.kind for m in device.addressable_memories()}
-    if policy.pinned_host is None:
-        return device.platform != "cpu" and "pinned_host" in kinds
-    if policy.pinned_host and "pinned_host" not in kinds:
-        log.warning("%s device %s has no pinned_host memory (memory kinds: %s): the host cache "
-                    "stays in ordinary host memory", device.platform, device, sorted(kinds))
-        return False
-    return policy.pinned_host
 
 
 def disk_tier(policy: Policy) -> str:

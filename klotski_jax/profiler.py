@@ -52,7 +52,7 @@ from klotski_jax.planning.simulate import PrefetchRule
 from klotski_jax.runtime import steps
 from klotski_jax.runtime.host import HostTier, StagingBuffer, aligned_empty, evict_files, read_file
 from klotski_jax.runtime.ledger import MemoryLedger
-from klotski_jax.runtime.scheduler import Routing
+from klotski_jax.runtime.routing import Routing
 from klotski_jax.runtime.trace import RunStats, Tracer
 from klotski_jax.runtime.transfers import Transfers, cache_memory
 from klotski_jax.util import write_atomic

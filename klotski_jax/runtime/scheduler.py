@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import time
 from collections.abc import Hashable, Iterator
 from typing import Any
@@ -44,14 +43,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from klotski_jax.config import ModelConfig
-from klotski_jax.constants import MESH_AXIS, BudgetError
+from klotski_jax.constants import BudgetError
 from klotski_jax.models import blocks
-from klotski_jax.models.reference import KVCache
 from klotski_jax.planning.hot import HotPredictor, prefetch_order, score_hot_set
 from klotski_jax.planning.placement import Placement
 from klotski_jax.planning.policy import Policy, Schedule
 from klotski_jax.runtime import steps
+from klotski_jax.runtime.devices import live_bytes_by_device
 from klotski_jax.runtime.ledger import MemoryLedger
+from klotski_jax.runtime.routing import GroupState, Routing, Step
 from klotski_jax.runtime.trace import RunStats, Tracer
 from klotski_jax.runtime.transfers import Transfers
 
@@ -60,117 +60,6 @@ class _Piece:
     """What `Scheduler._compute` waits for when it times a piece: its output."""
 
     out: Any = None
-
-
-class GroupState:
-    """One batch group: its KV cache and the tokens it feeds at the next step."""
-
-    def __init__(self, cache: KVCache, tokens: np.ndarray, positions: np.ndarray,
-                 index: int = 0) -> None:
-        self.index = index  # unique within a run: names the group's KV cache transfers
-        self.cache = cache
-        self.tokens = tokens  # [b, t]
-        self.positions = positions  # [b, t]
-        self.next_tokens: np.ndarray | None = None  # sampled from the last step's logits
-
-    def feed(self, tokens: np.ndarray) -> None:
-        """Next step: one new token per sequence, in the next cache slot."""
-        self.positions = self.positions[:, -1:] + 1
-        self.tokens = np.asarray(tokens, np.int32).reshape(-1, 1)
-        self.cache.valid[:, self.cache.length] = True
-
-
-class Routing:
-    """Where the tokens of all groups go in one MoE layer (host numpy, after the routers)."""
-
-    def __init__(self, experts: list[np.ndarray], weights: list[np.ndarray]) -> None:
-        self.experts = experts  # per group [b*t, top_k]
-        self.weights = weights
-        sizes = [len(e) for e in experts]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)])[:-1].astype(np.int32)
-        flat = np.concatenate(experts)  # [N, top_k]
-        self.all_experts = flat
-        self.all_weights = np.concatenate(weights)
-        picks = flat.reshape(-1)
-        self.counts = np.bincount(picks, minlength=0)
-        # Every (token, pick) sorted by expert once (stable: tokens ascending within an expert),
-        # so an expert's rows are one slice instead of a scan of all picks per expert.
-        order = np.argsort(picks, kind="stable")
-        self._rows = (order // flat.shape[1]).astype(np.int32)
-        self._weights = self.all_weights.reshape(-1)[order].astype(np.float32)
-        self._start = np.concatenate([[0], np.cumsum(self.counts)])
-
-    def rows(self, e: int, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Token rows (into the concatenated tokens) routed to e, ascending, and their routing
-        weights."""
-        if e >= len(self.counts):
-            return np.zeros(0, np.int32), np.zeros(0, np.float32)
-        lo, hi = self._start[e], self._start[e + 1]
-        rows, wts = self._rows[lo:hi], self._weights[lo:hi]
-        if group is not None:
-            first = self.offsets[group]
-            a, b = np.searchsorted(rows, [first, first + len(self.experts[group])])
-            rows, wts = rows[a:b], wts[a:b]
-        return rows, wts
-
-    def routed(self) -> set[int]:
-        return {int(e) for e in np.unique(self.all_experts)}
-
-
-class _Accumulators:
-    """The float32 accumulators [N, d] of one MoE layer's expert phase: one per device that
-    computes experts (each made on first use, on that device), over the MoE input x [N, d]
-    (each device reads its own replica)."""
-
-    def __init__(self, x: jax.Array, devices: list[jax.Device],
-                 mesh: jax.sharding.Mesh | None, local: list[bool]) -> None:
-        self.devices, self.mesh, self.shape, self.local = devices, mesh, x.shape, local
-        if mesh is None:
-            self.x = [x]
-        else:  # this process's devices only (a multi-host mesh's others are not addressable)
-            by_device = {shard.device: shard.data for shard in x.addressable_shards}
-            self.x = [by_device.get(d) for d in devices]
-        self.sums: list[jax.Array | None] = [None] * len(devices)
-
-    def on(self, d: int) -> jax.Array:
-        """Device d's accumulator (zeros on that device until an expert adds to it)."""
-        if self.sums[d] is None and self.mesh is None:
-            self.sums[d] = steps.zero_accumulator(self.shape)
-        elif self.sums[d] is None:
-            with jax.default_device(self.devices[d]):
-                self.sums[d] = steps.zero_accumulator(self.shape)
-        return self.sums[d]
-
-    def total(self) -> jax.Array:
-        """The routed experts' output summed over devices (replicated on a mesh)."""
-        if self.mesh is None:
-            return self.on(0)
-        parts = [self.on(d) for d in range(len(self.devices)) if self.local[d]]
-        n, d = self.shape
-        stacked = jax.make_array_from_single_device_arrays(
-            (len(self.devices) * n, d), jax.sharding.NamedSharding(
-                self.mesh, jax.sharding.PartitionSpec(MESH_AXIS)), parts)
-        return steps.device_sum(self.mesh)(stacked)
-
-
-@dataclasses.dataclass
-class Step:
-    """One decoder step of all groups, passed to every verb of the scheduler that needs it.
-
-    name: the step's label in traces ("prefill", "decode 3"); tokens: tokens in flight this
-    step; next_tokens: tokens the next step feeds (one per sequence when decoding); routing: the
-    routing of the MoE layer running now (set by the router phase; its offsets say where each
-    group's rows start in the concatenated MoE input)."""
-
-    name: str
-    groups: list[GroupState]
-    tokens: int
-    next_tokens: int
-    routing: Routing | None = None
-
-    def tokens_at(self, layer: int) -> int:
-        """Tokens in flight when `layer` runs next: this step's, or the next step's (decode)."""
-        return self.next_tokens if layer == 0 else self.tokens
 
 
 class Scheduler:
@@ -359,7 +248,7 @@ class Scheduler:
         self.predictor.observe(i, routing.all_experts)
         return xs, routing
 
-    def _expert(self, s: Step, i: int, e: int, acc: _Accumulators, rows: np.ndarray,
+    def _expert(self, s: Step, i: int, e: int, acc: steps.Accumulators, rows: np.ndarray,
                 wts: np.ndarray, **trace: Any) -> None:
         """acc += expert e's weighted output over its rows, on the device that owns e; that
         device's fence becomes an output of this computation (its accumulator is donated to
@@ -380,7 +269,7 @@ class Scheduler:
         self.stats.expert_computes += 1
 
     def _finish(self, s: Step, i: int, w: Any, h: list[jax.Array], xs: list[jax.Array],
-                acc: _Accumulators) -> list[jax.Array]:
+                acc: steps.Accumulators) -> list[jax.Array]:
         with self._compute(s, "combine", layer=i) as c:
             total = acc.total()
             out = c.out = [steps.finish_moe(w, x, xg, total, np.int32(s.routing.offsets[gi]),
@@ -528,10 +417,10 @@ class Scheduler:
                 self._expert(s, i, e, acc, rows, wts, group=gi)
         return self._finish(s, i, w, h, xs, acc)
 
-    def _accumulators(self, xs: list[jax.Array]) -> _Accumulators:
+    def _accumulators(self, xs: list[jax.Array]) -> steps.Accumulators:
         """The expert phase's accumulators over the concatenated MoE input of all groups."""
         x_all = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
-        return _Accumulators(x_all, self.devices, self.transfers.mesh, self.transfers.local)
+        return steps.Accumulators(x_all, self.devices, self.transfers.mesh, self.transfers.local)
 
     def _lru_admit(self, i: int, e: int) -> None:
         """Make room for (i, e) in the LRU device cache; count a hit if it is already there."""
@@ -660,33 +549,3 @@ class Scheduler:
                     f"the device budget of {budget} bytes (ledger: "
                     f"{self.ledger.parts[k].used} bytes reserved): something bypassed the "
                     "ledger")
-
-
-def live_bytes_by_device(exclude: set[int] = frozenset(), arrays: list[jax.Array] | None = None
-                         ) -> dict[jax.Device, int]:
-    """Bytes of all live jax arrays (or of `arrays`, a snapshot of them) in device memory (not
-    pinned/unpinned host memory) on each device (a replicated array counts on each), but those
-    whose id is in `exclude` (the host cache's arrays, host memory on a CPU backend). Each
-    buffer counts once: an array's shards (`addressable_shards`, cached on it once asked for)
-    are live arrays of their own over the same buffers."""
-    total: dict[jax.Device, int] = collections.defaultdict(int)
-    seen: set[tuple[jax.Device, int]] = set()
-    for a in jax.live_arrays() if arrays is None else arrays:
-        if id(a) in exclude:
-            continue
-        try:
-            if a.sharding.memory_kind not in (None, "device"):
-                continue
-            if len(a.sharding.device_set) == 1:
-                buffers = [(next(iter(a.sharding.device_set)), a.unsafe_buffer_pointer(),
-                            a.nbytes)]
-            else:
-                buffers = [(s.device, s.data.unsafe_buffer_pointer(), s.data.nbytes)
-                           for s in a.addressable_shards]
-        except Exception:  # noqa: BLE001  (deleted or exotic arrays)
-            continue
-        for device, pointer, nbytes in buffers:
-            if (device, pointer) not in seen:
-                seen.add((device, pointer))
-                total[device] += nbytes
-    return dict(total)

@@ -145,3 +145,39 @@ def last_token_logits(w_norm: jax.Array, w_head: jax.Array, h: jax.Array, *, cfg
                       ) -> jax.Array:
     """Float32 logits of the last position only: h [b, t, d] -> [b, v]."""
     return blocks.lm_head(w_norm, w_head, h[:, -1:], cfg=cfg)[:, 0]
+
+
+class Accumulators:
+    """The float32 accumulators [N, d] of one MoE layer's expert phase: one per device that
+    computes experts (each made on first use, on that device), over the MoE input x [N, d]
+    (each device reads its own replica)."""
+
+    def __init__(self, x: jax.Array, devices: list[jax.Device],
+                 mesh: jax.sharding.Mesh | None, local: list[bool]) -> None:
+        self.devices, self.mesh, self.shape, self.local = devices, mesh, x.shape, local
+        if mesh is None:
+            self.x = [x]
+        else:  # this process's devices only (a multi-host mesh's others are not addressable)
+            by_device = {shard.device: shard.data for shard in x.addressable_shards}
+            self.x = [by_device.get(d) for d in devices]
+        self.sums: list[jax.Array | None] = [None] * len(devices)
+
+    def on(self, d: int) -> jax.Array:
+        """Device d's accumulator (zeros on that device until an expert adds to it)."""
+        if self.sums[d] is None and self.mesh is None:
+            self.sums[d] = zero_accumulator(self.shape)
+        elif self.sums[d] is None:
+            with jax.default_device(self.devices[d]):
+                self.sums[d] = zero_accumulator(self.shape)
+        return self.sums[d]
+
+    def total(self) -> jax.Array:
+        """The routed experts' output summed over devices (replicated on a mesh)."""
+        if self.mesh is None:
+            return self.on(0)
+        parts = [self.on(d) for d in range(len(self.devices)) if self.local[d]]
+        n, d = self.shape
+        stacked = jax.make_array_from_single_device_arrays(
+            (len(self.devices) * n, d), jax.sharding.NamedSharding(
+                self.mesh, jax.sharding.PartitionSpec(MESH_AXIS)), parts)
+        return device_sum(self.mesh)(stacked)
