@@ -9,7 +9,8 @@ reads one and turns its samples into cost functions:
   per-layer routing bookkeeping, one expert over a padded bucket of rows, the combine of one group
   (with the shared expert), a dense MLP, and the LM head of one group;
 - transfers, in seconds per item: one expert from the host cache, from disk with the page cache
-  evicted, from disk through a warm page cache; one layer's dense weights as a function of bytes.
+  evicted, from disk through a warm page cache; one layer's dense weights as a function of bytes;
+  on several devices, the all-reduce that combines their experts' outputs (`all_reduce`).
 
 Attention, router, combine and head are fitted with small non-negative linear models (a fixed
 cost plus per-token terms), so the planner can ask for shapes that were not measured; expert
@@ -229,6 +230,20 @@ class CostModel:
     def dense_load(self, nbytes: int) -> float:
         """One layer's dense weights (nbytes) to the device."""
         return self._dense[0] + self._dense[1] * nbytes if nbytes else 0.0
+
+    def all_reduce(self, nbytes: int, devices: int) -> float:
+        """The combine of expert parallelism: the devices' accumulators of nbytes each summed
+        and replicated (one psum per MoE layer). A ring all-reduce sends and receives
+        2 (D - 1) / D x nbytes per device, at `bandwidth["device_to_device_Bps"]` where the
+        profile has it, else at its host-to-device rate (the link the devices share with the
+        host: peer links are rarely slower), else at the dense-load fit's rate; plus one jitted
+        call's fixed cost (the combine fit's). Zero on one device."""
+        if devices <= 1 or nbytes <= 0:
+            return 0.0
+        bw = self.profile.bandwidth
+        bps = bw.get("device_to_device_Bps") or bw.get("host_to_device_Bps")
+        per_byte = 1.0 / bps if bps else self._dense[1]
+        return self._combine[0] + 2.0 * (devices - 1) / devices * nbytes * per_byte
 
     def expert_load(self, tier: str) -> float:
         """One expert to the device from 'host' (cache), 'disk' (cold) or 'page_cache'."""

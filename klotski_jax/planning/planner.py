@@ -23,6 +23,11 @@ necessary, not sufficient (cold loads cannot start before the routers): when all
 timeline still waits more than 5% of a decode step, it is "expert_slots" (the device budget
 leaves too few slots to load ahead) or "cold_loads"; else "compute". `limited_by` says what
 stopped n from growing.
+
+On several devices (the base policy's `devices`: expert parallelism) the placement is per
+device (each its own budget, resident experts and expert slots), and the timeline gives each
+device its own link and expert compute (simulate.py): `scaling.predicted_scaling` asks it for a
+list of device counts.
 """
 
 from __future__ import annotations
@@ -116,6 +121,7 @@ class Plan:
     binding_detail: str = ""
     limited_by: str = ""
     cost_source: str = "profile"  # "profile" (measured) or "prior" (roofline over machine rates)
+    devices: int = 1  # devices of the mesh the plan is for (expert parallelism)
 
     @property
     def hot_experts(self) -> int | None:
@@ -142,9 +148,10 @@ class Plan:
 
     def describe(self) -> str:
         ms = lambda s: f"{s * 1e3:.2f} ms"
+        on = f" on {self.devices} devices" if self.devices > 1 else ""
         lines = [
             f"plan: n = {self.groups} group(s) x batch {self.batch_size}, prefetch "
-            f"{self.prefetch.describe()}, {self.rounds} round(s)",
+            f"{self.prefetch.describe()}, {self.rounds} round(s){on}",
             f"placement: {self.placement.describe()}",
             f"predicted: prefill {ms(self.predicted_prefill_s)}, decode step "
             f"{ms(self.predicted_decode_step_s)}, {self.predicted_throughput_tokens_per_s:.1f} "
@@ -160,7 +167,9 @@ class Plan:
 
 class Planner:
     """Plans for one model and one profile; `routing` is per MoE layer the probability that a
-    token picks each expert (None: uniform top-k, k/E)."""
+    token picks each expert (None: uniform top-k, k/E). `base` is the run's policy: its
+    `device_count` is the mesh the plans are for (each device its own budget, link and expert
+    slots; see simulate.py), its other fields what the plans keep."""
 
     def __init__(self, cfg: ModelConfig, profile: Profile,
                  routing: Sequence[Sequence[float]] | None = None,
@@ -177,6 +186,7 @@ class Planner:
         self.routing = [tuple(float(p) for p in r) for r in routing]
         self.base = (base or Policy()).replace(schedule="klotski", multi_batch=True)
         self.dense_bytes = dense_layer_bytes(cfg)
+        self.devices = self.base.device_count
         self._sims: dict[tuple[Any, ...], list[tuple[float, float]]] = {}
 
     # ---- the search ---------------------------------------------------------------------------
@@ -226,8 +236,11 @@ class Planner:
                                    prefetch_threshold=rule.threshold,
                                    device_budget=req.device_budget, host_budget=req.host_budget)
         try:
+            # On a mesh the routing balances the experts over the devices, as the engine's
+            # prefetch table does (uniform routing: round robin, as with none).
             return place(self.cfg, policy,
-                         Workload(n, b, req.prompt_len, req.cache_len - req.prompt_len))
+                         Workload(n, b, req.prompt_len, req.cache_len - req.prompt_len),
+                         self.routing if self.devices > 1 else None)
         except BudgetError:
             return None
 
@@ -261,7 +274,7 @@ class Planner:
             predicted_total_s=total, predicted_throughput_tokens_per_s=tokens / total,
             predicted_bubble_fraction=waits / total,
             predicted_decode_bubble_fraction=steps[0][2][1] / steps[0][2][0],
-            rounds=len(steps), generated_tokens=tokens,
+            rounds=len(steps), generated_tokens=tokens, devices=pl.devices,
             expected_experts={
                 "prefill": expected_distinct(n * b * req.prompt_len, self.routing[0]),
                 "decode": expected_distinct(n * b, self.routing[0])})
@@ -278,7 +291,8 @@ class Planner:
         key = (n, b, hot, pl, req.prompt_len, req.cache_len, req.device_budget, req.disk_tier,
                req.reread_tier, first_round)
         if key not in self._sims:
-            sim = StepSimulator(self.cfg, self.costs, k, self.expert_slots(req, pl))
+            sim = StepSimulator(self.cfg, self.costs, k, self.expert_slots(req, pl),
+                                devices=pl.devices)
             s = req.cache_len
             prefill = sim.run(self.layers(req, pl, first_read=first_round, batch=b),
                               [StepShape(n, b, req.prompt_len, s)])
@@ -288,12 +302,15 @@ class Planner:
         return self._sims[key]
 
     def expert_slots(self, req: PlanRequest, pl: Placement) -> float | None:
-        """Experts the device budget can hold in flight beside everything else."""
+        """Experts the device budget can hold in flight beside everything else (per device:
+        beside the most resident experts any device holds)."""
         if req.device_budget is None:
             return None
         dense = self.dense_bytes
+        resident = len(pl.device_experts) if pl.devices == 1 else max(
+            sum(pl.owner(i, e) == d for i, e in pl.device_experts) for d in range(pl.devices))
         held = (pl.fixed_device_bytes + (sum(dense) if pl.dense_resident else 2 * max(dense))
-                + len(pl.device_experts) * self.cfg.expert_bytes)
+                + resident * self.cfg.expert_bytes)
         return max(1, (req.device_budget - held) // self.cfg.expert_bytes)
 
     def layers(self, req: PlanRequest, pl: Placement, first_read: bool, batch: int
@@ -324,7 +341,8 @@ class Planner:
                     loads.append(reread)
                 else:
                     loads.append(c.expert_load("host"))
-            out.append(LayerPlan(dense_s, self.routing[moe_pos], tuple(loads), kv_s))
+            owners = pl.owners[i] if pl.devices > 1 else ()
+            out.append(LayerPlan(dense_s, self.routing[moe_pos], tuple(loads), kv_s, owners))
             moe_pos += 1
         return out
 
@@ -352,7 +370,7 @@ class Planner:
                                    binding_detail=detail, limited_by=self._limit(req, p))
 
     def _decode_bubbles(self, req: PlanRequest, p: Plan, slots: float | None) -> float:
-        sim = StepSimulator(self.cfg, self.costs, p.prefetch, slots)
+        sim = StepSimulator(self.cfg, self.costs, p.prefetch, slots, devices=p.devices)
         shape = StepShape(p.groups, p.batch_size, 1, req.cache_len)
         layers = self.layers(req, p.placement, first_read=False, batch=p.batch_size)
         t, wait = sim.run(layers, [shape] * 2)[1]
@@ -376,7 +394,9 @@ class Planner:
         return "throughput"
 
     def inequalities(self, req: PlanRequest, p: Plan) -> dict[str, dict[str, Any]]:
-        """(4)-(7) on the decode step of the MoE layer that streams the most."""
+        """(4)-(7) on the decode step of the MoE layer that streams the most; on several
+        devices, over the experts of the device whose side of (7) falls shortest (each device
+        loads and computes only its own experts, while attention and routers are replicated)."""
         cfg, c, n, b = self.cfg, self.costs, p.groups, p.batch_size
         layers = self.layers(req, p.placement, first_read=False, batch=b)
         moe = [x for x in layers if x.moe]
@@ -386,21 +406,26 @@ class Planner:
         router_share = cfg.num_experts * cfg.hidden_size * router_bytes / max(self.dense_bytes)
         big_t_g = layer.dense_load_s * router_share
         big_t_a = layer.dense_load_s - big_t_g
-        hot = p.prefetch.hot(layer.probs, n * b)
-        streamed = [e for e in range(cfg.num_experts) if layer.load_s[e] > 0]
-        k = sum(1 for e in hot if layer.load_s[e] > 0)
-        t_e = sum(layer.load_s[e] for e in streamed) / len(streamed) if streamed else 0.0
         exp = {e: c.expert_expectation(n * b, layer.probs[e]) for e in range(cfg.num_experts)}
-        t_hot = sum(exp[e][1] for e in hot)
-        cold = [e for e in streamed if e not in hot]
-        q = sum(exp[e][0] for e in cold)
-        t_cold = sum(exp[e][1] for e in cold)
         base = n * (t_a + t_g)
-        sides = {"(4)": (n * t_a, big_t_g), "(5)": (base, big_t_g + k * t_e),
-                 "(6)": (base + t_hot, big_t_g + (k + min(1.0, q)) * t_e),
-                 "(7)": (base + t_hot + t_cold, big_t_g + (k + q) * t_e + big_t_a)}
+        worst: dict[str, tuple[float, float]] = {}
+        for d in range(p.devices):
+            mine = [e for e in range(cfg.num_experts) if layer.owner(e) == d]
+            hot = [e for e in p.prefetch.hot(layer.probs, n * b) if layer.owner(e) == d]
+            streamed = [e for e in mine if layer.load_s[e] > 0]
+            k = sum(1 for e in hot if layer.load_s[e] > 0)
+            t_e = sum(layer.load_s[e] for e in streamed) / len(streamed) if streamed else 0.0
+            t_hot = sum(exp[e][1] for e in hot)
+            cold = [e for e in streamed if e not in hot]
+            q = sum(exp[e][0] for e in cold)
+            t_cold = sum(exp[e][1] for e in cold)
+            sides = {"(4)": (n * t_a, big_t_g), "(5)": (base, big_t_g + k * t_e),
+                     "(6)": (base + t_hot, big_t_g + (k + min(1.0, q)) * t_e),
+                     "(7)": (base + t_hot + t_cold, big_t_g + (k + q) * t_e + big_t_a)}
+            if not worst or sides["(7)"][1] - sides["(7)"][0] > worst["(7)"][1] - worst["(7)"][0]:
+                worst = sides
         return {name: {"lhs_s": lhs, "rhs_s": rhs, "holds": lhs >= rhs - 1e-12}
-                for name, (lhs, rhs) in sides.items()}
+                for name, (lhs, rhs) in worst.items()}
 
     def _infeasible_message(self, req: PlanRequest) -> str:
         what = (f"{req.num_prompts or 'any number of'} prompt(s) of {req.prompt_len} tokens + "

@@ -1,4 +1,4 @@
-"""An expected-value timeline of the klotski schedule: one compute lane and two serial I/O lanes.
+"""An expected-value timeline of the klotski schedule: one compute lane and serial I/O lanes.
 
 Plain Python (no JAX): the planner's performance model. It replays what `Scheduler` does per
 layer with expected quantities instead of a real routing:
@@ -19,13 +19,24 @@ start when the expert slots held by earlier loads leave room for w (the device b
 Host-resident KV caches load on a lane of their own, as the engine's KV thread does with its
 own window ledger, so a KV load never queues behind expert prefetches. The compute lane's
 waits on loads are the bubbles.
+
+On D devices (expert parallelism, `StepSimulator(devices=D)`), each device has its own link and
+its own expert slots: an expert loads on its owner's I/O lane (`LayerPlan.owners`), in that
+lane's FIFO and within that device's slots, so a layer's expert transfers take about the most
+any one device receives. Dense weights go to every device, each copy on its device's lane (the
+same time as on one device). Attention, routers, routing and combine are replicated: the same
+time as on one device. The expert phase has a clock per device plus the host's: the host (one
+Python thread) waits for each load in turn and pays the per-expert bookkeeping; each device
+computes its own experts in order, so experts of different devices overlap. A combine of the
+devices' float32 accumulators (an all-reduce, `CostModel.all_reduce`) ends every MoE layer.
+With D = 1 every step follows the single-device code path unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from klotski_jax.config import ModelConfig
 from klotski_jax.planning.costs import CostModel
@@ -43,35 +54,58 @@ class Load:
     duration: float
     weight: float  # slots of its pool it occupies (expected, for experts)
     pool: str = "expert"  # "expert" (device budget), "dense" or "kv" (two in flight)
+    # "kv" for KV-cache loads (the engine's KV thread), else "io" (weights, FIFO); on several
+    # devices "io<d>" and the pools "expert<d>" / "dense<d>": device d's own link and memory
+    lane: str = "io"
     start: float | None = None
     done: float | None = None
     release: float | None = None
 
-    @property
-    def lane(self) -> str:
-        """"kv" for KV-cache loads (the engine's KV thread), else "io" (weights, FIFO)."""
-        return "kv" if self.pool == "kv" else "io"
-
 
 class Timeline:
-    """Times of the compute lane (`t`) and the I/O lanes, with memory slots for experts."""
+    """Times of the compute lane (`t`) and the I/O lanes, with memory slots for experts.
 
-    def __init__(self, expert_slots: float | None, interference: float = 0.0) -> None:
+    `lanes`: devices, each with its own weights lane and pools (expert slots each, two dense
+    layers each); one KV lane serves them all (a KV cache goes to every device at once)."""
+
+    def __init__(self, expert_slots: float | None, interference: float = 0.0,
+                 lanes: int = 1) -> None:
         self.interference = interference
+        self.lanes = lanes
         self.t = 0.0
         self.wait = 0.0
-        self.slots: dict[str, float | None] = {"expert": expert_slots, "dense": 2, "kv": 2}
-        self._queue: dict[str, list[Load]] = {"io": [], "kv": []}
-        self._next = {"io": 0, "kv": 0}  # per lane: index of the first load not yet started
-        self._io_free = {"io": 0.0, "kv": 0.0}
+        if lanes == 1:
+            self.slots: dict[str, float | None] = {"expert": expert_slots, "dense": 2, "kv": 2}
+        else:
+            self.slots = {"kv": 2, **{f"expert{d}": expert_slots for d in range(lanes)},
+                          **{f"dense{d}": 2 for d in range(lanes)}}
+        names = ["kv", *(["io"] if lanes == 1 else [f"io{d}" for d in range(lanes)])]
+        self._queue: dict[str, list[Load]] = {lane: [] for lane in names}
+        self._next = dict.fromkeys(names, 0)  # per lane: index of the first load not started
+        self._io_free = dict.fromkeys(names, 0.0)
         self._held: dict[str, list[Load]] = {pool: [] for pool in self.slots}  # started loads
 
-    def issue(self, duration: float, weight: float = 1.0, pool: str = "expert") -> Load:
-        """Queue a load; the compute lane pays its share of the load's CPU time."""
-        load = Load(self.t, duration, weight, pool)
+    def issue(self, duration: float, weight: float = 1.0, pool: str = "expert",
+              device: int = 0) -> Load:
+        """Queue a load (an expert or dense load onto `device`'s lane and pool); the compute
+        lane pays its share of the load's CPU time."""
+        if pool == "kv":
+            lane = "kv"
+        elif self.lanes == 1:
+            lane = "io"
+        else:
+            lane, pool = f"io{device}", f"{pool}{device}"
+        load = Load(self.t, duration, weight, pool, lane)
         self._queue[load.lane].append(load)
         self.t += self.interference * duration
         return load
+
+    def ready(self, load: Load) -> float:
+        """When `load` is done (starting its lane's loads up to it); the compute lane does not
+        move."""
+        while load.done is None:
+            self._start_next(load.lane)
+        return load.done
 
     def need(self, load: Load) -> None:
         """The compute lane waits for `load` (its wait is a bubble)."""
@@ -111,8 +145,11 @@ class Timeline:
             if start == inf:
                 raise Stuck(f"no memory for a {load.pool} load: every slot is held by loads "
                             "that are released only after it")
-        for pool, loads in self._held.items():  # every pool's, as one list was before
-            self._held[pool] = [x for x in loads if x.release is None or x.release > start]
+        # One device: every pool's, as one list was before. Several: only this load's pool,
+        # whose loads all start on this lane, in time order (the lanes' clocks differ).
+        for pool in self._held if self.lanes == 1 else (load.pool,):
+            self._held[pool] = [x for x in self._held[pool]
+                                if x.release is None or x.release > start]
         return start
 
 
@@ -144,16 +181,22 @@ class PrefetchRule:
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
     """What one layer streams: its dense weights' load time (0: resident) and, for MoE layers,
-    per expert its routing probability per token and its load time (0: resident)."""
+    per expert its routing probability per token, its load time (0: resident) and, on several
+    devices, the device that owns it."""
 
     dense_load_s: float
     probs: tuple[float, ...] = ()
     load_s: tuple[float, ...] = ()  # per expert; 0.0 for device-resident experts
     kv_load_s: float = 0.0  # one group's KV cache of this layer from host RAM (0: on device)
+    owners: tuple[int, ...] = ()  # per expert, its device (): all on device 0
 
     @property
     def moe(self) -> bool:
         return bool(self.probs)
+
+    def owner(self, e: int) -> int:
+        """The device that loads and computes expert e."""
+        return self.owners[e] if self.owners else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,22 +209,28 @@ class StepShape:
     slots: int
 
 
+Pending = tuple[tuple[Load, ...], dict[int, Load], Load | None]  # dense copies, hot, first KV
+
+
 class StepSimulator:
-    """Expected time of klotski steps for one model, placement and prefetch rule."""
+    """Expected time of klotski steps for one model, placement and prefetch rule, on `devices`
+    devices of `expert_slots` each (expert parallelism; see the module's docstring)."""
 
     def __init__(self, cfg: ModelConfig, costs: CostModel, rule: PrefetchRule | int,
-                 expert_slots: float | None) -> None:
+                 expert_slots: float | None, devices: int = 1) -> None:
         self.cfg = cfg
         self.costs = costs
         self.rule = rule if isinstance(rule, PrefetchRule) else PrefetchRule(k=rule)
         self.expert_slots = expert_slots
+        self.devices = devices
 
     def run(self, layers: Sequence[LayerPlan], shapes: Sequence[StepShape]
             ) -> list[tuple[float, float]]:
         """(seconds, bubble seconds) of each step, run back to back (the next step's first
         layer is prefetched during the last layer of the previous one)."""
-        tl = Timeline(self.expert_slots, interference=self.costs.profile.io_interference)
-        dense_prev: Load | None = None
+        tl = Timeline(self.expert_slots, interference=self.costs.profile.io_interference,
+                      lanes=self.devices)
+        dense_prev: tuple[Load, ...] = ()
         pending = self._prefetch(tl, layers[0], shapes[0])
         out = []
         for si, shape in enumerate(shapes):
@@ -194,38 +243,42 @@ class StepSimulator:
             out.append((tl.t - t0, tl.wait - w0))
         return out
 
-    def _prefetch(self, tl: Timeline, layer: LayerPlan, shape: StepShape
-                  ) -> tuple[Load | None, dict[int, Load], Load | None]:
-        """Issue a layer's dense weights, its hot experts (those not resident) and the first
-        group's KV cache when the caches live in host RAM."""
-        dense = tl.issue(layer.dense_load_s, 1.0, "dense") if layer.dense_load_s else None
+    def _prefetch(self, tl: Timeline, layer: LayerPlan, shape: StepShape) -> Pending:
+        """Issue a layer's dense weights (a copy per device), its hot experts (those not
+        resident, each onto its owner) and the first group's KV cache when the caches live in
+        host RAM."""
+        dense = tuple(tl.issue(layer.dense_load_s, 1.0, "dense", d)
+                      for d in range(self.devices)) if layer.dense_load_s else ()
         kv = tl.issue(layer.kv_load_s, 1.0, "kv") if layer.kv_load_s else None
         hot: dict[int, Load] = {}
         tokens = shape.groups * shape.batch * shape.tokens
         for e in self.rule.hot(layer.probs, tokens):
             if layer.load_s[e] > 0:
-                hot[e] = tl.issue(layer.load_s[e], 1.0)
+                hot[e] = tl.issue(layer.load_s[e], 1.0, "expert", layer.owner(e))
         return dense, hot, kv
 
-    def _layer(self, tl: Timeline, layer: LayerPlan, shape: StepShape,
-               pending: tuple[Load | None, dict[int, Load], Load | None],
-               nxt: tuple[LayerPlan, StepShape] | None, dense_prev: Load | None
-               ) -> tuple[Load | None, tuple[Load | None, dict[int, Load], Load | None]]:
+    def _layer(self, tl: Timeline, layer: LayerPlan, shape: StepShape, pending: Pending,
+               nxt: tuple[LayerPlan, StepShape] | None, dense_prev: tuple[Load, ...]
+               ) -> tuple[tuple[Load, ...], Pending]:
         c, n, m = self.costs, shape.groups, shape.batch * shape.tokens
         dense, hot, kv = pending
         tl.t += c.profile.overhead_layer_s
-        if dense is not None:
-            tl.need(dense)
-        if dense_prev is not None:
-            dense_prev.release = tl.t  # the ledger frees layer i-1's dense weights by now
+        for copy in dense:
+            tl.need(copy)
+        for copy in dense_prev:
+            copy.release = tl.t  # the ledger frees layer i-1's dense weights by now
         self._attention(tl, layer, shape, kv)
         if not layer.moe:
             tl.t += n * c.dense_mlp(m)
-            issued = self._prefetch(tl, *nxt) if nxt else (None, {}, None)
+            issued = self._prefetch(tl, *nxt) if nxt else ((), {}, None)
             return dense, issued
         cold = self._route(tl, layer, shape, hot)
-        issued = self._prefetch(tl, *nxt) if nxt else (None, {}, None)
-        self._experts(tl, layer, n * m, hot, cold)
+        issued = self._prefetch(tl, *nxt) if nxt else ((), {}, None)
+        if self.devices == 1:
+            self._experts(tl, layer, n * m, hot, cold)
+        else:
+            self._experts_on_devices(tl, layer, n * m, hot, cold)
+            tl.t += c.all_reduce(n * m * self.cfg.hidden_size * 4, self.devices)  # float32
         tl.t += n * c.combine(m)
         return dense, issued
 
@@ -260,7 +313,8 @@ class StepSimulator:
             done = g + 1
             for e in groups[g]:
                 routed, _ = c.expert_expectation(n * m, layer.probs[e])
-                cold.append((e, tl.issue(routed * layer.load_s[e], routed)))
+                cold.append((e, tl.issue(routed * layer.load_s[e], routed, "expert",
+                                         layer.owner(e))))
         tl.t += (n - done) * router + c.routing(n * m)
         return cold
 
@@ -278,6 +332,41 @@ class StepSimulator:
             tl.need(load)
             tl.t += compute + extra * routed + (prefetched if e in hot else release * routed)
             load.release = tl.t
+
+    def _experts_on_devices(self, tl: Timeline, layer: LayerPlan, tokens: int,
+                            hot: dict[int, Load], cold: list[tuple[int, Load]]) -> None:
+        """The expert phase on several devices: the host dispatches the experts in the same
+        order (resident, hot, cold), waiting for each load and paying the bookkeeping; each
+        expert computes on its owner once dispatched and once its device is free, and its slot
+        frees when it is computed. The bubble is what the loads add to the phase (the same
+        phase with every load already done)."""
+        items = [(e, None) for e, load_s in enumerate(layer.load_s) if load_s == 0]
+        items += [*hot.items(), *cold]
+        t0 = tl.t
+        ideal = self._device_phase(t0, layer, tokens, items, hot, lambda load: t0, set_release=False)
+        end = self._device_phase(t0, layer, tokens, items, hot, tl.ready, set_release=True)
+        tl.wait += max(0.0, end - ideal)
+        tl.t = end
+
+    def _device_phase(self, t0: float, layer: LayerPlan, tokens: int,
+                      items: Sequence[tuple[int, Load | None]], hot: dict[int, Load],
+                      done: Callable[[Load], float], set_release: bool) -> float:
+        """When the expert phase that starts at t0 ends: the host's clock and one per device."""
+        c = self.costs
+        release, extra = c.profile.expert_release_s, c.profile.overhead_expert_s
+        prefetched = release + c.profile.expert_prefetch_s
+        host, clock = t0, [t0] * self.devices
+        for e, load in items:
+            routed, compute = c.expert_expectation(tokens, layer.probs[e])
+            d = layer.owner(e)
+            if load is not None:
+                host = max(host, done(load))
+            clock[d] = max(clock[d], host) + compute
+            host += extra * routed + (0.0 if load is None else
+                                      prefetched if e in hot else release * routed)
+            if load is not None and set_release:
+                load.release = clock[d]
+        return max(host, *clock)
 
 
 def first_group(p: float, m: int, n: int) -> int:
