@@ -75,6 +75,9 @@ class BenchOptions:
     ablation: bool = False
     quantized: tuple[str, ...] = ()  # also run klotski on these quantized stores of the model
     sweep_groups: tuple[int, ...] = ()
+    # --devices: every engine schedule once per device count (expert parallelism); (): the
+    # engine's default only
+    devices: tuple[int, ...] = ()
     hf_dir: str | None = None
     json: str | None = None
     markdown: str | None = None  # the table with the date, machine and command: a results file
@@ -97,6 +100,10 @@ class BenchOptions:
         if bad:
             raise PolicyError(f"--quantized must be a list of {', '.join(QUANTIZED)}; got "
                               f"{', '.join(bad)}")
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.devices) \
+                or len(set(self.devices)) != len(self.devices):
+            raise PolicyError(f"--devices must be distinct positive device counts, got "
+                              f"{', '.join(map(str, self.devices))}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,35 +133,55 @@ class BenchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One row of the table: a schedule, or an ablation rung of klotski, or the resident bound."""
+    """One row of the table: a schedule (on a device count of --devices), or an ablation rung of
+    klotski, or the resident bound."""
 
     label: str
     schedule: str  # engine schedule, or hf-accelerate
     overrides: tuple[tuple[str, Any], ...] = ()
     ablation: str | None = None
     store: str | None = None  # a quantized store of the model (--quantized), not the checkpoint
+    devices: int | None = None  # local devices of the run (None: the engine's default)
 
     def policy(self, cfg: BenchConfig) -> Policy:
         """The policy of this row under `cfg` (resident: no budgets)."""
         over = dict(self.overrides)
         if self.label == RESIDENT:
             over |= {"device_budget": None, "host_budget": None}
+        if self.devices is not None:
+            over["devices"] = self.devices
         return cfg.policy(self.schedule, **over)
 
 
+def device_label(schedule: str, devices: int | None) -> str:
+    """A row's label: the schedule, with its device count when --devices gave one."""
+    return schedule if devices is None else f"{schedule} @{devices}dev"
+
+
 # ---- plan -------------------------------------------------------------------------------------
-def variants(schedules: Sequence[str], ablation: bool, quantized: Sequence[str] = ()
-             ) -> list[Variant]:
-    """The rows to run: the schedules, klotski on each quantized store, the ablation rungs (the
-    last is klotski), the bound."""
-    out = [Variant(s, s) for s in schedules]
-    out += [Variant(f"klotski {q}", "klotski", store=q) for q in quantized]
+def variants(schedules: Sequence[str], ablation: bool, quantized: Sequence[str] = (),
+             devices: Sequence[int] = ()) -> list[Variant]:
+    """The rows to run: the schedules (each engine schedule once per device count of `devices`,
+    labelled "klotski @2dev"; hf-accelerate once, on one device), klotski on each quantized
+    store, the ablation rungs (the last is klotski), the bound; these last on the first device
+    count."""
+    counts: Sequence[int | None] = devices or (None,)
+    first = counts[0]
+    out = []
+    for s in schedules:
+        if s == HF_SCHEDULE:
+            out.append(Variant(s, s))
+        else:
+            out += [Variant(device_label(s, d), s, devices=d) for d in counts]
+    out += [Variant(f"klotski {q}", "klotski", store=q, devices=first) for q in quantized]
     if ablation:
         for name, flags in ABLATION_LADDER[:-1]:
-            out.append(Variant(f"klotski {name}", "klotski", tuple(flags.items()), name))
+            out.append(Variant(f"klotski {name}", "klotski", tuple(flags.items()), name,
+                               devices=first))
         if "klotski" not in schedules:
-            out.append(Variant("klotski", "klotski", (), ABLATION_LADDER[-1][0]))
-    out.append(Variant(RESIDENT, "klotski"))
+            out.append(Variant(device_label("klotski", first), "klotski", (),
+                               ABLATION_LADDER[-1][0], devices=first))
+    out.append(Variant(RESIDENT, "klotski", devices=first))
     return out
 
 

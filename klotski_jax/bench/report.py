@@ -26,8 +26,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         configs.setdefault(key, []).append(r)
     for group in configs.values():
         r0 = group[0]
+        # the klotski row (with --devices: klotski on the first device count)
         klotski = next((r["throughput_tokens_per_s"] for r in group
-                        if r["schedule"] == "klotski" and r["throughput_tokens_per_s"]), None)
+                        if r["schedule"] in ("klotski", _first_klotski(group))
+                        and r["throughput_tokens_per_s"]), None)
         budget = lambda b: "unlimited" if b is None else f"{b / 1e6:,.1f} MB"
         n = f", n = {r0['groups_option']}" if r0["groups_option"] is not None else ""
         out += [f"**{r0['num_prompts']} prompts x {r0['prompt_len']} tokens -> {r0['gen_len']} "
@@ -42,7 +44,47 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
             out.append(_table_line(r, klotski))
         out += [""] + [_plan_line(r) for r in group if r.get("plan")]
         out.append("")
+        if any(r.get("devices_option") for r in group):
+            out += [devices_table(group), ""]
     return "\n".join(out)
+
+
+def _first_klotski(group: Sequence[Mapping[str, Any]]) -> str | None:
+    """The label of klotski on the first device count of --devices ("klotski @1dev")."""
+    counts = next((r["devices_option"] for r in group if r.get("devices_option")), None)
+    return f"klotski @{counts[0]}dev" if counts else None
+
+
+def _per_device(values: Sequence[int] | None) -> str:
+    return "" if not values else " / ".join(_mb(v) for v in values)
+
+
+def devices_table(group: Sequence[Mapping[str, Any]]) -> str:
+    """The rows of --devices side by side: per engine schedule and device count, the measured
+    throughput and the planner's prediction (klotski; each also as a multiple of that schedule's
+    first device count), and the MB moved to and the ledger peak of each device."""
+    first: dict[str, float] = {}
+    pred_first: dict[str, float] = {}
+    lines = ["Per device count (expert parallelism; `devices`: local devices of the run, "
+             "`--device-budget` on each; predicted: the planner's klotski prediction for that "
+             "many devices, each with its own link and compute):", "",
+             "| schedule | devices | tok/s | measured vs first | predicted tok/s | "
+             "predicted vs first | to device MB per device | peak device MB per device |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in group:
+        if r.get("devices") is None or r.get("skipped"):
+            continue
+        key = r["schedule"].split(" @")[0]
+        tput, pred = r["throughput_tokens_per_s"], r.get("predicted_throughput_tokens_per_s")
+        first.setdefault(key, tput)
+        if pred:
+            pred_first.setdefault(key, pred)
+        vs = lambda x, ref: f"{x / ref:.2f}x" if x and ref else ""
+        lines.append(f"| {r['schedule']} | {r['devices']} | {tput:.1f} | {vs(tput, first[key])} | "
+                     f"{_f(pred)} | {vs(pred, pred_first.get(key))} | "
+                     f"{_per_device(r.get('bytes_to_device_per_device'))} | "
+                     f"{_per_device(r.get('peak_device_bytes_per_device'))} |")
+    return "\n".join(lines)
 
 
 def _plan_line(r: Mapping[str, Any]) -> str:

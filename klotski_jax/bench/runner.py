@@ -15,6 +15,7 @@ import importlib.metadata
 import os
 import pathlib
 import platform
+import statistics
 from typing import Any
 
 from klotski_jax import profiler
@@ -90,6 +91,7 @@ class Bench:
         from klotski_jax.models.specs import total_bytes
 
         self.opts, self.ckpt = opts, ckpt
+        check_device_counts(opts.devices)
         self.base = Engine(ckpt)
         self.cfg = self.base.config
         self.weight_bytes = total_bytes(self.cfg)
@@ -101,13 +103,14 @@ class Bench:
         if opts.prompts:  # the file decides the prompt length (and count, unless given)
             self.configs = [dataclasses.replace(c, prompt_len=max(map(len, p)), num_prompts=len(p))
                             for c, p in zip(self.configs, self.prompts)]
-        self.variants = variants(opts.schedules, opts.ablation, opts.quantized)
+        self.variants = variants(opts.schedules, opts.ablation, opts.quantized, opts.devices)
         self.stores: dict[str, pathlib.Path] = {}  # --quantized scheme -> its store
         self.by_label = {v.label: v for v in self.variants}
         self.runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
         self.tokens: dict[tuple[int, str], list[list[int]]] = {}
         self.placements: dict[tuple[int, str], dict[str, Any]] = {}
         self.plans: dict[tuple[int, str], dict[str, Any] | None] = {}
+        self.device_counts: dict[tuple[int, str], int] = {}  # devices each engine row ran on
         self.skipped: dict[tuple[int, str], str] = {}
         self.tracer: Any = None
         self.bandwidths: dict[str, Any] = {}
@@ -225,6 +228,7 @@ class Bench:
         io1 = storage_read_bytes()
         self.placements[key] = gen.placement
         self.plans[key] = getattr(gen, "plan", None)
+        self.device_counts[key] = len(self._engines[key].devices)
         stats = gen.stats.to_dict()
         return {**stats, **run_metrics(stats, len(self.prompts[c])), "token_ids": gen.token_ids,
                 "storage_read_bytes": None if io0 is None or io1 is None else io1 - io0}
@@ -299,8 +303,25 @@ class Bench:
         row["plan"] = plan = self.plans.get((c, v.label))  # the planner's choice, prediction
         row["planned_throughput_tokens_per_s"] = (plan or {}).get(
             "predicted_throughput_tokens_per_s")
+        row |= self.device_fields(c, v, runs)
         row["same_tokens_as_resident"] = self._agreement(c, v.label)
         return row
+
+    def device_fields(self, c: int, v: Variant, runs: list[dict[str, Any]]) -> dict[str, Any]:
+        """What a row says of its devices: how many it ran on, the bytes moved to and the ledger
+        peak of each (medians over the repeats), and the planner's predicted throughput on that
+        many devices (klotski rows that the planner laid out; it models no other schedule)."""
+        out: dict[str, Any] = {"devices": self.device_counts.get((c, v.label)),
+                               "devices_option": list(self.opts.devices) or None}
+        for field in ("bytes_to_device_per_device", "peak_device_bytes_per_device"):
+            lists = [r[field] for r in runs if r.get(field)]
+            out[field] = ([int(statistics.median(col)) for col in zip(*lists)] if lists
+                          else None)
+        plan = self.plans.get((c, v.label))
+        out["predicted_throughput_tokens_per_s"] = (
+            plan["predicted_throughput_tokens_per_s"]
+            if plan and plan.get("devices", 1) == out["devices"] else None)
+        return out
 
     def _agreement(self, c: int, label: str) -> float | None:
         """Share of generated tokens equal to the resident run's (greedy; bf16 may split)."""
@@ -342,6 +363,23 @@ class Bench:
 
 
 # ---- entry point ------------------------------------------------------------------------------
+def check_device_counts(counts: tuple[int, ...]) -> None:
+    """A PolicyError (exit status 2) before anything runs when a count of --devices exceeds this
+    process's local devices; on a CPU it says how to simulate more."""
+    if not counts:
+        return
+    import jax
+
+    local = jax.local_devices()
+    if max(counts) > len(local):
+        platform = local[0].platform
+        hint = (f"; on a CPU, start with XLA_FLAGS=--xla_force_host_platform_device_count="
+                f"{max(counts)} (set before JAX starts) to simulate that many devices"
+                if platform == "cpu" else "")
+        raise PolicyError(f"--devices {','.join(map(str, counts))}: this process has "
+                          f"{len(local)} local {platform} device(s){hint}")
+
+
 def resolve_checkpoint(ckpt: str | None) -> pathlib.Path:
     """The checkpoint directory; None: the embedded default model (built on first use)."""
     if ckpt is not None:

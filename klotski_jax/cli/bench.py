@@ -99,6 +99,13 @@ def add(sub: Any) -> None:
                         "checkpoint's HF source into CKPT-int4 etc. on first use)")
     p.add_argument("--sweep-groups", type=_int_list, metavar="LIST",
                    help="e.g. 1,2,4,8: one configuration per n, each n x --batch-size prompts")
+    p.add_argument("--devices", type=_int_list, metavar="LIST",
+                   help="e.g. 1,2,4: run every engine schedule once per device count (expert "
+                        "parallelism over that many local devices, --device-budget on each; "
+                        "hf-accelerate runs once); rows add the bytes moved to each device and "
+                        "the planner's predicted throughput on that count. On a CPU, "
+                        "XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N devices "
+                        "(sharing the CPU's cores). Default: the engine's default device count")
     p.add_argument("--hf-dir", metavar="DIR",
                    help="HF checkpoint for hf-accelerate (default: the manifest's source)")
     p.add_argument("--json", metavar="FILE", help="one JSON line per (schedule, configuration)")
