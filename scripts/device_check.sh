@@ -20,7 +20,9 @@
 #   5. the quickstart notebook (tests/test_notebook.py, where nbclient is installed);
 #   6. where the machine has more than one accelerator: every schedule on all of them
 #      (`--devices all`, 25% of the weights on each) against the one-device runs of step 3, token
-#      agreement and per-device peaks in mesh-compare.txt (skipped, and said, on one device);
+#      agreement and per-device peaks in mesh-compare.txt, and a bench of every schedule on one
+#      device and on all (bench-mesh.{jsonl,md}: measured and predicted scaling; skipped, and
+#      said, on one device);
 #   7. a profiled bench at Mixtral-8x7B's layer shapes (4 layers, random weights) at 25% of its
 #      weights (bench-m87.{jsonl,md}). Copy what it writes under benchmarks/results/.
 # A failing step is recorded (its exit code in summary.txt) and the next one still runs.
@@ -106,6 +108,9 @@ for s in ("klotski", "flexgen", "lru", "sequential"):
           "tok/s", round(st["throughput_tokens_per_s"], 1), "vs one device",
           round(json.load(open(f"{out}/generate-{s}.json"))["throughput_tokens_per_s"], 1))
 ' "$OUT"
+  step bench-mesh 300 "$PY" -m klotski_jax.cli bench "$CKPT" \
+      --schedules klotski,flexgen,lru,sequential --devices "1,$NDEV" --device-budget 25% \
+      --repeats 2 --json "$OUT/bench-mesh.jsonl" --markdown "$OUT/bench-mesh.md" -q
 else
   echo "mesh skipped: $NDEV accelerator(s)" | tee "$OUT/mesh-skipped.txt"
 fi
