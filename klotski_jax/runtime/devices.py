@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 from typing import Any
 
@@ -85,27 +86,23 @@ def live_bytes_by_device(exclude: set[int] = frozenset(), arrays: list[jax.Array
                          ) -> dict[jax.Device, int]:
     """Bytes of all live jax arrays (or of `arrays`, a snapshot of them) in device memory (not
     pinned/unpinned host memory) on each device (a replicated array counts on each), but those
-    whose id is in `exclude` (the host cache's arrays, host memory on a CPU backend). Each
-    buffer counts once: an array's shards (`addressable_shards`, cached on it once asked for)
-    are live arrays of their own over the same buffers."""
+    whose id is in `exclude` (the host cache's arrays, host memory on a CPU backend). Read from
+    the shardings alone: asking an array for its `addressable_shards` would make (and cache)
+    a live array per shard, counted again by the next check."""
     total: dict[jax.Device, int] = collections.defaultdict(int)
-    seen: set[tuple[jax.Device, int]] = set()
     for a in jax.live_arrays() if arrays is None else arrays:
         if id(a) in exclude:
             continue
         try:
-            if a.sharding.memory_kind not in (None, "device"):
+            sharding = a.sharding
+            if sharding.memory_kind not in (None, "device"):
                 continue
-            if len(a.sharding.device_set) == 1:
-                buffers = [(next(iter(a.sharding.device_set)), a.unsafe_buffer_pointer(),
-                            a.nbytes)]
-            else:
-                buffers = [(s.device, s.data.unsafe_buffer_pointer(), s.data.nbytes)
-                           for s in a.addressable_shards]
+            devices = sharding.addressable_devices
+            shard = math.prod(sharding.shard_shape(a.shape))
+            whole = math.prod(a.shape)
+            nbytes = a.nbytes if len(devices) == 1 or not whole else a.nbytes * shard // whole
         except Exception:  # noqa: BLE001  (deleted or exotic arrays)
             continue
-        for device, pointer, nbytes in buffers:
-            if (device, pointer) not in seen:
-                seen.add((device, pointer))
-                total[device] += nbytes
+        for device in devices:
+            total[device] += nbytes
     return dict(total)
