@@ -31,11 +31,16 @@ from klotski_jax.planning.policy import Policy, PolicyError
 TESTS = pathlib.Path(__file__).resolve().parent
 NEW = 5
 LENGTHS = (7, 11, 5, 9, 6)
-RUNS = [  # (family, schedule, devices)
+RUNS = [  # (family, schedule, devices): the fast suite's runs, in one child process
     *[("qwen3_moe", s, 2) for s in ("klotski", "flexgen", "lru", "sequential")],
-    ("qwen3_moe", "klotski", 4), ("qwen3_moe", "lru", 4), ("qwen3_moe", "klotski", 8),
-    ("deepseek_v3", "klotski", 2),  # latent attention, shared experts, a dense layer
+    ("qwen3_moe", "klotski", 4), ("qwen3_moe", "klotski", 8),
 ]
+SLOW_RUNS = [  # more of the matrix, with the slow tests (another child: about a minute cold)
+    ("qwen3_moe", "lru", 4), ("qwen3_moe", "flexgen", 8), ("qwen3_moe", "sequential", 4),
+    ("deepseek_v3", "klotski", 2),  # latent attention, shared experts, a dense layer
+    ("deepseek_v3", "lru", 4),
+]
+FAMILIES = ("deepseek_v3", "qwen3_moe")
 
 
 def forced_devices_env(n: int) -> dict[str, str]:
@@ -47,12 +52,25 @@ def forced_devices_env(n: int) -> dict[str, str]:
     return env
 
 
+def run_in_child(runs: list[tuple[str, str, int]], models: dict, root: pathlib.Path
+                 ) -> dict[tuple[str, str, int], dict]:
+    """Each run at the smallest per-device budget, in one child with 8 simulated devices."""
+    specs = [{"ckpt": models[f][0], "prompts": models[f][1], "new": NEW, "schedule": s,
+              "devices": d, "budget": "min", "batch_size": 3, "trace": s == "klotski"}
+             for f, s, d in runs]
+    (root / "spec.json").write_text(json.dumps(specs))
+    subprocess.run([sys.executable, str(TESTS / "mesh_runs.py"), str(root / "spec.json"),
+                    str(root / "out.json")], check=True, env=forced_devices_env(8), timeout=900)
+    records = json.loads((root / "out.json").read_text())
+    return {tuple(r): rec for r, rec in zip(runs, records)}
+
+
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    """Checkpoints, their references, and the records of every run of RUNS (one child)."""
-    root = tmp_path_factory.mktemp("mesh")
-    models = {}
-    for family in sorted({r[0] for r in RUNS}):
+def models(tmp_path_factory):
+    """Per family: its checkpoint, prompts, the reference's greedy run, tolerance and config."""
+    root = tmp_path_factory.mktemp("mesh-models")
+    out = {}
+    for family in FAMILIES:
         _, hf = save_hf_model(family, root / family / "hf")
         ckpt = klotski_jax.convert(hf, root / family / "ckpt", progress=False)
         model = klotski_jax.load(ckpt)
@@ -64,22 +82,19 @@ def mesh(tmp_path_factory):
             ids[r, ids.shape[1] - len(p):] = p
             mask[r, ids.shape[1] - len(p):] = 1
         tol = contract.tolerance(model.config.dtype)
-        models[family] = (str(ckpt), prompts, contract.reference_greedy(model, ids, mask, NEW, tol),
-                          tol, model.config)
-    specs = [{"ckpt": models[f][0], "prompts": models[f][1], "new": NEW, "schedule": s,
-              "devices": d, "budget": "min", "batch_size": 3, "trace": s == "klotski"}
-             for f, s, d in RUNS]
-    (root / "spec.json").write_text(json.dumps(specs))
-    subprocess.run([sys.executable, str(TESTS / "mesh_runs.py"), str(root / "spec.json"),
-                    str(root / "out.json")], check=True, env=forced_devices_env(8), timeout=900)
-    records = json.loads((root / "out.json").read_text())
-    return {tuple(r): rec for r, rec in zip(RUNS, records)}, models
+        out[family] = (str(ckpt), prompts, contract.reference_greedy(model, ids, mask, NEW, tol),
+                       tol, model.config)
+    return out
 
 
-@pytest.mark.parametrize("run", RUNS, ids=lambda r: f"{r[0]}-{r[1]}-{r[2]}dev")
-def test_every_schedule_on_several_devices_keeps_the_contract_and_budgets(mesh, run):
-    records, models = mesh
-    rec = records[run]
+@pytest.fixture(scope="module")
+def mesh(models, tmp_path_factory):
+    """The records of every run of RUNS (one child), and the models."""
+    return run_in_child(RUNS, models, tmp_path_factory.mktemp("mesh")), models
+
+
+def check_run(run: tuple[str, str, int], rec: dict, models: dict) -> None:
+    """One run's record against the reference and its per-device budget."""
     _, _, want, tol, cfg = models[run[0]]
     family, schedule, devices = run
     contract.assert_greedy_matches(rec["tokens"], want.tokens, want.logits, tol,
@@ -99,9 +114,21 @@ def test_every_schedule_on_several_devices_keeps_the_contract_and_budgets(mesh, 
             assert rec["expert_devices"] == list(range(devices))
 
 
-def test_several_devices_need_less_budget_each_for_whole_layer_schedules(mesh):
+@pytest.mark.parametrize("run", RUNS, ids=lambda r: f"{r[0]}-{r[1]}-{r[2]}dev")
+def test_every_schedule_on_several_devices_keeps_the_contract_and_budgets(mesh, run):
+    records, models = mesh
+    check_run(run, records[run], models)
+
+
+@pytest.mark.slow
+def test_more_schedules_families_and_device_counts(models, tmp_path):
+    records = run_in_child(SLOW_RUNS, models, tmp_path)
+    for run in SLOW_RUNS:
+        check_run(run, records[run], models)
+
+
+def test_several_devices_need_less_budget_each_for_whole_layer_schedules(models):
     """flexgen and sequential hold a whole MoE layer: on 2 devices each holds half of it."""
-    _, models = mesh
     cfg = models["qwen3_moe"][4]
     work = Workload(2, 3, 16, 16)
     for schedule in ("flexgen", "sequential"):
@@ -112,8 +139,7 @@ def test_several_devices_need_less_budget_each_for_whole_layer_schedules(mesh):
             2 if schedule == "flexgen" else 1)
 
 
-def test_expert_owners_balance_count_and_load(mesh):
-    _, models = mesh
+def test_expert_owners_balance_count_and_load(models):
     cfg = models["deepseek_v3"][4]
     owners = expert_owners(cfg, 3)
     for layer in cfg.moe_layer_ids:
@@ -130,10 +156,9 @@ def test_expert_owners_balance_count_and_load(mesh):
     assert abs(totals[0] - totals[1]) < 0.15
 
 
-def test_resident_experts_are_per_device(mesh):
+def test_resident_experts_are_per_device(models):
     """With room for resident experts, each device keeps only experts it owns, and no more
     than its budget holds."""
-    _, models = mesh
     cfg = models["qwen3_moe"][4]
     work = Workload(2, 3, 16, 16)
     pol = Policy(devices=2)
@@ -144,8 +169,7 @@ def test_resident_experts_are_per_device(mesh):
     assert abs(per[0] - per[1]) <= 1
 
 
-def test_asking_for_more_devices_than_there_are_is_a_clear_error(mesh):
-    _, models = mesh
+def test_asking_for_more_devices_than_there_are_is_a_clear_error(models):
     with pytest.raises(PolicyError, match=r"devices=64 but this process has \d+ local cpu"):
         klotski_jax.Engine(models["qwen3_moe"][0], Policy(devices=64))
     with pytest.raises(PolicyError, match="devices must be"):
