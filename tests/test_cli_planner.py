@@ -91,6 +91,16 @@ def test_plan_json_and_infeasible_budget(env, profiled, capsys):
     rc, out, _ = run_cli(base + ["--device-budget", "none", "--batch-size", "3", "--groups", "2"],
                      capsys)
     assert rc == 0 and "n = 2 group(s) x batch 3" in out and "n limited by: fixed" in out
+    # --devices: a plan for 4 devices (more than this process has: a prediction) at the
+    # one-device minimum, where each device holds a quarter of the experts, predicts more
+    rc, out, err = run_cli(base + ["--device-budget", str(smallest), "--json"], capsys)
+    one = json.loads(out)
+    rc, out, err = run_cli(base + ["--device-budget", str(smallest), "--devices", "4", "--json"],
+                           capsys)
+    assert rc == 0, err
+    four = json.loads(out)
+    assert one["devices"] == 1 and four["devices"] == 4
+    assert four["predicted_throughput_tokens_per_s"] > one["predicted_throughput_tokens_per_s"]
 
 
 def test_generate_uses_the_planner_and_gives_the_reference_tokens(env, profiled, capsys):

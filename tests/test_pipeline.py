@@ -114,10 +114,13 @@ def test_every_schedule_and_ablation_at_minimum_budget(cases, family):
         case.check(policy.replace(device_budget=case.min_budget(policy)))
 
 
-# klotski on qwen2_moe-sparse-step is the slowest pair (14 s warm, most of a minute with a cold
-# compilation cache): it runs with the slow tests; the other schedules cover that family here.
+# klotski and flexgen on qwen2_moe-sparse-step are the slowest pairs (about a minute each with a
+# cold compilation cache): they run with the slow tests; lru and sequential cover that family here.
+SLOW_SWEEPS = {("qwen2_moe-sparse-step", "klotski"), ("qwen2_moe-sparse-step", "flexgen")}
+
+
 @pytest.mark.parametrize("family,schedule", [
-    pytest.param(f, s, marks=pytest.mark.slow) if (f, s) == ("qwen2_moe-sparse-step", "klotski")
+    pytest.param(f, s, marks=pytest.mark.slow) if (f, s) in SLOW_SWEEPS
     else (f, s) for f in ("mixtral", "qwen2_moe-sparse-step") for s in (x.value for x in Schedule)])
 def test_budget_and_group_sweep(cases, family, schedule):
     case = cases(family)

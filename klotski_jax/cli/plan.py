@@ -11,6 +11,7 @@ from typing import Any
 
 from klotski_jax.cli.options import (
     budget_options,
+    devices_arg,
     io_options,
     non_negative_int,
     positive_int,
@@ -40,6 +41,21 @@ def _load_profile(args: argparse.Namespace, cfg: Any) -> Any:
     return prof
 
 
+def _device_count(devices: int | str | None) -> int:
+    """The devices to plan for: N (any number: a plan for another machine too), "all" (this
+    machine's local devices), or the engine's default here (every accelerator, one CPU)."""
+    import jax
+
+    from klotski_jax.planning.policy import Policy
+    from klotski_jax.runtime.devices import resolve_devices
+
+    if isinstance(devices, int):
+        return devices
+    if devices == "all":
+        return jax.local_device_count()
+    return len(resolve_devices(Policy()))
+
+
 def _cmd(args: argparse.Namespace) -> int:
     from klotski_jax.checkpoints.store import CheckpointReader
     from klotski_jax.engine import disk_tier, reread_tier
@@ -48,7 +64,7 @@ def _cmd(args: argparse.Namespace) -> int:
     from klotski_jax.planning.prefetcher import CorrelationTable
 
     reader = CheckpointReader(args.ckpt)
-    base = Policy(io_mode=args.io_mode)
+    base = Policy(io_mode=args.io_mode, devices=_device_count(args.devices))
     req = PlanRequest(
         prompt_len=args.prompt_len, gen_len=args.gen_len, num_prompts=args.prompts,
         batch_size=args.batch_size, groups=args.groups, hot_experts=args.hot_experts,
@@ -95,5 +111,9 @@ def add(sub: Any) -> None:
                    help="largest n searched (default: 16)")
     p.add_argument("--profile", metavar="FILE", help="a profile JSON (default: the cached one, "
                                                      "measured now if there is none)")
+    p.add_argument("--devices", type=devices_arg, default=None, metavar="N|all",
+                   help="plan for N devices, each with --device-budget (any N: a plan for "
+                        "another machine too), or all of this machine's; default: what "
+                        "`klotski generate` would use here")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_cmd)

@@ -97,6 +97,9 @@ def live_bytes_by_device(exclude: set[int] = frozenset(), arrays: list[jax.Array
             sharding = a.sharding
             if sharding.memory_kind not in (None, "device"):
                 continue
+            if isinstance(sharding, jax.sharding.SingleDeviceSharding):  # the common case
+                total[next(iter(sharding.device_set))] += a.nbytes
+                continue
             devices = sharding.addressable_devices
             shard = math.prod(sharding.shard_shape(a.shape))
             whole = math.prod(a.shape)
