@@ -43,7 +43,7 @@ from klotski_jax.runtime.devices import (
     warn_preallocation,
 )
 from klotski_jax.runtime.host import HostTier, Verified
-from klotski_jax.runtime.ledger import DeviceLedgers, MemoryLedger
+from klotski_jax.runtime.ledger import MemoryLedger, device_ledger
 from klotski_jax.runtime.routing import GroupState
 from klotski_jax.runtime.scheduler import Scheduler
 from klotski_jax.runtime.trace import RunStats, Tracer
@@ -516,10 +516,8 @@ class _Session:
         cfg, pol, pl = self.cfg, self.policy, self.placement
         baseline = live_bytes_by_device() if pol.verify_memory else None
         devices = self.engine.devices
-        mesh = len(devices) > 1
         # On a mesh one ledger per device, all charged for what is replicated (DeviceLedgers).
-        self.device = (DeviceLedgers("device", pol.device_budget, len(devices)) if mesh
-                       else MemoryLedger("device", pol.device_budget))
+        self.device = device_ledger("device", pol.device_budget, len(devices))
         self.host = self.host_state.ledger
         host = self.host_state.get(pol, pl)
         # KV caches: on the device for the whole run, or in host RAM (loaded per layer, in the
@@ -532,14 +530,11 @@ class _Session:
         kv_window = None
         if not pl.kv_on_device:
             self.device.reserve("kv window", pl.kv_device_bytes)
-            kv_window = (DeviceLedgers("device kv window", pl.kv_device_bytes, len(devices))
-                         if mesh else MemoryLedger("device kv window", pl.kv_device_bytes))
+            kv_window = device_ledger("device kv window", pl.kv_device_bytes, len(devices))
         self.transfers = Transfers(host, self.device, io_threads=pol.io_threads,
                                    tracer=self.tracer, stats=self.stats, kv_ledger=kv_window,
                                    devices=devices, owner=pl.owner)
-        wanted = {k: host.globals[k] for k in on_device}
-        globals_dev = (jax.device_put(wanted) if self.transfers.mesh is None else
-                       self.transfers.to_devices(wanted, self.transfers.replicated))
+        globals_dev = self.transfers.replicate({k: host.globals[k] for k in on_device})
         self.scheduler = Scheduler(cfg, pol, pl, self.transfers,
                                    self.engine._predictor_factory(cfg), globals_dev, embed_host,
                                    self.tracer,
@@ -552,8 +547,8 @@ class _Session:
         cache = KVCache.create(self.cfg, len(ids), self.cache_len, host=not on_device,
                                memory=None if on_device else self.engine.kv_memory(self.policy))
         if on_device and self.transfers.mesh is not None:  # attention runs on every device
-            cache.kv = [self.transfers.to_devices(tuple(np.asarray(a) for a in kv),
-                                                  self.transfers.replicated) for kv in cache.kv]
+            cache.kv = [self.transfers.replicate(tuple(np.asarray(a) for a in kv))
+                        for kv in cache.kv]
         cache.valid[:, : ids.shape[1]] = mask > 0
         return GroupState(cache, ids, positions_from_mask(mask),
                           index=self.transfers.add_kv_cache(cache))

@@ -213,3 +213,9 @@ class DeviceLedgers:
 
     def release(self, key: Hashable) -> int:
         return [p.release(key) for p in self.parts][0]
+
+
+def device_ledger(tier: str, capacity: int | None, devices: int) -> MemoryLedger | DeviceLedgers:
+    """The ledger of a tier on `devices` devices: one `MemoryLedger`, or a `DeviceLedgers` with
+    one per device of a mesh (each with the whole capacity: budgets are per device)."""
+    return MemoryLedger(tier, capacity) if devices == 1 else DeviceLedgers(tier, capacity, devices)

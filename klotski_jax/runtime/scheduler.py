@@ -25,8 +25,8 @@ into an LRU cache on the device.
 On several devices (a 1-D mesh: expert parallelism) every schedule keeps its order. The dense
 part, attention and the routers run replicated on every device; each routed expert is loaded
 onto and computed on the device that owns it (`Placement.owner`), into that device's own
-accumulator, and `_combine` sums the accumulators over the devices (`steps.device_sum`, a
-psum) before the combine step. Computations run in dispatch order per device only, so a
+accumulator, and `steps.Accumulators.total` sums them over the devices (`steps.device_sum`,
+a psum) before the combine step. Computations run in dispatch order per device only, so a
 release's fence is the latest expert computation of every device.
 """
 
@@ -158,8 +158,7 @@ class Scheduler:
     def _fence(self) -> Any:
         """What a release of computed experts waits for: the latest expert computation of every
         device (one device's results say nothing of another's)."""
-        fences = [f for f in self._fences if f is not None]
-        return fences[0] if len(fences) == 1 else (fences or None)
+        return [f for f in self._fences if f is not None] or None
 
     # ---- verbs --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -180,9 +179,7 @@ class Scheduler:
     def _embed(self, tokens: np.ndarray) -> jax.Array:
         if self.embed_host is None:
             return blocks.embed(self.head_w, tokens)  # tied: the head is the table
-        rows = np.take(self.embed_host, tokens, axis=0)
-        return jax.device_put(rows) if self.transfers.mesh is None else self.transfers.to_devices(
-            rows, self.transfers.replicated)
+        return self.transfers.replicate(np.take(self.embed_host, tokens, axis=0))
 
     def _dense(self, s: Step, i: int) -> Any:
         """Layer i's dense-part state on the device (resident, or loaded)."""
@@ -255,7 +252,7 @@ class Scheduler:
         the next one, so it cannot be a fence)."""
         key = ("expert", i, e)
         w = self.transfers.get(key, busy=self._busy, step=s.name, layer=i, expert=e).arrays
-        d = self.placement.owner(i, e) if len(self.devices) > 1 else 0
+        d = self.placement.owner(i, e)  # 0 on one device
         if len(self.devices) > 1:
             trace["device"] = d
         r, ww = steps.pad_rows(rows, wts)
@@ -427,8 +424,7 @@ class Scheduler:
         key = ("expert", i, e)
         if (i, e) in self.placement.device_experts:
             return
-        d = self.placement.owner(i, e) if len(self.devices) > 1 else 0
-        lru = self._lru[d]  # the cache of the device that owns e
+        lru = self._lru[self.placement.owner(i, e)]  # the cache of the device that owns e
         if key in lru:
             lru.move_to_end(key)
             self.stats.lru_hits += 1
@@ -437,7 +433,7 @@ class Scheduler:
             old, _ = lru.popitem(last=False)
             # Computations run in dispatch order on a device: once its latest one is done, so
             # is every computation that read the evicted expert.
-            self.transfers.release(old, fence=self._fences[d])
+            self.transfers.release(old, fence=self._fences[self.placement.owner(i, e)])
         lru[key] = None
 
     # ---- warm-up ------------------------------------------------------------------------------
@@ -482,8 +478,7 @@ class Scheduler:
     def _like_run(self, x: jax.Array) -> jax.Array:
         """A warm-up input placed as the run's is: replicated over a mesh (a jitted step
         compiles per input sharding)."""
-        return x if self.transfers.mesh is None else self.transfers.to_devices(
-            np.asarray(x), self.transfers.replicated)
+        return x if self.transfers.mesh is None else self.transfers.replicate(np.asarray(x))
 
     def _warm_layer(self, i: int, w: Any, groups: list[GroupState], t: int) -> None:
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)

@@ -123,6 +123,13 @@ class Transfers:
         compiled steps' input layout)."""
         return jax.block_until_ready(self.to_devices(tree, self.replicated))
 
+    def replicate(self, tree: Any) -> Any:
+        """Host arrays on every device of the run, as the jitted steps' replicated inputs (on
+        one device uncommitted, as a plain `jax.device_put` leaves them)."""
+        if self.mesh is None:
+            return jax.device_put(tree)
+        return self.to_devices(tree, self.replicated)
+
     def mine(self, layer: int, expert: int) -> bool:
         """Whether routed expert (layer, expert) is this process's to load and compute (always,
         but on a multi-host mesh)."""
@@ -175,7 +182,7 @@ class Transfers:
                 raise RuntimeError("KV cache transfers need Transfers.kv_ledger (a KV window)")
             return self.kv_ledger, self._kv_pool, self.replicated
         if key[0] == "expert":
-            d = self.owner(key[1], key[2]) if self.mesh is not None else 0
+            d = self.owner(key[1], key[2])  # 0 on one device
             return self.ledger.parts[d], self._pools[d], self._single[d]
         return self.ledger, self._pools[0], self.replicated
 
