@@ -7,6 +7,7 @@ Public API (imported lazily so `import klotski_jax` stays cheap):
   Engine(ckpt_dir, policy=Policy(...)).generate(prompts, max_new_tokens=...) -> Generation
                                      (the pipeline: weights streamed under memory budgets)
   Policy, Schedule, parse_size       (schedule, budgets, groups, ablations; '2GiB' / '30%' sizes)
+  use_compilation_cache()            (persistent XLA compile cache, as the klotski command uses)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _LAZY = {
     "parse_size": ("klotski_jax.planning.policy", "parse_size"),
     "RunStats": ("klotski_jax.runtime.trace", "RunStats"),
     "Tracer": ("klotski_jax.runtime.trace", "Tracer"),
+    "use_compilation_cache": ("klotski_jax.runtime.compile_cache", "use_compilation_cache"),
 }
 
 __all__ = ["ModelConfig", "__version__", *_LAZY]

@@ -208,6 +208,37 @@ def test_progress_bar_on_a_tty(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path,
     assert isinstance(progress(6, unit="tok", quiet=False), NoBar)
 
 
+def test_compiled_steps_persist_across_runs(tiny_ckpt: pathlib.Path, tmp_path: pathlib.Path
+                                            ) -> None:
+    """The klotski command keeps its compiled steps in the per-user cache (<cache>/xla): a
+    second run of the same shapes compiles nothing new; KLOTSKI_JAX_COMPILE_CACHE=off (or an
+    explicit JAX_COMPILATION_CACHE_DIR, which this suite sets) decides otherwise."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")
+           and k != "JAX_COMPILATION_CACHE_DIR"}
+    env["KLOTSKI_JAX_CACHE"] = str(tmp_path / "cache")
+    src = write_lines(tmp_path / "p.jsonl", [{"prompt_token_ids": [3, 4, 5]}])
+    cmd = [sys.executable, "-m", "klotski_jax.cli", "generate", str(tiny_ckpt), "--input",
+           str(src), "--output", str(tmp_path / "o.jsonl"), "--max-new-tokens", "3", "-q"]
+
+    def entries() -> set[str]:
+        where = tmp_path / "cache" / "xla"
+        return {p.name for p in where.iterdir()} if where.exists() else set()
+
+    def run(**extra: str) -> None:
+        done = subprocess.run(cmd, env=env | extra, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+
+    run(KLOTSKI_JAX_COMPILE_CACHE="off")
+    assert entries() == set()
+    run()
+    first = entries()
+    assert len(first) >= 5  # attention, router, combine, expert buckets, logits, ...
+    run()
+    assert entries() == first  # every step of the same shapes came from the cache
+
+
 # ---- sizes -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, want", [("512MB", 512 * 10**6), ("2GiB", 2 * 2**30),
                                         ("30%", 300), ("1.5k", 1536), ("4096", 4096),

@@ -43,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by bench
     if check := getattr(args, "check", None):  # checks across options of one subcommand
         check(parser, args)
+    from klotski_jax.runtime.compile_cache import use_compilation_cache
+
+    use_compilation_cache()  # a later run of the same shapes loads its compiled steps
     quiet = getattr(args, "quiet", False)
     level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
