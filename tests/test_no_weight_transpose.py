@@ -70,8 +70,13 @@ def test_steps_do_not_copy_weights(dtype, tokens):
     lowered = {
         "attention": blocks.attention_block.lower(
             w1, h, pos, cache.kv[1], jnp.int32(0), jnp.ones((b, 32), bool), cfg=cfg, window=7),
-        "expert": steps.expert_apply.lower(jnp.zeros((tokens, cfg.hidden_size), jnp.float32), x,
-                                           rows, jnp.zeros(rows.shape, jnp.float32), expert),
+        "expert": steps.experts_apply.lower(jnp.zeros((tokens, cfg.hidden_size), jnp.float32), x,
+                                            rows[None], jnp.zeros((1, *rows.shape), jnp.float32),
+                                            (expert,)),
+        "experts": steps.experts_apply.lower(jnp.zeros((tokens, cfg.hidden_size), jnp.float32),
+                                             x, jnp.stack([rows] * 4),
+                                             jnp.zeros((4, *rows.shape), jnp.float32),
+                                             (expert,) * 4),
         "moe_reference": blocks.moe_block_reference.lower(w0, h, cfg=cfg),
         "dense_mlp": blocks.dense_mlp_block.lower(w1, h, cfg=cfg),
         "router": blocks.router_block.lower(w0, x, cfg=cfg),

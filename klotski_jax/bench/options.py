@@ -70,6 +70,7 @@ class BenchOptions:
     host_budget: str | None = None
     cold_disk: bool = False
     io_mode: str = "buffered"
+    expert_batch: int = 4  # ready experts of few rows per jitted call (every engine schedule)
     profile: bool = False  # measure (or reuse) the planner's profile first: klotski is planned
     repeats: int = 2
     ablation: bool = False
@@ -120,12 +121,14 @@ class BenchConfig:
     cold_disk: bool
     io_mode: str
     preset: str
+    expert_batch: int = 4
 
     def policy(self, schedule: str, **overrides: Any) -> Policy:
         """The engine policy of `schedule` under this configuration's budgets and layout."""
         kw: dict[str, Any] = {"schedule": schedule, "device_budget": self.device_budget,
                               "host_budget": self.host_budget, "batch_size": self.batch_size,
-                              "io_mode": self.io_mode, "evict_page_cache": self.cold_disk}
+                              "io_mode": self.io_mode, "evict_page_cache": self.cold_disk,
+                              "expert_batch": self.expert_batch}
         if self.groups is not None:
             kw["groups"] = self.groups
         return Policy(**{**kw, **overrides})
@@ -214,7 +217,8 @@ def configurations(opts: BenchOptions, preset: Preset, device_budget: int | None
                        gen_len=opts.gen_len or preset.gen_len, num_prompts=num,
                        groups=opts.groups, batch_size=opts.batch_size,
                        device_budget=device_budget, host_budget=host_budget,
-                       cold_disk=opts.cold_disk, io_mode=opts.io_mode, preset=preset.name)
+                       cold_disk=opts.cold_disk, io_mode=opts.io_mode, preset=preset.name,
+                       expert_batch=opts.expert_batch)
     if not opts.sweep_groups:
         return [base]
     batch = opts.batch_size or max(1, num // (opts.groups or default_groups() or 2))

@@ -11,8 +11,8 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-COLORS = {"attention": "#4C72B0", "router": "#8172B2", "expert": "#55A868", "combine": "#64B5CD",
-          "dense mlp": "#937860", "wait": "#C44E52", "load expert": "#DD8452",
+COLORS = {"attention": "#4C72B0", "router": "#8172B2", "expert": "#55A868", "experts": "#55A868",
+          "combine": "#64B5CD", "dense mlp": "#937860", "wait": "#C44E52", "load expert": "#DD8452",
           "load dense": "#CCB974"}
 
 

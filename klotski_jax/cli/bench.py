@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from klotski_jax.bench.options import PRESETS, QUANTIZED, SCHEDULES  # no JAX import
-from klotski_jax.cli.options import budget_options, io_options, positive_int
+from klotski_jax.cli.options import budget_options, compute_options, io_options, positive_int
 
 
 # ---- options ----------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def add(sub: Any) -> None:
     p = sub.add_parser(
-        "bench", parents=[budget_options(), io_options()],
+        "bench", parents=[budget_options(), io_options(), compute_options()],
         help="throughput of the schedules (and HF accelerate) side by side",
         description="Run the schedules on the same prompts and budgets, alternating, with "
                     "repeats after a warm-up; print a Markdown table, write JSON lines, a plot "

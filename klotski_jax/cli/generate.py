@@ -10,6 +10,7 @@ from typing import Any
 
 from klotski_jax.cli.options import (
     budget_options,
+    compute_options,
     device_options,
     io_options,
     non_negative_float,
@@ -58,6 +59,7 @@ class GenerateOptions:
     allow_long_context: bool = False
     verify: bool = True
     devices: int | str | None = None  # None: all local accelerators (one device on a CPU)
+    expert_batch: int = 4  # ready experts of few rows per jitted call
     distributed: bool = False  # join a multi-host job first (runtime/multihost.py)
     quiet: bool = False
 
@@ -80,7 +82,7 @@ def _policy(opts: GenerateOptions, weight_bytes: int) -> Policy:
         multi_batch=opts.multi_batch, hot_only_prefetch=opts.hot_only_prefetch,
         reorder=opts.reorder, io_mode=opts.io_mode, evict_page_cache=opts.evict_page_cache,
         pinned_host={"auto": None, "on": True, "off": False}[opts.pinned_host],
-        verify_checksums=opts.verify, devices=opts.devices)
+        verify_checksums=opts.verify, devices=opts.devices, expert_batch=opts.expert_batch)
 
 
 def run_generate(opts: GenerateOptions) -> dict[str, Any]:
@@ -185,7 +187,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def add(sub: Any) -> None:
     p = sub.add_parser(
-        "generate", parents=[budget_options(), io_options(), device_options()],
+        "generate", parents=[budget_options(), io_options(), compute_options(),
+                                     device_options()],
         help="generate with the pipeline under device / host memory budgets",
         description="Generate continuations with a pipeline schedule, streaming weights from "
                     "host RAM and disk so the device holds at most --device-budget bytes.")

@@ -84,6 +84,23 @@ def io_options() -> argparse.ArgumentParser:
     return p
 
 
+def power_of_two(text: str) -> int:
+    """A positive power of two (1, 2, 4, 8, ...)."""
+    n = positive_int(text)
+    if n & (n - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two (1, 2, 4, 8, ...), got {n}")
+    return n
+
+
+def compute_options() -> argparse.ArgumentParser:
+    """--expert-batch: ready experts of few rows per jitted call."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--expert-batch", type=power_of_two, default=4, metavar="N",
+                   help="compute up to N ready experts with at most 8 tokens each in one call "
+                        "(a power of two; 1: one call per expert; default: 4)")
+    return p
+
+
 def devices_arg(text: str) -> int | str:
     """--devices: a positive count of local devices, or "all"."""
     if text.strip().lower() == "all":

@@ -46,6 +46,10 @@ class Policy:
         issued in that order after all routing; the hot set is then the K rule's, K = top_k
         unless given, since running experts in id order needs a slot per prefetched expert)
 
+    expert_batch: experts computed in one jitted call when several are ready at once with at
+      most 8 rows each (decode steps: a model with 64+ experts runs hundreds of small expert
+      calls a step, each paying a dispatch); 1 turns it off. Every schedule uses it.
+
     devices: how many local devices the run spans, on a 1-D mesh (expert parallelism: each MoE
       layer's routed experts are spread over the devices, attention is replicated), or "all".
       None: every local device when they are accelerators, one on a CPU. The device budget
@@ -69,6 +73,7 @@ class Policy:
     verify_memory: bool = False  # cross-check the ledger against live device arrays (tests)
     verify_checksums: bool = True  # check each expert's checksum on its first read from disk
     devices: int | str | None = None  # N local devices, "all", or None (see above)
+    expert_batch: int = 4  # ready experts of few rows per jitted call (1: one call per expert)
 
     def __post_init__(self) -> None:
         try:
@@ -82,6 +87,9 @@ class Policy:
             raise PolicyError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.io_mode not in IO_MODES:
             raise PolicyError(f"io_mode must be one of {IO_MODES}, got {self.io_mode!r}")
+        if self.expert_batch < 1 or self.expert_batch & (self.expert_batch - 1):
+            raise PolicyError(f"expert_batch must be a power of two (1: no batched expert "
+                              f"calls), got {self.expert_batch}")
         if self.io_threads < 1:
             raise PolicyError(f"io_threads must be >= 1, got {self.io_threads}")
         if self.hot_experts is not None and self.hot_experts < 0:

@@ -1,9 +1,12 @@
 """The state a decoder step passes between the scheduler's verbs: the batch groups, the routing
-of the MoE layer running now, and the step itself."""
+of the MoE layer running now, the step itself, and the ready experts gathered for batched
+calls."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -83,3 +86,44 @@ class Step:
     def tokens_at(self, layer: int) -> int:
         """Tokens in flight when `layer` runs next: this step's, or the next step's (decode)."""
         return self.next_tokens if layer == 0 else self.tokens
+
+
+@dataclasses.dataclass
+class Ready:
+    """An expert whose weights are on its device, with its rows of the step's MoE input."""
+
+    e: int
+    device: int  # the index of its device in the run's devices
+    weights: Any  # its state {gate, up, down} on the device
+    padded_rows: np.ndarray  # [bucket] (steps.pad_rows)
+    padded_weights: np.ndarray  # [bucket]
+    rows: np.ndarray  # the real rows
+    trace: dict[str, Any]
+
+
+class ExpertBatches:
+    """Ready experts of few rows gathered into batched calls: up to `size` experts of one
+    device and one row bucket per call (`steps.experts_apply`). `on_computed(experts)`: called
+    after each call with the experts it computed (klotski releases them there when a load waits
+    for memory)."""
+
+    def __init__(self, size: int, on_computed: Callable[[list[int]], None] | None = None
+                 ) -> None:
+        self.size = size
+        self.on_computed = on_computed
+        self._open: dict[tuple[int, int], list[Ready]] = {}
+
+    def add(self, item: Ready) -> list[Ready] | None:
+        """Gather `item`; returns its batch once the batch is full (to be computed now)."""
+        key = (item.device, len(item.padded_rows))
+        batch = self._open.setdefault(key, [])
+        batch.append(item)
+        if len(batch) < self.size:
+            return None
+        return self._open.pop(key)
+
+    def drain(self) -> list[list[Ready]]:
+        """Every batch still gathering, in the order they were opened; empties the gatherer."""
+        out = list(self._open.values())
+        self._open.clear()
+        return out

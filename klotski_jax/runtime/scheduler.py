@@ -51,7 +51,7 @@ from klotski_jax.planning.policy import Policy, Schedule
 from klotski_jax.runtime import steps
 from klotski_jax.runtime.devices import live_bytes_by_device
 from klotski_jax.runtime.ledger import MemoryLedger
-from klotski_jax.runtime.routing import GroupState, Routing, Step
+from klotski_jax.runtime.routing import ExpertBatches, GroupState, Ready, Routing, Step
 from klotski_jax.runtime.trace import RunStats, Tracer
 from klotski_jax.runtime.transfers import Transfers
 
@@ -246,24 +246,59 @@ class Scheduler:
         return xs, routing
 
     def _expert(self, s: Step, i: int, e: int, acc: steps.Accumulators, rows: np.ndarray,
-                wts: np.ndarray, **trace: Any) -> None:
-        """acc += expert e's weighted output over its rows, on the device that owns e; that
-        device's fence becomes an output of this computation (its accumulator is donated to
-        the next one, so it cannot be a fence)."""
+                wts: np.ndarray, batches: ExpertBatches, **trace: Any) -> None:
+        """acc += expert e's weighted output over its rows, on the device that owns e: at once,
+        or in a batched call with other ready experts of few rows (`batches`). Before waiting
+        for e's load, every expert gathered so far is computed (nothing computable waits behind
+        a load, and what they hold can be released for it)."""
         key = ("expert", i, e)
+        if not self.transfers.ready(key):
+            self._flush(s, i, acc, batches)
         w = self.transfers.get(key, busy=self._busy, step=s.name, layer=i, expert=e).arrays
-        d = self.placement.owner(i, e)  # 0 on one device
-        if len(self.devices) > 1:
-            trace["device"] = d
         r, ww = steps.pad_rows(rows, wts)
-        offsets = s.routing.offsets
-        per = ({"tokens_per_group": np.diff(np.searchsorted(rows, offsets)).tolist()
-                + [int((rows >= offsets[-1]).sum())]} if self.tracer.enabled else {})
-        with self._compute(s, "expert", layer=i, expert=e, tokens=len(rows), **per, **trace) as c:
-            acc.sums[d], self._fences[d] = steps.expert_apply(acc.on(d), acc.x[d], r, ww, w,
-                                                              block=self._block)
+        item = Ready(e, self.placement.owner(i, e), w, r, ww, rows, trace)  # owner: 0 on one device
+        if len(r) > steps.BATCH_ROWS or batches.size <= 1:
+            self._call(s, i, acc, [item], batches)
+        elif full := batches.add(item):
+            self._call(s, i, acc, full, batches)
+
+    def _flush(self, s: Step, i: int, acc: steps.Accumulators, batches: ExpertBatches) -> None:
+        """Compute every expert `batches` still gathers."""
+        for batch in batches.drain():
+            start = 0
+            for n in steps.split_batch(len(batch)):  # compiled call sizes only
+                self._call(s, i, acc, batch[start:start + n], batches)
+                start += n
+
+    def _call(self, s: Step, i: int, acc: steps.Accumulators, batch: list[Ready],
+              batches: ExpertBatches) -> None:
+        """One jitted call over the experts of `batch` (one device, one bucket); that device's
+        fence becomes an output of this computation (its accumulator is donated to the next
+        one, so it cannot be a fence). Traced as "expert" (one) or "experts" (several)."""
+        d = batch[0].device
+        args: dict[str, Any] = dict(batch[0].trace)
+        if len(self.devices) > 1:
+            args["device"] = d
+        if len(batch) == 1:
+            one = batch[0]
+            args |= {"expert": one.e, "tokens": len(one.rows)}
+            if self.tracer.enabled:
+                offsets = s.routing.offsets
+                args["tokens_per_group"] = (np.diff(np.searchsorted(one.rows, offsets)).tolist()
+                                            + [int((one.rows >= offsets[-1]).sum())])
+        else:
+            args |= {"experts": [b.e for b in batch], "tokens": [len(b.rows) for b in batch]}
+        rows = np.stack([b.padded_rows for b in batch])
+        weights = np.stack([b.padded_weights for b in batch])
+        with self._compute(s, "expert" if len(batch) == 1 else "experts", layer=i, **args) as c:
+            acc.sums[d], self._fences[d] = steps.experts_apply(
+                acc.on(d), acc.x[d], rows, weights, tuple(b.weights for b in batch),
+                block=self._block)
             c.out = self._fences[d]
-        self.stats.expert_computes += 1
+        self.stats.expert_computes += len(batch)
+        self.stats.expert_calls += 1
+        if batches.on_computed is not None:
+            batches.on_computed([b.e for b in batch])
 
     def _finish(self, s: Step, i: int, w: Any, h: list[jax.Array], xs: list[jax.Array],
                 acc: steps.Accumulators) -> list[jax.Array]:
@@ -366,14 +401,18 @@ class Scheduler:
             order = sorted(routed)
         acc = self._accumulators(xs)
         done: list[Hashable] = []  # computed streamed experts not yet released
+
+        def computed(experts: list[int]) -> None:
+            done.extend(("expert", i, e) for e in experts if e not in resident)
+            if done and self.ledger.waiting:  # a load needs memory: free what is done now
+                self.transfers.release_all(done, fence=self._fence)
+                done.clear()
+
+        batches = ExpertBatches(self.policy.expert_batch, on_computed=computed)
         for e in order:
             rows, wts = routing.rows(e)
-            self._expert(s, i, e, acc, rows, wts)
-            if e not in resident:
-                done.append(("expert", i, e))
-                if self.ledger.waiting:  # a load needs memory: free what is done right away
-                    self.transfers.release_all(done, fence=self._fence)
-                    done = []
+            self._expert(s, i, e, acc, rows, wts, batches)
+        self._flush(s, i, acc, batches)
         # Nothing waits for memory: the rest goes at once, behind one fence.
         self.transfers.release_all(done, fence=self._fence)
         return self._finish(s, i, w, h, xs, acc)
@@ -404,14 +443,17 @@ class Scheduler:
         """flexgen / sequential / lru: each group's experts in ascending id, group after group."""
         xs, routing = self._route(s, i, w, h)
         acc = self._accumulators(xs)
+        batches = ExpertBatches(self.policy.expert_batch)
         for gi in range(len(h)):
             for e in sorted({int(v) for v in routing.experts[gi].reshape(-1)}):
                 if not self.transfers.mine(i, e):  # another process's device computes it
                     continue
-                if self.policy.schedule is Schedule.LRU:
-                    self._lru_admit(i, e)
+                if self.policy.schedule is Schedule.LRU and self._lru_admit(i, e):
+                    self._flush(s, i, acc, batches)  # compute what gathered before evicting
+                    self._lru_evict(i, e)
                 rows, wts = routing.rows(e, gi)
-                self._expert(s, i, e, acc, rows, wts, group=gi)
+                self._expert(s, i, e, acc, rows, wts, batches, group=gi)
+        self._flush(s, i, acc, batches)
         return self._finish(s, i, w, h, xs, acc)
 
     def _accumulators(self, xs: list[jax.Array]) -> steps.Accumulators:
@@ -419,22 +461,30 @@ class Scheduler:
         x_all = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
         return steps.Accumulators(x_all, self.devices, self.transfers.mesh, self.transfers.local)
 
-    def _lru_admit(self, i: int, e: int) -> None:
-        """Make room for (i, e) in the LRU device cache; count a hit if it is already there."""
+    def _lru_admit(self, i: int, e: int) -> bool:
+        """Whether (i, e) needs room in the LRU device cache (`_lru_evict` makes it); counts a
+        hit if it is already there."""
         key = ("expert", i, e)
         if (i, e) in self.placement.device_experts:
-            return
+            return False
         lru = self._lru[self.placement.owner(i, e)]  # the cache of the device that owns e
         if key in lru:
             lru.move_to_end(key)
             self.stats.lru_hits += 1
-            return
+            return False
+        return True
+
+    def _lru_evict(self, i: int, e: int) -> None:
+        """Make room for (i, e) in its device's LRU cache (the experts gathered for a batched
+        call are computed by now: `_moe_by_group` flushes first)."""
+        d = self.placement.owner(i, e)
+        lru = self._lru[d]
         while len(lru) >= self.placement.expert_slots:
             old, _ = lru.popitem(last=False)
             # Computations run in dispatch order on a device: once its latest one is done, so
             # is every computation that read the evicted expert.
-            self.transfers.release(old, fence=self._fences[self.placement.owner(i, e)])
-        lru[key] = None
+            self.transfers.release(old, fence=self._fences[d])
+        lru[("expert", i, e)] = None
 
     # ---- warm-up ------------------------------------------------------------------------------
     def warm_up(self, groups: list[GroupState], decode: bool) -> None:
@@ -471,7 +521,7 @@ class Scheduler:
             for device in ([d for d, here in zip(self.devices, self.transfers.local) if here]
                            if len(self.devices) > 1 else [None]):
                 for n in rows:  # a jitted step compiles once per device it runs on
-                    steps.warm_up_experts(cfg, n, device)
+                    steps.warm_up_experts(cfg, n, device, batch=self.policy.expert_batch)
         finally:
             self.ledger.release("warm-up")
 

@@ -41,18 +41,51 @@ def zero_accumulator(shape: tuple[int, ...]) -> jax.Array:
 
 
 @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("block",))
-def expert_apply(acc: jax.Array, x: jax.Array, rows: jax.Array, weights: jax.Array,
+def experts_apply(acc: jax.Array, x: jax.Array, rows: jax.Array, weights: jax.Array,
+                  experts: tuple[Mapping[str, jax.Array], ...], *, block: int = 0
+                  ) -> tuple[jax.Array, jax.Array]:
+    """acc[rows[j]] += weights[j] * Expert_j(x[rows[j]]) for the k experts of one call; acc
+    [N, d] float32 (donated), rows and weights [k, bucket]; experts: k experts' states {gate,
+    up, down} (pure form), each merged into `modules.Expert` here (a quantized expert's arrays
+    are dequantized here, on the device, next to the matmuls); block: `blocks.expert_block`,
+    the block side of fp8 experts (0 for the others).
+
+    Several experts in one call (`BATCH_ROWS`) pay one dispatch instead of k: with small
+    experts and few rows each (a decode step of a model with 64+ experts runs hundreds) the
+    per-call cost is a large part of an expert's time. Their outputs are added with one
+    scatter (a token routed to two of them gets both).
+
+    Also returns a scalar computed by the same execution: the fence that says the experts'
+    weights are no longer read (acc cannot be one: the next call donates it)."""
+    ys = [blocks.merge_expert(w, block)(x[r]) for w, r in zip(experts, rows, strict=True)]
+    y = ys[0] if len(ys) == 1 else jnp.concatenate(ys)  # [k * bucket, d]
+    flat_rows, flat_weights = rows.reshape(-1), weights.reshape(-1)
+    return acc.at[flat_rows].add(y.astype(jnp.float32) * flat_weights[:, None]), y[0, 0]
+
+
+def expert_apply(acc: jax.Array, x: jax.Array, rows: np.ndarray, weights: np.ndarray,
                  expert: Mapping[str, jax.Array], *, block: int = 0
                  ) -> tuple[jax.Array, jax.Array]:
-    """acc[rows] += weights * Expert(x[rows]); acc [N, d] float32 (donated), rows [bucket];
-    expert: one expert's state {gate, up, down} (pure form), merged into `modules.Expert` here
-    (a quantized expert's arrays are dequantized here, on the device, next to the matmuls);
-    block: `blocks.expert_block(cfg)`, the block side of fp8 experts (0 for the others).
+    """One expert: `experts_apply` with k = 1 (rows, weights [bucket], NumPy)."""
+    return experts_apply(acc, x, rows[None], weights[None], (expert,), block=block)
 
-    Also returns a scalar computed by the same execution: the fence that says the expert's
-    weights are no longer read (acc cannot be one: the next expert's call donates it)."""
-    y = blocks.merge_expert(expert, block)(x[rows])  # [bucket >= 2, d]
-    return acc.at[rows].add(y.astype(jnp.float32) * weights[:, None]), y[0, 0]
+
+def batch_sizes(batch: int) -> list[int]:
+    """The call sizes a gatherer of `batch` (a power of two) experts makes: powers of two up
+    to it (a partial batch of 3 runs as 2 + 1), each one compiled program per bucket."""
+    return [1 << j for j in range(batch.bit_length())]
+
+
+def split_batch(n: int) -> list[int]:
+    """n experts as calls of powers of two, largest first (binary digits of n)."""
+    return [1 << j for j in reversed(range(n.bit_length())) if n >> j & 1]
+
+
+# Experts whose padded row count is at most BATCH_ROWS go through `experts_apply` together when
+# they are ready together (`Policy.expert_batch` of them per call, default 4: two compiled
+# programs more per such bucket, for 2 and 4 experts; 8 per call measured little better than
+# 4). Above it an expert's matmuls outweigh a dispatch.
+BATCH_ROWS = 8
 
 
 @functools.cache
@@ -66,10 +99,12 @@ def device_sum(mesh: jax.sharding.Mesh) -> Callable[[jax.Array], jax.Array]:
     return jax.jit(total)
 
 
-def warm_up_experts(cfg: ModelConfig, n_rows: int, device: jax.Device | None = None) -> None:
-    """Compile expert_apply for every bucket a step of n_rows tokens can produce, so routing that
-    sends a new number of tokens to an expert mid-run never triggers a compile. `device`: one
-    device of a mesh (its inputs committed there, as a run's are; a step compiles per device)."""
+def warm_up_experts(cfg: ModelConfig, n_rows: int, device: jax.Device | None = None,
+                    batch: int = 1) -> None:
+    """Compile the expert calls for every bucket a step of n_rows tokens can produce (and the
+    batched call of `batch` experts for buckets up to BATCH_ROWS), so routing that sends a new
+    number of tokens to an expert mid-run never triggers a compile. `device`: one device of a
+    mesh (its inputs committed there, as a run's are; a step compiles per device)."""
     d, dt = cfg.hidden_size, jnp.dtype(cfg.dtype)
 
     def zeros(shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
@@ -80,10 +115,11 @@ def warm_up_experts(cfg: ModelConfig, n_rows: int, device: jax.Device | None = N
     expert = nest({leaf.name: zeros(leaf.shape, jnp.dtype(leaf.dtype))
                    for leaf in expert_leaves(cfg)})
     for size in buckets_upto(n_rows):
-        acc = zeros((n_rows, d), jnp.float32)
-        jax.block_until_ready(expert_apply(acc, x, jnp.zeros(size, jnp.int32),
-                                           jnp.zeros(size, jnp.float32), expert,
-                                           block=blocks.expert_block(cfg)))
+        for k in batch_sizes(batch) if size <= BATCH_ROWS else (1,):
+            acc = zeros((n_rows, d), jnp.float32)
+            jax.block_until_ready(experts_apply(
+                acc, x, np.zeros((k, size), np.int32), np.zeros((k, size), np.float32),
+                (expert,) * k, block=blocks.expert_block(cfg)))
 
 
 @functools.partial(jax.jit, static_argnames=("t",))

@@ -38,7 +38,8 @@ class RunStats:
     bytes_to_device: int = 0  # summed over devices (a replicated load counts on each)
     bytes_to_device_per_device: list[int] = dataclasses.field(default_factory=list)
     expert_loads: int = 0
-    expert_computes: int = 0
+    expert_computes: int = 0  # experts computed (one per expert, layer and step)
+    expert_calls: int = 0  # jitted expert calls: fewer when ready experts run batched
     hot_hits: int = 0  # hot experts loaded (not resident) that were routed to
     hot_misses: int = 0  # hot experts loaded that were not routed to (wasted prefetch)
     hot_predicted: int = 0  # experts predicted hot (resident ones included), over all layers

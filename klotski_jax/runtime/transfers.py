@@ -237,6 +237,11 @@ class Transfers:
         fut.set_result(OnDevice(key, arrays, nbytes, None, ledger_key=lkey))
         return fut
 
+    def ready(self, key: Hashable) -> bool:
+        """Whether key's load was issued and has arrived (`get` would not wait)."""
+        fut = self._loads.get(key)
+        return fut is not None and fut.done()
+
     def get(self, key: Hashable, busy: Any = None, **trace_args: Any) -> OnDevice:
         """The loaded weights of key, issuing the load if needed; waiting counts as a bubble.
 
