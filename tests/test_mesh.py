@@ -34,10 +34,10 @@ NEW = 5
 LENGTHS = (7, 11, 5, 9, 6)
 RUNS = [  # (family, schedule, devices): the fast suite's runs, in one child process
     *[("qwen3_moe", s, 2) for s in ("klotski", "flexgen", "lru", "sequential")],
-    ("qwen3_moe", "klotski", 8),  # 4 devices: the two-process job below, and the slow runs
-]
+]  # 4 devices: the two-process job below; 4 and 8 with the slow runs
 SLOW_RUNS = [  # more of the matrix, with the slow tests (another child: about a minute cold)
-    ("qwen3_moe", "klotski", 4), ("qwen3_moe", "lru", 4), ("qwen3_moe", "flexgen", 8),
+    ("qwen3_moe", "klotski", 4), ("qwen3_moe", "klotski", 8), ("qwen3_moe", "lru", 4),
+    ("qwen3_moe", "flexgen", 8),
     ("qwen3_moe", "sequential", 4),
     ("deepseek_v3", "klotski", 2),  # latent attention, shared experts, a dense layer
     ("deepseek_v3", "lru", 4),
