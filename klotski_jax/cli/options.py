@@ -96,8 +96,8 @@ def compute_options() -> argparse.ArgumentParser:
     """--expert-batch: ready experts of few rows per jitted call."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--expert-batch", type=power_of_two, default=4, metavar="N",
-                   help="compute up to N ready experts with at most 8 tokens each in one call "
-                        "(a power of two; 1: one call per expert; default: 4)")
+                   help="decode steps: compute up to N ready experts with at most 8 tokens "
+                        "each in one call (a power of two; 1: one call per expert; default: 4)")
     return p
 
 

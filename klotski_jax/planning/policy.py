@@ -46,8 +46,8 @@ class Policy:
         issued in that order after all routing; the hot set is then the K rule's, K = top_k
         unless given, since running experts in id order needs a slot per prefetched expert)
 
-    expert_batch: experts computed in one jitted call when several are ready at once with at
-      most 8 rows each (decode steps: a model with 64+ experts runs hundreds of small expert
+    expert_batch: experts computed in one jitted call in decode steps when several are ready at
+      once with at most 8 rows each (a model with 64+ experts runs hundreds of small expert
       calls a step, each paying a dispatch); 1 turns it off. Every schedule uses it.
 
     devices: how many local devices the run spans, on a 1-D mesh (expert parallelism: each MoE

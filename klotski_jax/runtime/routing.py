@@ -83,6 +83,12 @@ class Step:
     next_tokens: int
     routing: Routing | None = None
 
+    @property
+    def one_token(self) -> bool:
+        """Whether every sequence feeds one token (a decode step): where experts get few rows
+        each and batched expert calls pay (`Policy.expert_batch`)."""
+        return self.tokens == self.next_tokens
+
     def tokens_at(self, layer: int) -> int:
         """Tokens in flight when `layer` runs next: this step's, or the next step's (decode)."""
         return self.next_tokens if layer == 0 else self.tokens

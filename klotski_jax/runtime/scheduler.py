@@ -408,7 +408,7 @@ class Scheduler:
                 self.transfers.release_all(done, fence=self._fence)
                 done.clear()
 
-        batches = ExpertBatches(self.policy.expert_batch, on_computed=computed)
+        batches = ExpertBatches(self._batch(s), on_computed=computed)
         for e in order:
             rows, wts = routing.rows(e)
             self._expert(s, i, e, acc, rows, wts, batches)
@@ -443,7 +443,7 @@ class Scheduler:
         """flexgen / sequential / lru: each group's experts in ascending id, group after group."""
         xs, routing = self._route(s, i, w, h)
         acc = self._accumulators(xs)
-        batches = ExpertBatches(self.policy.expert_batch)
+        batches = ExpertBatches(self._batch(s))
         for gi in range(len(h)):
             for e in sorted({int(v) for v in routing.experts[gi].reshape(-1)}):
                 if not self.transfers.mine(i, e):  # another process's device computes it
@@ -455,6 +455,12 @@ class Scheduler:
                 self._expert(s, i, e, acc, rows, wts, batches, group=gi)
         self._flush(s, i, acc, batches)
         return self._finish(s, i, w, h, xs, acc)
+
+    def _batch(self, s: Step) -> int:
+        """Experts per batched call in step s: the policy's in decode steps, where experts get
+        a few rows each and a dispatch is a large part of an expert's time; 1 in a prefill
+        (its experts' matmuls outweigh a dispatch, and the warm-up compiles less)."""
+        return self.policy.expert_batch if s.one_token else 1
 
     def _accumulators(self, xs: list[jax.Array]) -> steps.Accumulators:
         """The expert phase's accumulators over the concatenated MoE input of all groups."""
@@ -514,14 +520,16 @@ class Scheduler:
                 if not self._resident_dense:
                     self.ledger.release("warm-up")
         sizes = [len(g.tokens) for g in groups]
-        rows = ({sum(sizes) * t for t in lengths} if self.policy.multi_batch
-                else {b * t for b in sizes for t in lengths})
+        rows: dict[int, int] = {}  # the MoE input's rows of a step -> experts per batched call
+        for t in lengths:
+            for n in ({sum(sizes) * t} if self.policy.multi_batch else {b * t for b in sizes}):
+                rows[n] = max(rows.get(n, 1), self.policy.expert_batch if t == 1 else 1)
         self.ledger.reserve("warm-up", cfg.expert_bytes)
         try:
             for device in ([d for d, here in zip(self.devices, self.transfers.local) if here]
                            if len(self.devices) > 1 else [None]):
-                for n in rows:  # a jitted step compiles once per device it runs on
-                    steps.warm_up_experts(cfg, n, device, batch=self.policy.expert_batch)
+                for n, batch in rows.items():  # a jitted step compiles once per device it runs on
+                    steps.warm_up_experts(cfg, n, device, batch=batch)
         finally:
             self.ledger.release("warm-up")
 

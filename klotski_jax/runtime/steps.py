@@ -81,10 +81,10 @@ def split_batch(n: int) -> list[int]:
     return [1 << j for j in reversed(range(n.bit_length())) if n >> j & 1]
 
 
-# Experts whose padded row count is at most BATCH_ROWS go through `experts_apply` together when
-# they are ready together (`Policy.expert_batch` of them per call, default 4: two compiled
-# programs more per such bucket, for 2 and 4 experts; 8 per call measured little better than
-# 4). Above it an expert's matmuls outweigh a dispatch.
+# In decode steps, experts whose padded row count is at most BATCH_ROWS go through
+# `experts_apply` together when they are ready together (`Policy.expert_batch` of them per call,
+# default 4: two compiled programs more per such bucket, for 2 and 4 experts; 8 per call
+# measured little better than 4). Above it an expert's matmuls outweigh a dispatch.
 BATCH_ROWS = 8
 
 
