@@ -136,18 +136,25 @@ def e64(tmp_path_factory: pytest.TempPathFactory):
     return ckpt, cfg, prompts, want, tol
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_64_experts_top6_every_schedule_at_minimum_budget(e64, schedule: str) -> None:
+def _min_budget(ckpt, cfg, policy, prompts: int) -> int:
+    """The smallest device budget `policy` accepts for the e64 workload."""
     from klotski_jax.engine import Engine, prompt_bucket
     from klotski_jax.planning.placement import Workload, place
+
+    lay = Engine(ckpt, policy).layout(prompts)
+    s = prompt_bucket(max(LENGTHS))
+    cache = -(-(s + NEW) // 32) * 32
+    return place(cfg, policy, Workload(lay.groups, lay.batch, s, cache - s)).min_device_bytes
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_64_experts_top6_every_schedule_at_minimum_budget(e64, schedule: str) -> None:
+    from klotski_jax.engine import Engine
     from klotski_jax.planning.policy import Policy
 
     ckpt, cfg, prompts, want, tol = e64
     policy = Policy(schedule=schedule, groups=2)
-    lay = Engine(ckpt, policy).layout(len(prompts))
-    s = prompt_bucket(max(LENGTHS))
-    cache = -(-(s + NEW) // 32) * 32
-    budget = place(cfg, policy, Workload(lay.groups, lay.batch, s, cache - s)).min_device_bytes
+    budget = _min_budget(ckpt, cfg, policy, len(prompts))
     out = Engine(ckpt, policy.replace(device_budget=budget)).generate(
         prompts, max_new_tokens=NEW, stop_at_eos=False)
     contract.assert_greedy_matches(out.token_ids, want.tokens, want.logits, tol, what=schedule)
@@ -203,7 +210,8 @@ def test_batched_call_adds_what_single_calls_add() -> None:
     got, _ = steps.experts_apply(steps.zero_accumulator((n, d)), x,
                                  np.stack([r for r, _ in padded]),
                                  np.stack([w for _, w in padded]), experts)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    # float32, summed in another order (and maybe other kernels): a tolerance, not bit-identity
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert not np.asarray(got)[[2, 4, 5, 6, 8]].any()  # rows no expert was routed to
 
 
@@ -243,17 +251,13 @@ def test_batched_expert_calls_at_minimum_budget(e64, schedule: str) -> None:
     calls than experts (klotski); `expert_batch=1` makes one call per expert."""
     import collections
 
-    from klotski_jax.engine import Engine, prompt_bucket
-    from klotski_jax.planning.placement import Workload, place
+    from klotski_jax.engine import Engine
     from klotski_jax.planning.policy import Policy
     from klotski_jax.runtime.trace import Tracer
 
     ckpt, cfg, prompts, want, tol = e64
     policy = Policy(schedule=schedule, groups=2, verify_memory=True)
-    lay = Engine(ckpt, policy).layout(len(prompts))
-    s = prompt_bucket(max(LENGTHS))
-    cache = -(-(s + NEW) // 32) * 32
-    budget = place(cfg, policy, Workload(lay.groups, lay.batch, s, cache - s)).min_device_bytes
+    budget = _min_budget(ckpt, cfg, policy, len(prompts))
     runs = {}
     for batch in (4, 1):
         trace = Tracer()

@@ -70,7 +70,7 @@ class BenchOptions:
     host_budget: str | None = None
     cold_disk: bool = False
     io_mode: str = "buffered"
-    expert_batch: int = 4  # ready experts of few rows per jitted call (every engine schedule)
+    expert_batch: int = Policy.expert_batch  # ready experts of few rows per call (every schedule)
     profile: bool = False  # measure (or reuse) the planner's profile first: klotski is planned
     repeats: int = 2
     ablation: bool = False
@@ -121,7 +121,7 @@ class BenchConfig:
     cold_disk: bool
     io_mode: str
     preset: str
-    expert_batch: int = 4
+    expert_batch: int
 
     def policy(self, schedule: str, **overrides: Any) -> Policy:
         """The engine policy of `schedule` under this configuration's budgets and layout."""

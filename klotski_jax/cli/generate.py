@@ -59,7 +59,7 @@ class GenerateOptions:
     allow_long_context: bool = False
     verify: bool = True
     devices: int | str | None = None  # None: all local accelerators (one device on a CPU)
-    expert_batch: int = 4  # ready experts of few rows per jitted call
+    expert_batch: int = Policy.expert_batch  # ready experts of few rows per jitted call
     distributed: bool = False  # join a multi-host job first (runtime/multihost.py)
     quiet: bool = False
 

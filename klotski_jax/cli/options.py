@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from klotski_jax.planning.policy import IO_MODES  # no JAX import
+from klotski_jax.planning.policy import IO_MODES, Policy  # no JAX import
 
 
 # ---- option types: argparse rejects bad values with exit status 2 -------------------------------
@@ -95,9 +95,10 @@ def power_of_two(text: str) -> int:
 def compute_options() -> argparse.ArgumentParser:
     """--expert-batch: ready experts of few rows per jitted call."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--expert-batch", type=power_of_two, default=4, metavar="N",
+    p.add_argument("--expert-batch", type=power_of_two, default=Policy.expert_batch, metavar="N",
                    help="decode steps: compute up to N ready experts with at most 8 tokens "
-                        "each in one call (a power of two; 1: one call per expert; default: 4)")
+                        "each in one call (a power of two; 1: one call per expert; default: "
+                        f"{Policy.expert_batch})")
     return p
 
 

@@ -276,7 +276,10 @@ class Scheduler:
         fence becomes an output of this computation (its accumulator is donated to the next
         one, so it cannot be a fence). Traced as "expert" (one) or "experts" (several)."""
         d = batch[0].device
-        args: dict[str, Any] = dict(batch[0].trace)
+        # the schedule's own args (e.g. group): one value when the experts share it, else a list
+        args: dict[str, Any] = {k: v if all(b.trace.get(k) == v for b in batch)
+                                else [b.trace.get(k) for b in batch]
+                                for k, v in batch[0].trace.items()}
         if len(self.devices) > 1:
             args["device"] = d
         if len(batch) == 1:
@@ -288,8 +291,11 @@ class Scheduler:
                                             + [int((one.rows >= offsets[-1]).sum())])
         else:
             args |= {"experts": [b.e for b in batch], "tokens": [len(b.rows) for b in batch]}
-        rows = np.stack([b.padded_rows for b in batch])
-        weights = np.stack([b.padded_weights for b in batch])
+        if len(batch) == 1:  # the common call: views, no copies
+            rows, weights = batch[0].padded_rows[None], batch[0].padded_weights[None]
+        else:
+            rows = np.stack([b.padded_rows for b in batch])
+            weights = np.stack([b.padded_weights for b in batch])
         with self._compute(s, "expert" if len(batch) == 1 else "experts", layer=i, **args) as c:
             acc.sums[d], self._fences[d] = steps.experts_apply(
                 acc.on(d), acc.x[d], rows, weights, tuple(b.weights for b in batch),
@@ -450,7 +456,7 @@ class Scheduler:
                     continue
                 if self.policy.schedule is Schedule.LRU and self._lru_admit(i, e):
                     self._flush(s, i, acc, batches)  # compute what gathered before evicting
-                    self._lru_evict(i, e)
+                    self._lru_insert(i, e)
                 rows, wts = routing.rows(e, gi)
                 self._expert(s, i, e, acc, rows, wts, batches, group=gi)
         self._flush(s, i, acc, batches)
@@ -468,7 +474,7 @@ class Scheduler:
         return steps.Accumulators(x_all, self.devices, self.transfers.mesh, self.transfers.local)
 
     def _lru_admit(self, i: int, e: int) -> bool:
-        """Whether (i, e) needs room in the LRU device cache (`_lru_evict` makes it); counts a
+        """Whether (i, e) must be inserted into the LRU device cache (`_lru_insert`); counts a
         hit if it is already there."""
         key = ("expert", i, e)
         if (i, e) in self.placement.device_experts:
@@ -480,9 +486,10 @@ class Scheduler:
             return False
         return True
 
-    def _lru_evict(self, i: int, e: int) -> None:
-        """Make room for (i, e) in its device's LRU cache (the experts gathered for a batched
-        call are computed by now: `_moe_by_group` flushes first)."""
+    def _lru_insert(self, i: int, e: int) -> None:
+        """Insert (i, e) into its device's LRU cache, evicting the least recently used experts
+        to make room (those gathered for a batched call are computed by now: `_moe_by_group`
+        flushes first)."""
         d = self.placement.owner(i, e)
         lru = self._lru[d]
         while len(lru) >= self.placement.expert_slots:
